@@ -1,0 +1,34 @@
+"""Cut grid patches (visual elements) from a few images per class and save them as images, with an index.
+
+    python -m concept_extractor.patch_extractor --dataset fashion_mnist --images_per_class 4 --grids 2 3
+
+Output: concept_library/prototype/patches/<class>/*.png and concept_library/prototype/patches/index.json.
+"""
+import argparse
+from functools import partial
+
+from concept_extractor._element_flags import add_element_args
+from utils import cli
+from utils.data import get_source
+from utils.elements import build_library, patches
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_element_args(p)
+    p.add_argument("--grids", type=int, nargs="+", default=[2, 3],
+                   help="grid sizes g: each image gives g x g patches per g")
+    return p
+
+
+def main(args):
+    if args.images_per_class < 1 or min(args.grids) < 1:
+        raise cli.UserError("--images_per_class and --grids must be at least 1")
+    source = get_source(args.dataset, "train", args.data_root)
+    params = dict(grids=list(args.grids), out_size=args.out_size)
+    build_library(source, "patches", partial(patches, **params), params, args.out_dir,
+                  args.images_per_class, args.seed, args.image_size)
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())

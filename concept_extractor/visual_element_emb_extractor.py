@@ -1,0 +1,59 @@
+"""Embed every visual element image with a backbone at one layer: the raw material of the visual concepts.
+
+    python -m concept_extractor.visual_element_emb_extractor --model_config efficientnet_lite0 \
+        --elements concept_library/prototype/segments \
+        --out outputs/features/fashion_mnist/efficientnet_lite0/elements_segments
+
+Output: a store entry (utils/store.py) with features (N, D) float32 and labels (N,) int64, row i = element i of the
+library's index.json. Elements are resized to the backbone's input size without cropping.
+"""
+import argparse
+import os
+
+from utils import cli
+from utils.backbones import Backbone, extract_to_store
+from utils.data import load_image
+from utils.store import file_digest, read_json
+
+
+class ElementImages:
+    """Element image files as a map-style dataset of (tensor, label)."""
+
+    def __init__(self, root, rows, transform):
+        self.root, self.rows, self.transform = root, rows, transform
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        return self.transform(load_image(os.path.join(self.root, r["file"]))), r["label"]
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_backbone_args(p)
+    p.add_argument("--elements", default="concept_library/prototype/segments",
+                   help="an element library folder (holds index.json) made by segment_extractor or patch_extractor")
+    p.add_argument("--out", required=True, help="store entry folder to write")
+    cli.add_loader_args(p)
+    return p
+
+
+def main(args):
+    index_path = os.path.join(args.elements, "index.json")
+    if not os.path.isfile(index_path):
+        raise cli.UserError(f"no element library at {args.elements} (no index.json): run segment_extractor or "
+                            f"patch_extractor first")
+    index = read_json(index_path)
+    if not index["elements"]:
+        raise cli.UserError(f"{index_path} lists no elements")
+    bb = Backbone.from_args(args)
+    data = ElementImages(args.elements, index["elements"], bb.preprocess.element_transform())
+    extract_to_store(bb, data, {"elements": file_digest(index_path)}, args.out,
+                     {"elements_index": os.path.abspath(index_path), "classes": index["classes"]}, args,
+                     desc="element embeddings")
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())

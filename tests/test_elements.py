@@ -1,0 +1,124 @@
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from utils.data import get_source
+from utils.elements import (build_library, crop_masked, grid_boxes, patches, segments, select_masks)
+
+
+def halves(n=10, swap=False):
+    m = np.zeros((n, n), int)
+    m[:, n // 2:] = 1
+    return 1 - m if swap else m
+
+
+def quadrants(n=10):
+    m = np.zeros((n, n), int)
+    m[:n // 2, n // 2:], m[n // 2:, :n // 2], m[n // 2:, n // 2:] = 1, 2, 3
+    return m
+
+
+def test_dedup_counts_on_planted_label_maps():
+    # scale 1: two halves (kept); scale 2: the same halves relabelled (Jaccard 1 > 0.5: dropped);
+    # scale 3: quadrants (Jaccard with a half = 25/50 = 0.5, not > 0.5: all four kept)
+    kept = select_masks([halves(), halves(swap=True), quadrants()])
+    assert [s for s, _ in kept] == [0, 0, 2, 2, 2, 2]
+    assert sum(m.sum() for _, m in kept) == 100 + 100      # the halves, then the quadrants, each tile the image
+
+
+def test_every_label_is_considered_and_at_most_five_per_scale():
+    strips = np.repeat(np.arange(8), 2)[None, :].repeat(4, 0)      # 8 vertical strips, labels 0..7
+    kept = select_masks([strips])
+    assert len(kept) == 5
+    last_only = np.zeros((4, 16), int)
+    last_only[:, -2:] = 7                                          # the highest label, easy to skip by range()
+    kept = select_masks([last_only])
+    assert len(kept) == 2 and any(m[:, -2:].all() and m.sum() == 8 for _, m in kept)
+
+
+def test_tiny_masks_are_dropped():
+    m = np.zeros((100, 100), int)
+    m[0, 0] = 1                                                    # 1 pixel of 10 000 < 0.001
+    assert len(select_masks([m])) == 1
+
+
+def test_crop_includes_last_row_and_column_and_fills_grey():
+    img = np.zeros((6, 6, 3), np.uint8)
+    img[5, 5] = (10, 20, 30)
+    mask = np.zeros((6, 6), bool)
+    mask[5, 5] = True
+    crop, box = crop_masked(img, mask)
+    assert box == (5, 5, 5, 5) and crop.shape == (1, 1, 3) and crop[0, 0].tolist() == [10, 20, 30]
+    mask[3, 4] = True
+    crop, box = crop_masked(img, mask)
+    assert box == (3, 4, 5, 5) and crop.shape == (3, 2, 3)
+    assert crop[0, 1].tolist() == [117, 117, 117] and crop[2, 1].tolist() == [10, 20, 30]
+
+
+def test_slic_segments_stay_inside_planted_regions():
+    img = np.zeros((120, 120, 3), np.uint8)
+    img[:, :60] = (200, 30, 30)
+    img[:, 60:] = (30, 30, 200)
+    img[80:, 20:50] = (30, 200, 30)
+    planted = np.zeros((120, 120), int)
+    planted[:, 60:] = 1
+    planted[80:, 20:50] = 2
+    from utils.elements import slic_label_maps
+    kept = select_masks(slic_label_maps(img))
+    purity = [np.bincount(planted[m], minlength=3).max() / m.sum() for _, m in kept]
+    assert min(purity) > 0.85                      # SLIC's connectivity pass can lend a sliver across an edge
+    assert np.mean(np.array(purity) > 0.98) >= 0.75
+    green = planted == 2                           # the small planted region comes out as one element
+    assert max((g & m).sum() / (g | m).sum() for g in [green] for _, m in kept) > 0.95
+    els = segments(img, out_size=32)
+    assert 1 <= len(els) <= 15
+    assert all(e.image.size == (32, 32) and e.method == "segment" and e.scale in (10, 20, 30) for e in els)
+
+
+def test_grid_cells_cover_every_pixel_once():
+    cover = np.zeros((7, 5), int)
+    for t, l, b, r in grid_boxes(7, 5, 3):
+        cover[t:b + 1, l:r + 1] += 1
+    assert (cover == 1).all()
+    assert len(patches(np.zeros((30, 30, 3), np.uint8), grids=(2, 3), out_size=16)) == 4 + 9
+
+
+def test_library_index_provenance_resume_and_rekey(image_folder, tmp_path, capsys):
+    src = get_source(image_folder, "train")
+    out = str(tmp_path / "lib")
+    cut = lambda a: patches(a, grids=(2,), out_size=16)         # noqa: E731
+    index = build_library(src, "patches", cut, {"grids": [2]}, out, images_per_class=2, image_size=32)
+    rows = json.load(open(index))["elements"]
+    assert len(rows) == 3 * 2 * 4
+    for r in rows:
+        assert os.path.isfile(os.path.join(out, "patches", r["file"]))
+        assert r["source"].startswith(r["class"] + os.sep) and r["method"] == "patch" and len(r["box"]) == 4
+    build_library(src, "patches", cut, {"grids": [2]}, out, images_per_class=2, image_size=32)
+    assert "up to date" in capsys.readouterr().out
+    # a killed run: one class folder missing and no final index -> only that class is redone
+    import shutil
+    shutil.rmtree(os.path.join(out, "patches", "green"))
+    os.remove(index)
+    build_library(src, "patches", cut, {"grids": [2]}, out, images_per_class=2, image_size=32)
+    assert json.load(open(index))["summary"]["classes_resumed"] == 2
+    assert json.load(open(index))["elements"] == rows
+    # other settings: the library is rebuilt, not mixed with the old one
+    build_library(src, "patches", cut, {"grids": [2]}, out, images_per_class=1, image_size=32)
+    assert len(json.load(open(index))["elements"]) == 3 * 1 * 4
+
+
+def test_unreadable_images_are_skipped_and_counted(image_folder, tmp_path):
+    open(os.path.join(image_folder, "train", "red", "000_empty.jpg"), "wb").close()
+    with open(os.path.join(image_folder, "train", "blue", "000_trunc.jpg"), "wb") as f:
+        import io
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "JPEG")
+        f.write(buf.getvalue()[:200])
+    src = get_source(image_folder, "train")
+    index = build_library(src, "patches", lambda a: patches(a, grids=(1,), out_size=8), {}, str(tmp_path / "lib"),
+                          images_per_class=100, image_size=16)
+    summary = json.load(open(index))["summary"]
+    assert summary["skipped"] == 2 and summary["images"] == 3 * 6 + 2
+    assert summary["elements"] == 3 * 6

@@ -1,0 +1,95 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from utils.heads import SPARSITY_GRID, LinearProbes, SparseConceptHeads, evaluate, fit, n_keep, topk_mask
+from utils.iis import iis
+
+
+def test_n_keep_rounds_instead_of_truncating():
+    assert n_keep(0.9, 200) == 20          # int((1 - 0.9) * 200) would give 19
+    assert n_keep(0.98, 200) == 4
+    assert n_keep(0.0, 7) == 7
+    assert n_keep(0.98, 10) == 1           # never zero concepts
+    with pytest.raises(ValueError):
+        n_keep(1.0, 10)
+
+
+def test_topk_mask_by_absolute_value_per_row_and_per_head():
+    a = torch.tensor([[3.0, -5.0, 1.0, 0.5], [0.0, -1.0, 2.0, -3.0]])
+    assert topk_mask(a, 2).tolist() == [[True, True, False, False], [False, False, True, True]]
+    both = torch.stack([a, a])                            # two heads keeping 1 and 3
+    m = topk_mask(both, torch.tensor([1, 3])[:, None])
+    assert m[0].tolist() == [[False, True, False, False], [False, False, False, True]]
+    assert m[1].sum(-1).tolist() == [3, 3]
+
+
+def test_concept_head_forward_by_hand():
+    # x = [1, 2, 4], concepts = identity: activations are x itself, LayerNorm-ed, then the smallest |a| is zeroed
+    heads = SparseConceptHeads(torch.eye(3) * 7.0, n_classes=1, ratios=[0.5])   # keep round(1.5) = 2
+    with torch.no_grad():
+        heads.weight.copy_(torch.tensor([[[1.0], [10.0], [100.0]]]))
+        heads.bias.zero_()
+    mean, var = 7 / 3, ((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 3
+    sd = math.sqrt(var + 1e-5)
+    expected = (1 - mean) / sd * 1 + 0 * 10 + (4 - mean) / sd * 100   # the middle one (|a| smallest) is masked
+    out = heads(torch.tensor([[1.0, 2.0, 4.0]]))
+    assert out.shape == (1, 1, 1)
+    assert out.item() == pytest.approx(expected, rel=1e-5)
+
+
+def planted(n_per_class=60, n_classes=5, n_concepts=20, dim=32, noise=0.3, seed=0):
+    """Each class is the sum of its own two planted concept directions plus noise."""
+    concepts = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(99)))[0][:n_concepts]
+    g = torch.Generator().manual_seed(seed)   # the sample noise; the concept directions are the same for every seed
+    y = torch.arange(n_classes).repeat_interleave(n_per_class)
+    x = concepts[2 * y] + concepts[2 * y + 1] + noise * torch.randn(len(y), dim, generator=g)
+    return x, y, concepts
+
+
+def test_planted_concepts_survive_extreme_sparsity_and_random_ones_do_not():
+    x, y, concepts = planted()
+    xv, yv, _ = planted(n_per_class=30, seed=1)
+    ratios = [0.0, 0.9]                                 # 20 concepts, keep 20 / keep 2
+    good = SparseConceptHeads(concepts, 5, ratios)
+    res = fit(good, [0.05, 0.05], x, y, xv, yv, epochs=40, batch_size=50)
+    assert res["top1"][1] >= 95.0                       # two planted concepts per sample are enough
+    g = torch.Generator().manual_seed(5)
+    random_dirs = torch.randn(20, 32, generator=g)
+    bad = SparseConceptHeads(random_dirs, 5, ratios)
+    res_bad = fit(bad, [0.05, 0.05], x, y, xv, yv, epochs=40, batch_size=50)
+    assert res_bad["top1"][1] < res["top1"][1] - 10
+
+
+def test_sweep_trains_each_head_as_if_alone():
+    x, y, concepts = planted(noise=1.0)
+    xv, yv, _ = planted(n_per_class=30, noise=1.0, seed=1)
+    ratios, lrs = [0.0, 0.5, 0.9], [0.01, 0.01, 0.003]
+    together = fit(SparseConceptHeads(concepts, 5, ratios, seed=3), lrs, x, y, xv, yv, epochs=6, batch_size=32)
+    for h in range(3):
+        alone = fit(SparseConceptHeads(concepts, 5, [ratios[h]], seed=3), [lrs[h]], x, y, xv, yv, epochs=6,
+                    batch_size=32)
+        assert alone["top1"][0] == pytest.approx(together["top1"][h])
+        assert alone["epoch"][0] == together["epoch"][h]
+        assert alone["val_loss"][0] == pytest.approx(together["val_loss"][h], rel=1e-4)
+
+
+def test_fit_keeps_the_best_epoch_parameters():
+    x, y, concepts = planted(noise=1.5)
+    xv, yv, _ = planted(n_per_class=30, noise=1.5, seed=1)
+    probes = LinearProbes(32, 5, 2)
+    res = fit(probes, [0.01, 0.5], x, y, xv, yv, epochs=8, batch_size=16)
+    top1, _, _ = evaluate(probes, xv, yv)
+    np.testing.assert_allclose(top1, res["top1"])       # the module ends at the reported epoch's weights
+    assert all(1 <= e <= 8 for e in res["epoch"])
+
+
+def test_planted_representation_has_high_iis():
+    x, y, concepts = planted(n_concepts=30, dim=40)
+    xv, yv, _ = planted(n_per_class=30, n_concepts=30, dim=40, seed=1)
+    heads = SparseConceptHeads(concepts, 5, SPARSITY_GRID)
+    res = fit(heads, [0.05] * len(SPARSITY_GRID), x, y, xv, yv, epochs=30, batch_size=50)
+    std = fit(LinearProbes(40, 5, 1), [0.05], x, y, xv, yv, epochs=30, batch_size=50)["top1"].max()
+    assert iis(SPARSITY_GRID, res["top1"], std) > 0.9

@@ -1,0 +1,36 @@
+"""Concept vectors from element embeddings."""
+import numpy as np
+
+from .cli import UserError
+
+SELECTIONS = ("first", "random", "balanced")
+
+
+def select_prototypes(element_labels, n, mode="balanced", seed=0):
+    """Row indices of the element embeddings used as Prototype concepts.
+
+    first    : the first ``n`` rows (what the original code did: with elements stored class by class, that is only
+               the first few classes)
+    random   : ``n`` rows drawn uniformly by ``seed``
+    balanced : round-robin over classes (a seeded order within each class), so every class gives ~n / n_classes
+    """
+    labels = np.asarray(element_labels)
+    total = len(labels)
+    if total == 0:
+        raise UserError("no element embeddings to make concepts from")
+    if n is None or n <= 0 or n >= total:
+        return np.arange(total)
+    if mode == "first":
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    if mode == "random":
+        return np.sort(rng.choice(total, size=n, replace=False))
+    if mode != "balanced":
+        raise UserError(f"concept selection must be one of {SELECTIONS}, not {mode!r}")
+    queues = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+    chosen = []
+    while len(chosen) < n:
+        for q in queues:
+            if q and len(chosen) < n:
+                chosen.append(q.pop(0))
+    return np.sort(np.array(chosen))

@@ -1,0 +1,189 @@
+"""Visual elements cut from one image: SLIC superpixel segments at several scales, or grid patches.
+
+Pure functions on arrays: an RGB uint8 image (H, W, 3) in, a list of :class:`Element` out.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+SLIC_SCALES = (10, 20, 30)
+FILL = 117  # grey value outside the mask: ImageNet's mean pixel, so the fill carries as little signal as possible
+
+
+@dataclass
+class Element:
+    image: Image.Image   # the element, resized to the output size
+    method: str          # 'segment' or 'patch'
+    scale: int           # SLIC n_segments, or the grid size
+    box: tuple           # (top, left, bottom, right), inclusive, in the (resized) source image's pixels
+    area: float          # fraction of the source image the mask covers
+
+
+def slic_label_maps(img, scales=SLIC_SCALES, compactness=10.0, sigma=1.0):
+    """One SLIC label map per scale (n_segments)."""
+    from skimage.segmentation import slic
+    return [slic(img, n_segments=n, compactness=compactness, sigma=sigma, start_label=0, channel_axis=-1)
+            for n in scales]
+
+
+def select_masks(label_maps, max_per_scale=5, max_jaccard=0.5, min_area=0.001):
+    """Choose the element masks from per-scale label maps.
+
+    Every label of every map is a candidate. Within a scale, candidates are taken largest first (ties by label); a
+    candidate is dropped if it covers less than ``min_area`` of the image or if its Jaccard overlap with any mask kept
+    so far (this scale or an earlier one) exceeds ``max_jaccard``; at most ``max_per_scale`` are kept per scale.
+
+    Returns a list of (scale_index, boolean mask).
+    """
+    kept = []
+    for si, labels in enumerate(label_maps):
+        ids, counts = np.unique(labels, return_counts=True)
+        order = sorted(range(len(ids)), key=lambda j: (-counts[j], ids[j]))
+        n_scale = 0
+        for j in order:
+            if n_scale == max_per_scale:
+                break
+            if counts[j] < min_area * labels.size:
+                continue
+            mask = labels == ids[j]
+            if any(np.logical_and(mask, m).sum() / np.logical_or(mask, m).sum() > max_jaccard for _, m in kept):
+                continue
+            kept.append((si, mask))
+            n_scale += 1
+    return kept
+
+
+def mask_box(mask):
+    """(top, left, bottom, right) of a boolean mask, bottom/right inclusive."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return int(rows[0]), int(cols[0]), int(rows[-1]), int(cols[-1])
+
+
+def crop_masked(img, mask, fill=FILL):
+    """The pixels of ``img`` under ``mask`` on a ``fill`` background, cropped to the mask's box (last row/column
+    included)."""
+    t, l, b, r = mask_box(mask)
+    out = np.where(mask[..., None], img, np.uint8(fill)).astype(np.uint8)
+    return out[t:b + 1, l:r + 1], (t, l, b, r)
+
+
+def _resized(arr, size):
+    return Image.fromarray(arr).resize((size, size), Image.BICUBIC)
+
+
+def segments(img, scales=SLIC_SCALES, compactness=10.0, sigma=1.0, max_per_scale=5, max_jaccard=0.5,
+             min_area=0.001, fill=FILL, out_size=224):
+    """SLIC segment elements of an RGB uint8 image."""
+    maps = slic_label_maps(img, scales, compactness, sigma)
+    out = []
+    for si, mask in select_masks(maps, max_per_scale, max_jaccard, min_area):
+        arr, box = crop_masked(img, mask, fill)
+        out.append(Element(_resized(arr, out_size), "segment", int(scales[si]), box, float(mask.mean())))
+    return out
+
+
+def grid_boxes(h, w, g):
+    """Inclusive boxes of a g x g grid over an h x w image (edges spread so every pixel is in exactly one cell)."""
+    ys, xs = np.linspace(0, h, g + 1).round().astype(int), np.linspace(0, w, g + 1).round().astype(int)
+    return [(int(ys[i]), int(xs[j]), int(ys[i + 1] - 1), int(xs[j + 1] - 1)) for i in range(g) for j in range(g)]
+
+
+def patches(img, grids=(2, 3), out_size=224):
+    """Grid patch elements: the image cut into g x g cells for each g in ``grids``."""
+    h, w = img.shape[:2]
+    out = []
+    for g in grids:
+        for t, l, b, r in grid_boxes(h, w, g):
+            if b < t or r < l:
+                continue  # image smaller than the grid: an empty cell
+            out.append(Element(_resized(img[t:b + 1, l:r + 1], out_size), "patch", int(g), (t, l, b, r),
+                               (b - t + 1) * (r - l + 1) / (h * w)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The element library on disk
+#
+#   <out_dir>/<method>/manifest.json            key of the library being built (a different key wipes the folder)
+#   <out_dir>/<method>/<class>/elements.json    that class's rows; present only once the class folder is complete
+#   <out_dir>/<method>/<class>/*.png            element images
+#   <out_dir>/<method>/index.json               every row, written last: {"schema", "key", "key_hash", "classes",
+#                                               "elements": [{"file", "label", "class", "source", "method", "scale",
+#                                               "box": [top, left, bottom, right], "area"}], "summary"}
+# Each class folder is built under a temp name and renamed when complete, so a killed run resumes class by class.
+# ---------------------------------------------------------------------------------------------------------------------
+def class_folders(classes):
+    """Unique, filesystem-safe folder names for class names."""
+    from .data import safe_name
+    names, seen = [], set()
+    for c, name in enumerate(classes):
+        folder = safe_name(name)
+        if folder in seen:
+            folder = f"{folder}_{c}"
+        seen.add(folder)
+        names.append(folder)
+    return names
+
+
+def build_library(source, method, cut, params, out_dir, images_per_class=10, seed=0, image_size=224):
+    """Cut elements from ``images_per_class`` seeded images of each class of ``source`` into ``out_dir/method``.
+
+    ``cut`` maps an RGB uint8 array (image_size x image_size) to a list of :class:`Element`. Returns the index path.
+    """
+    import os
+    import shutil
+
+    from tqdm import tqdm
+
+    from .data import per_class_indices, safe_name
+    from .store import TempDir, atomic_write_json, key_hash, read_json
+
+    root = os.path.join(out_dir, method)
+    index_path, manifest_path = os.path.join(root, "index.json"), os.path.join(root, "manifest.json")
+    key = {"schema": 1, "data": source.key(), "method": method, "params": params,
+           "images_per_class": images_per_class, "seed": seed, "image_size": image_size}
+    h = key_hash(key)
+    if os.path.exists(index_path) and read_json(index_path).get("key_hash") == h:
+        print(f"{index_path} is up to date")
+        return index_path
+    if os.path.exists(manifest_path) and read_json(manifest_path).get("key_hash") != h:
+        print(f"{root} was built with other settings: rebuilding it")
+        shutil.rmtree(root)
+    atomic_write_json(manifest_path, {"key": key, "key_hash": h})
+
+    folders = class_folders(source.classes)
+    chosen = per_class_indices(source.targets, images_per_class, seed)
+    rows, skipped, resumed = [], [], 0
+    for c, idxs in tqdm(chosen.items(), desc=f"{method} by class", unit="class", dynamic_ncols=True):
+        cdir = os.path.join(root, folders[c])
+        done = os.path.join(cdir, "elements.json")
+        if os.path.exists(done):
+            rows += read_json(done)
+            resumed += 1
+            continue
+        with TempDir(cdir) as tmp:
+            class_rows = []
+            for i in idxs:
+                try:
+                    img = source.image(int(i))
+                except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for corrupt / truncated files
+                    skipped.append(f"{source.ident(int(i))}: {type(e).__name__}")
+                    continue
+                arr = np.asarray(img.resize((image_size, image_size), Image.BICUBIC))
+                stem = safe_name(source.ident(int(i)))
+                for k, el in enumerate(cut(arr)):
+                    name = f"{stem}_{el.method[0]}{el.scale}_{k}.png"
+                    el.image.save(os.path.join(tmp, name))
+                    class_rows.append({"file": f"{folders[c]}/{name}", "label": c, "class": source.classes[c],
+                                       "source": source.ident(int(i)), "method": el.method, "scale": el.scale,
+                                       "box": list(el.box), "area": round(el.area, 6)})
+            atomic_write_json(os.path.join(tmp, "elements.json"), class_rows)
+        rows += class_rows
+    summary = {"images": int(sum(len(v) for v in chosen.values())), "elements": len(rows),
+               "skipped": len(skipped), "skipped_files": skipped[:1000], "classes_resumed": resumed}
+    atomic_write_json(index_path, {"schema": 1, "key": key, "key_hash": h, "classes": source.classes,
+                                   "elements": rows, "summary": summary})
+    print(f"{summary['elements']} elements from {summary['images'] - len(skipped)} images "
+          f"({len(skipped)} unreadable skipped, {resumed} classes resumed) -> {index_path}")
+    return index_path

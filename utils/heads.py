@@ -1,0 +1,171 @@
+"""Sparse concept heads and the linear probe, trained many at once on features resident in memory.
+
+A *sweep* is H independent heads that share one input: a grid of sparsity ratios x learning rates. Their parameters
+are stacked along a leading head axis, one batch order is shared, and each head's loss only reaches its own
+parameters, so training them together gives what training each alone would (tests check this), at the cost of one.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+SPARSITY_GRID = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
+
+
+def n_keep(ratio, n_concepts):
+    """Concepts a sample keeps at sparsity ``ratio``: round((1 - ratio) * K), at least one.
+
+    Rounding (not truncation) matters: (1 - 0.9) * 200 is 19.999999999999996 in floating point.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"sparsity ratio must be in [0, 1), got {ratio}")
+    return max(1, int(round((1.0 - ratio) * n_concepts)))
+
+
+def topk_mask(a, keep):
+    """Boolean mask of each row's ``keep`` largest entries of ``a`` by absolute value (ties: lower index first).
+
+    ``keep`` is an int or a tensor broadcastable to ``a.shape[:-1]`` (one k per head).
+    """
+    order = a.abs().argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(a.shape[-1], device=a.device).expand_as(order))
+    keep = torch.as_tensor(keep, device=a.device)
+    return ranks < keep.unsqueeze(-1) if keep.ndim else ranks < keep
+
+
+def _init_linear(n_in, n_out, n_heads, seed):
+    """The same initial weights for every head (so a head's result does not depend on its place in the sweep)."""
+    g = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(n_in)
+    w = (torch.rand(n_in, n_out, generator=g) * 2 - 1) * bound
+    b = (torch.rand(n_out, generator=g) * 2 - 1) * bound
+    return nn.Parameter(w.expand(n_heads, -1, -1).clone()), nn.Parameter(b.expand(n_heads, -1).clone())
+
+
+class SparseConceptHeads(nn.Module):
+    """H heads: activations = LayerNorm(x . normalised concepts), keep each sample's top-k by |activation|, linear.
+
+    Parameters
+    ----------
+    concepts : (K, D) tensor, concept vectors (normalised here)
+    n_classes : int
+    ratios : sequence of H sparsity ratios, one per head
+    """
+
+    def __init__(self, concepts, n_classes, ratios, seed=0):
+        super().__init__()
+        k = concepts.shape[0]
+        self.register_buffer("concepts", F.normalize(concepts.float(), dim=1))
+        self.register_buffer("keep", torch.tensor([n_keep(r, k) for r in ratios]))
+        self.ln_weight = nn.Parameter(torch.ones(len(ratios), k))
+        self.ln_bias = nn.Parameter(torch.zeros(len(ratios), k))
+        self.weight, self.bias = _init_linear(k, n_classes, len(ratios), seed)
+
+    def activations(self, x):
+        """(H, N, K) concept activations after each head's LayerNorm, before masking."""
+        s = x.float() @ self.concepts.T
+        s = F.layer_norm(s, s.shape[-1:])
+        return s.unsqueeze(0) * self.ln_weight.unsqueeze(1) + self.ln_bias.unsqueeze(1)
+
+    def forward(self, x):
+        a = self.activations(x)
+        a = a * topk_mask(a, self.keep[:, None])
+        return torch.baddbmm(self.bias.unsqueeze(1), a, self.weight)
+
+
+class LinearProbes(nn.Module):
+    """H plain linear classifiers on the raw features (the standard accuracy)."""
+
+    def __init__(self, dim, n_classes, n_heads, seed=0):
+        super().__init__()
+        self.weight, self.bias = _init_linear(dim, n_classes, n_heads, seed)
+
+    def forward(self, x):
+        return torch.matmul(x.float(), self.weight) + self.bias.unsqueeze(1)
+
+
+class _Adam:
+    """Adam over head-stacked parameters with one learning rate per head (torch's Adam takes one per tensor)."""
+
+    def __init__(self, params, lrs, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.params, self.lrs, self.betas, self.eps, self.wd = list(params), lrs, betas, eps, weight_decay
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, grads):
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            lr = self.lrs.view(-1, *([1] * (p.ndim - 1)))
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            if self.wd:
+                p.mul_(1 - lr * self.wd)
+            p.sub_(lr * (m / c1) / ((v / c2).sqrt() + self.eps))
+
+
+@torch.no_grad()
+def evaluate(module, x, y, chunk=4096):
+    """Per-head top-1, top-5 (percent) and mean cross-entropy on (x, y), in chunks."""
+    n = len(y)
+    top1 = top5 = loss = 0
+    for i in range(0, n, chunk):
+        logits = module(x[i:i + chunk])
+        yy = y[i:i + chunk]
+        h, b, c = logits.shape
+        loss = loss + F.cross_entropy(logits.reshape(h * b, c), yy.repeat(h), reduction="none").view(h, b).sum(1)
+        top = logits.topk(min(5, c), dim=-1).indices
+        hit = top == yy.view(1, -1, 1)
+        top1 = top1 + hit[..., 0].sum(1)
+        top5 = top5 + hit.any(-1).sum(1)
+    return (100.0 * top1.double() / n).cpu().numpy(), (100.0 * top5.double() / n).cpu().numpy(), \
+        (loss.double() / n).cpu().numpy()
+
+
+def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, seed=0, weight_decay=0.0,
+        desc="heads"):
+    """Train every head of ``module`` together; keep each head's parameters from its best val-top-1 epoch.
+
+    Returns a dict of per-head arrays: top1, top5, epoch (1-based, the one kept), train_loss, val_loss.
+    """
+    device = x_train.device
+    lrs = torch.as_tensor(lrs, dtype=torch.float32, device=device)
+    params = list(module.parameters())
+    opt = _Adam(params, lrs, weight_decay=weight_decay)
+    n_heads = len(lrs)
+    best = {k: np.full(n_heads, -np.inf if k == "top1" else np.nan) for k in
+            ("top1", "top5", "epoch", "train_loss", "val_loss")}
+    best_params = [p.detach().clone() for p in params]
+    g = torch.Generator().manual_seed(seed)
+    n = len(y_train)
+    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True)
+    for epoch in bar:
+        perm = torch.randperm(n, generator=g).to(device)
+        loss_sum = torch.zeros(n_heads, device=device, dtype=torch.float64)
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            logits = module(x_train[idx])
+            h, b, c = logits.shape
+            loss = F.cross_entropy(logits.reshape(h * b, c), y_train[idx].repeat(h), reduction="none").view(h, b)
+            loss = loss.mean(1)
+            opt.step(torch.autograd.grad(loss.sum(), params))
+            loss_sum += loss.detach().double() * b
+        top1, top5, vloss = evaluate(module, x_val, y_val)
+        better = top1 > best["top1"]
+        for k, v in (("top1", top1), ("top5", top5), ("val_loss", vloss),
+                     ("train_loss", (loss_sum / n).cpu().numpy()), ("epoch", np.full(n_heads, epoch))):
+            best[k][better] = v[better]
+        mask = torch.as_tensor(better, device=device)
+        for p, bp in zip(params, best_params):
+            bp[mask] = p.detach()[mask]
+        bar.set_postfix(best_top1=f"{best['top1'].max():.1f}", refresh=False)
+    with torch.no_grad():
+        for p, bp in zip(params, best_params):
+            p.copy_(bp)
+    return best
