@@ -7,10 +7,9 @@ Output: concept_library/prototype/patches/<class>/*.png and concept_library/prot
 import argparse
 from functools import partial
 
-from concept_extractor._element_flags import add_element_args
+from concept_extractor._element_flags import add_element_args, run_extractor
 from utils import cli
-from utils.data import get_source
-from utils.elements import build_library, patches
+from utils.elements import patches
 
 
 def get_args_parser():
@@ -22,13 +21,10 @@ def get_args_parser():
 
 
 def main(args):
-    if args.images_per_class < 1 or min(args.grids) < 1:
-        raise cli.UserError("--images_per_class and --grids must be at least 1")
-    source = get_source(args.dataset, "train", args.data_root)
+    if min(args.grids) < 1:
+        raise cli.UserError("--grids must be at least 1")
     params = dict(grids=list(args.grids), out_size=args.out_size)
-    build_library(source, "patches", partial(patches, **params), params, args.out_dir,
-                  args.images_per_class, args.seed, args.image_size)
-
+    run_extractor(args, "patches", partial(patches, **params), params)
 
 if __name__ == "__main__":
     cli.run(main, get_args_parser())

@@ -9,10 +9,9 @@ Output: concept_library/prototype/segments/<class>/*.png and concept_library/pro
 import argparse
 from functools import partial
 
-from concept_extractor._element_flags import add_element_args
+from concept_extractor._element_flags import add_element_args, run_extractor
 from utils import cli
-from utils.data import get_source
-from utils.elements import FILL, SLIC_SCALES, build_library, segments
+from utils.elements import FILL, SLIC_SCALES, segments
 
 
 def get_args_parser():
@@ -31,15 +30,10 @@ def get_args_parser():
 
 
 def main(args):
-    if args.images_per_class < 1:
-        raise cli.UserError("--images_per_class must be at least 1")
-    source = get_source(args.dataset, "train", args.data_root)
     params = dict(scales=list(args.n_segments), compactness=args.compactness, sigma=args.sigma,
                   max_per_scale=args.max_per_scale, max_jaccard=args.max_jaccard, min_area=args.min_area,
                   fill=args.fill, out_size=args.out_size)
-    build_library(source, "segments", partial(segments, **params), params, args.out_dir,
-                  args.images_per_class, args.seed, args.image_size)
-
+    run_extractor(args, "segments", partial(segments, **params), params)
 
 if __name__ == "__main__":
     cli.run(main, get_args_parser())

@@ -20,5 +20,6 @@ if [ ! -f data/FashionMNIST/raw/train-images-idx3-ubyte ] && \
 fi
 
 bash scripts/run_pipeline.sh --model_config efficientnet_lite0 --dataset fashion_mnist \
-  --train_size 2000 --val_size 1000 --images_per_class 4 --workers 1 "$@"
+  --train_size 2000 --val_size 1000 --images_per_class 4 --workers 1 --element_workers 2 \
+  --concept_types "prototype cluster end2end" "$@"
 echo "[demo] finished in $((SECONDS - start)) s"

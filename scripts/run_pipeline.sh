@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The Prototype pipeline for one backbone on one dataset, stage by stage; a stage whose output is current is skipped.
+# The whole pipeline for one backbone on one dataset, stage by stage; a stage whose output is current is skipped.
 #
 #   bash scripts/run_pipeline.sh --model_config efficientnet_lite0 --dataset fashion_mnist \
-#        --train_size 2000 --val_size 1000 --images_per_class 4
+#        --train_size 2000 --val_size 1000 --images_per_class 4 --concept_types "prototype cluster"
 #
 # Flags (defaults in brackets):
 #   --model_config NAME|PATH   [efficientnet_lite0]  a model_configs/ YAML
@@ -14,29 +14,25 @@
 #   --train_size N / --val_size N   [all]  seeded subsets of the splits
 #   --images_per_class N       [10]  images per class to cut visual elements from
 #   --elements segments|patches [segments]
+#   --element_workers N        [1]  processes cutting elements
 #   --library DIR              [concept_library/prototype]  where element images go
+#   --concept_types "..."      [prototype]  any of prototype cluster end2end
 #   --n_concepts N             [200]
 #   --epochs N                 [30]
 #   --lrs "A B"                [0.001 0.01]
 #   --out DIR                  [outputs]  features go to DIR/features/..., results to DIR/runs/...
-#   --workers N --batch_size N --device D   passed to the extractors / trainer
+#   --workers N --batch_size N --device D   passed to the feature extractors / trainer
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/_flags.sh
 PY=${PYTHON:-python}
 
 model_config=efficientnet_lite0; backbone=""; weights=""; layer=""; dataset=fashion_mnist; data_root=data
-train_size=0; val_size=0; images_per_class=10; elements=segments; n_concepts=200; epochs=30; lrs="0.001 0.01"
-library=concept_library/prototype; out=outputs; workers=""; batch_size=""; device=auto
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    --model_config|--backbone|--weights|--layer|--dataset|--data_root|--train_size|--val_size|--images_per_class|\
-    --elements|--library|--n_concepts|--epochs|--lrs|--out|--workers|--batch_size|--device)
-      [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }
-      printf -v "${1#--}" '%s' "$2"; shift 2 ;;
-    *) echo "error: unknown flag $1 (see --help)" >&2; exit 2 ;;
-  esac
-done
+train_size=0; val_size=0; images_per_class=10; elements=segments; element_workers=1
+library=concept_library/prototype; concept_types=prototype; n_concepts=200; epochs=30; lrs="0.001 0.01"
+out=outputs; workers=""; batch_size=""; device=auto
+parse_flags model_config backbone weights layer dataset data_root train_size val_size images_per_class elements \
+  element_workers library concept_types n_concepts epochs lrs out workers batch_size device -- "$@"
 case "$elements" in segments|patches) ;; *) echo "error: --elements must be segments or patches" >&2; exit 2 ;; esac
 
 bb=(--model_config "$model_config")
@@ -51,23 +47,19 @@ loader=(--device "$device")
 tag_model=$(basename "${backbone:-$model_config}" .yaml | tr ':/' '__')${layer:+@$layer}
 tag_data=$(basename "$dataset")
 feat="$out/features/$tag_data/$tag_model"
-run="$out/runs/$tag_data/$tag_model/prototype_$elements"
 extractor=segment_extractor; [ "$elements" = patches ] && extractor=patch_extractor
 
-echo "== 1/5 visual elements ($elements)"
-"$PY" -m "concept_extractor.$extractor" "${data[@]}" --images_per_class "$images_per_class" --out_dir "$library"
-echo "== 2/5 element embeddings"
+echo "== 1/4 visual elements ($elements)"
+"$PY" -m "concept_extractor.$extractor" "${data[@]}" --images_per_class "$images_per_class" --out_dir "$library" \
+  --workers "$element_workers"
+echo "== 2/4 element embeddings"
 "$PY" -m concept_extractor.visual_element_emb_extractor "${bb[@]}" "${loader[@]}" \
   --elements "$library/$elements" --out "$feat/elements_$elements"
-echo "== 3/5 dataset features"
+echo "== 3/4 dataset features"
 "$PY" -m concept_extractor.dataset_feature_extractor "${bb[@]}" "${data[@]}" "${loader[@]}" \
   --split train --max_images "$train_size" --out "$feat/train"
 "$PY" -m concept_extractor.dataset_feature_extractor "${bb[@]}" "${data[@]}" "${loader[@]}" \
   --split val --max_images "$val_size" --out "$feat/val"
-echo "== 4/5 standard probe + sparse Prototype heads"
-# shellcheck disable=SC2086  # lrs is a space-separated list on purpose
-"$PY" -m IP_training.IP_Prototype_training --train_features "$feat/train" --val_features "$feat/val" \
-  --concepts "$feat/elements_$elements" --n_concepts "$n_concepts" --epochs "$epochs" --lrs $lrs \
-  --device "$device" --out "$run"
-echo "== 5/5 IIS"
-"$PY" iis_computing.py "$run"
+echo "== 4/4 standard probe + sparse concept heads, IIS"
+bash scripts/ip_train.sh --features "$feat" --elements "$elements" --concept_types "$concept_types" \
+  --n_concepts "$n_concepts" --epochs "$epochs" --lrs "$lrs" --device "$device" --out "$out/runs/$tag_data/$tag_model"

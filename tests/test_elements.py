@@ -122,3 +122,41 @@ def test_unreadable_images_are_skipped_and_counted(image_folder, tmp_path):
     summary = json.load(open(index))["summary"]
     assert summary["skipped"] == 2 and summary["images"] == 3 * 6 + 2
     assert summary["elements"] == 3 * 6
+
+
+def test_every_image_mode_and_tiny_images_in_a_library(tmp_path):
+    root = tmp_path / "modes"
+    base = Image.new("RGB", (40, 30), (200, 100, 50))
+    variants = {"L": base.convert("L"), "LA": base.convert("LA"), "P": base.convert("P"),
+                "RGBA": base.convert("RGBA"), "CMYK": base.convert("CMYK"),
+                "I16": Image.fromarray((np.arange(1200).reshape(30, 40) * 50).astype(np.uint16))}
+    for split in ("train",):
+        for name, img in variants.items():
+            d = root / split / name
+            d.mkdir(parents=True)
+            img.save(d / ("0.tif" if name in ("CMYK", "I16") else "0.png"))
+        (root / split / "tiny").mkdir()
+        Image.new("RGB", (1, 1), (9, 9, 9)).save(root / split / "tiny" / "0.png")
+    src = get_source(str(root), "train")
+    index = build_library(src, "patches", lambda a: patches(a, grids=(1,), out_size=8), {}, str(tmp_path / "lib"),
+                          images_per_class=1, image_size=16)
+    data = json.load(open(index))
+    assert sorted(r["class"] for r in data["elements"]) == sorted(variants)      # one element per mode
+    assert data["summary"]["skipped_too_small"] == 1 and data["summary"]["skipped_unreadable"] == 0
+    for r in data["elements"]:
+        assert Image.open(os.path.join(tmp_path, "lib", "patches", r["file"])).mode == "RGB"
+        assert r["source_size"] == [40, 30]
+
+
+def test_parallel_extraction_gives_the_same_library(image_folder, tmp_path):
+    from functools import partial
+    src = get_source(image_folder, "train")
+    cut = partial(segments, scales=[10, 20], out_size=24)
+    one = build_library(src, "segments", cut, {}, str(tmp_path / "w1"), images_per_class=4, image_size=40, workers=1)
+    two = build_library(src, "segments", cut, {}, str(tmp_path / "w2"), images_per_class=4, image_size=40, workers=2)
+    rows1, rows2 = json.load(open(one))["elements"], json.load(open(two))["elements"]
+    assert rows1 == rows2 and len(rows1) > 12
+    for r in rows1:
+        a = open(os.path.join(tmp_path, "w1", "segments", r["file"]), "rb").read()
+        assert a == open(os.path.join(tmp_path, "w2", "segments", r["file"]), "rb").read()
+    assert not [p for p in os.listdir(tmp_path / "w2" / "segments") if ".tmp-" in p]

@@ -14,7 +14,8 @@ from utils.iis import iis
 def test_pipeline_end_to_end_and_resume(image_folder, tmp_path):
     out, lib = str(tmp_path / "out"), str(tmp_path / "lib")
     cmd = ["bash", "scripts/run_pipeline.sh", "--dataset", image_folder, "--images_per_class", "2",
-           "--elements", "patches", "--n_concepts", "12", "--epochs", "15", "--lrs", "0.01 0.1", "--workers", "0",
+           "--elements", "patches", "--n_concepts", "12",
+           "--concept_types", "prototype cluster end2end", "--epochs", "15", "--lrs", "0.01 0.1", "--workers", "0",
            "--batch_size", "16", "--library", lib, "--out", out]
     env = dict(os.environ, PYTHON=os.environ.get("PYTHON", "python"))
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
@@ -32,9 +33,16 @@ def test_pipeline_end_to_end_and_resume(image_folder, tmp_path):
     assert scored["iis"] > 0.3
     assert std > 60                                    # the planted colour squares are easy for ImageNet features
     assert f"IIS = {scored['iis']:.4f}" in r.stdout
+    # the three concept types, scored side by side in one table and one plot
+    table = [ln for ln in r.stdout.splitlines() if ln.startswith("efficientnet_lite0@pre_logits ")]
+    assert [ln.split()[1] for ln in table] == ["prototype", "cluster", "end2end"]
+    for ln, ct in zip(table, ["prototype", "cluster", "end2end"]):
+        other = json.load(open(os.path.join(out, "runs", "shapes", "efficientnet_lite0", f"{ct}_patches", "iis.json")))
+        assert f"{other['iis']:.4f}" in ln and other["meta"]["concept_type"] == ct
+    assert os.path.getsize(os.path.join(out, "runs", "shapes", "efficientnet_lite0", "iis_patches.png")) > 10_000
     # second run: every stage reuses its output
     r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    assert r2.returncode == 0 and r2.stdout.count("up to date") == 5, r2.stdout
+    assert r2.returncode == 0 and r2.stdout.count("up to date") == 4 + 3, r2.stdout
     heads = __import__("torch").load(os.path.join(run_dir, "heads.pt"), weights_only=True)
     assert heads["concepts"].shape == (12, 1280)
     assert np.allclose(heads["concepts"].norm(dim=1).numpy(), 1.0, atol=1e-5)

@@ -34,3 +34,20 @@ def select_prototypes(element_labels, n, mode="balanced", seed=0):
             if q and len(chosen) < n:
                 chosen.append(q.pop(0))
     return np.sort(np.array(chosen))
+
+
+def cluster_centres(embeddings, k, seed=0):
+    """Cluster concepts: KMeans centres of the element embeddings, and for each centre its nearest element's row.
+
+    Returns (centres (k, D) float32, nearest_rows (k,) int64). KMeans (k-means++, 4 restarts) is seeded.
+    """
+    from sklearn.cluster import KMeans
+    x = np.asarray(embeddings, dtype=np.float32)
+    if k > len(x):
+        raise UserError(f"cannot make {k} cluster concepts from {len(x)} elements; lower --n_concepts")
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(x)
+    centres = km.cluster_centers_.astype(np.float32)
+    d = ((x[None, :, :] - centres[:, None, :]) ** 2).sum(-1) if len(x) * k < 5_000_000 else None
+    if d is None:  # large pools: distance by blocks of centres to bound memory
+        d = np.concatenate([((x[None] - c[:, None]) ** 2).sum(-1) for c in np.array_split(centres, max(1, k // 16))])
+    return centres, d.argmin(1).astype(np.int64)

@@ -106,11 +106,13 @@ def patches(img, grids=(2, 3), out_size=224):
 # The element library on disk
 #
 #   <out_dir>/<method>/manifest.json            key of the library being built (a different key wipes the folder)
-#   <out_dir>/<method>/<class>/elements.json    that class's rows; present only once the class folder is complete
+#   <out_dir>/<method>/<class>/elements.json    {"rows": [...], "skipped": [[why, what], ...]} of that class;
+#                                               present only once the class folder is complete
 #   <out_dir>/<method>/<class>/*.png            element images
 #   <out_dir>/<method>/index.json               every row, written last: {"schema", "key", "key_hash", "classes",
-#                                               "elements": [{"file", "label", "class", "source", "method", "scale",
-#                                               "box": [top, left, bottom, right], "area"}], "summary"}
+#                                               "elements": [{"file", "label", "class", "source", "source_size",
+#                                               "method", "scale", "box": [top, left, bottom, right], "area"}],
+#                                               "summary"}
 # Each class folder is built under a temp name and renamed when complete, so a killed run resumes class by class.
 # ---------------------------------------------------------------------------------------------------------------------
 def class_folders(classes):
@@ -126,22 +128,60 @@ def class_folders(classes):
     return names
 
 
-def build_library(source, method, cut, params, out_dir, images_per_class=10, seed=0, image_size=224):
+_JOB = {}
+
+
+def _start_job(source, cut, image_size, min_side):
+    """Per-process state of an extraction (set once per worker instead of pickled with every image)."""
+    _JOB.update(source=source, cut=cut, image_size=image_size, min_side=min_side)
+
+
+def _cut_image(task):
+    """Cut one image's elements into ``folder``; return (rows, None) or (None, why it was skipped)."""
+    import os
+
+    from .data import safe_name
+    c, i, folder, class_folder = task
+    source, size = _JOB["source"], _JOB["image_size"]
+    ident = source.ident(i)
+    try:
+        img = source.image(i)
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for corrupt / truncated files
+        return None, ("unreadable", f"{ident}: {type(e).__name__}")
+    if min(img.size) < _JOB["min_side"]:
+        return None, ("too small", f"{ident}: {img.size[0]}x{img.size[1]}")
+    arr = np.asarray(img.resize((size, size), Image.BICUBIC))
+    stem, rows = safe_name(ident), []
+    for k, el in enumerate(_JOB["cut"](arr)):
+        name = f"{stem}_{el.method[0]}{el.scale}_{k}.png"
+        el.image.save(os.path.join(folder, name), compress_level=1)  # fast zlib level: encoding was ~1/3 of the time
+        rows.append({"file": f"{class_folder}/{name}", "label": c, "class": source.classes[c], "source": ident,
+                     "source_size": list(img.size), "method": el.method, "scale": el.scale, "box": list(el.box),
+                     "area": round(el.area, 6)})
+    return rows, None
+
+
+def build_library(source, method, cut, params, out_dir, images_per_class=10, seed=0, image_size=224, workers=1,
+                  min_side=8):
     """Cut elements from ``images_per_class`` seeded images of each class of ``source`` into ``out_dir/method``.
 
-    ``cut`` maps an RGB uint8 array (image_size x image_size) to a list of :class:`Element`. Returns the index path.
+    ``cut`` maps an RGB uint8 array (image_size x image_size) to a list of :class:`Element`; it must be picklable
+    when ``workers`` > 1. Unreadable images and images whose short side is below ``min_side`` pixels are skipped and
+    counted. The result does not depend on ``workers``. Returns the index path.
     """
+    import glob
+    import multiprocessing
     import os
     import shutil
 
     from tqdm import tqdm
 
-    from .data import per_class_indices, safe_name
-    from .store import TempDir, atomic_write_json, key_hash, read_json
+    from .data import per_class_indices
+    from .store import _tmp_name, atomic_write_json, key_hash, read_json, replace_dir
 
     root = os.path.join(out_dir, method)
     index_path, manifest_path = os.path.join(root, "index.json"), os.path.join(root, "manifest.json")
-    key = {"schema": 1, "data": source.key(), "method": method, "params": params,
+    key = {"schema": 1, "data": source.key(), "method": method, "params": params, "min_side": min_side,
            "images_per_class": images_per_class, "seed": seed, "image_size": image_size}
     h = key_hash(key)
     if os.path.exists(index_path) and read_json(index_path).get("key_hash") == h:
@@ -151,39 +191,58 @@ def build_library(source, method, cut, params, out_dir, images_per_class=10, see
         print(f"{root} was built with other settings: rebuilding it")
         shutil.rmtree(root)
     atomic_write_json(manifest_path, {"key": key, "key_hash": h})
+    for stale in glob.glob(os.path.join(root, "*.tmp-*")):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
 
     folders = class_folders(source.classes)
     chosen = per_class_indices(source.targets, images_per_class, seed)
-    rows, skipped, resumed = [], [], 0
-    for c, idxs in tqdm(chosen.items(), desc=f"{method} by class", unit="class", dynamic_ncols=True):
-        cdir = os.path.join(root, folders[c])
-        done = os.path.join(cdir, "elements.json")
-        if os.path.exists(done):
-            rows += read_json(done)
+    done, tmp, tasks, resumed = {}, {}, [], 0
+    for c, idxs in chosen.items():
+        marker = os.path.join(root, folders[c], "elements.json")
+        if os.path.exists(marker):
+            done[c] = read_json(marker)
             resumed += 1
             continue
-        with TempDir(cdir) as tmp:
-            class_rows = []
-            for i in idxs:
-                try:
-                    img = source.image(int(i))
-                except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for corrupt / truncated files
-                    skipped.append(f"{source.ident(int(i))}: {type(e).__name__}")
-                    continue
-                arr = np.asarray(img.resize((image_size, image_size), Image.BICUBIC))
-                stem = safe_name(source.ident(int(i)))
-                for k, el in enumerate(cut(arr)):
-                    name = f"{stem}_{el.method[0]}{el.scale}_{k}.png"
-                    el.image.save(os.path.join(tmp, name))
-                    class_rows.append({"file": f"{folders[c]}/{name}", "label": c, "class": source.classes[c],
-                                       "source": source.ident(int(i)), "method": el.method, "scale": el.scale,
-                                       "box": list(el.box), "area": round(el.area, 6)})
-            atomic_write_json(os.path.join(tmp, "elements.json"), class_rows)
-        rows += class_rows
-    summary = {"images": int(sum(len(v) for v in chosen.values())), "elements": len(rows),
-               "skipped": len(skipped), "skipped_files": skipped[:1000], "classes_resumed": resumed}
+        tmp[c] = _tmp_name(os.path.join(root, folders[c]))
+        os.makedirs(tmp[c])
+        tasks += [(c, int(i), tmp[c], folders[c]) for i in idxs]
+
+    pending = {c: {"rows": [], "skipped": []} for c in tmp}
+    left = {c: len(chosen[c]) for c in tmp}
+    pool = None
+    try:
+        if workers > 1 and len(tasks) > 1:
+            pool = multiprocessing.Pool(workers, _start_job, (source, cut, image_size, min_side))
+            results = pool.imap(_cut_image, tasks, chunksize=1)
+        else:
+            _start_job(source, cut, image_size, min_side)
+            results = map(_cut_image, tasks)
+        for (c, *_), (rows, why) in tqdm(zip(tasks, results), total=len(tasks), desc=method, unit="img",
+                                         dynamic_ncols=True):
+            if why:
+                pending[c]["skipped"].append(why)
+            else:
+                pending[c]["rows"] += rows
+            left[c] -= 1
+            if left[c] == 0:  # the class is complete: publish its folder
+                atomic_write_json(os.path.join(tmp[c], "elements.json"), pending[c])
+                replace_dir(tmp[c], os.path.join(root, folders[c]))
+                done[c] = pending.pop(c)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        for c in pending:
+            shutil.rmtree(tmp[c], ignore_errors=True)
+    rows = [r for c in sorted(done) for r in done[c]["rows"]]
+    skipped = [s for c in sorted(done) for s in done[c]["skipped"]]
+    n_images = int(sum(len(v) for v in chosen.values()))
+    counts = {why: sum(1 for w, _ in skipped if w == why) for why in ("unreadable", "too small")}
+    summary = {"images": n_images, "elements": len(rows), "skipped": len(skipped),
+               "skipped_files": [f"{w}: {m}" for w, m in skipped][:1000], "classes_resumed": resumed,
+               **{f"skipped_{w.replace(' ', '_')}": n for w, n in counts.items()}}
     atomic_write_json(index_path, {"schema": 1, "key": key, "key_hash": h, "classes": source.classes,
                                    "elements": rows, "summary": summary})
-    print(f"{summary['elements']} elements from {summary['images'] - len(skipped)} images "
-          f"({len(skipped)} unreadable skipped, {resumed} classes resumed) -> {index_path}")
+    print(f"{len(rows)} elements from {n_images - len(skipped)} images "
+          f"({counts['unreadable']} unreadable and {counts['too small']} too small skipped; "
+          f"{resumed} classes resumed) -> {index_path}")
     return index_path

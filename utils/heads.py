@@ -45,8 +45,38 @@ def _init_linear(n_in, n_out, n_heads, seed):
     return nn.Parameter(w.expand(n_heads, -1, -1).clone()), nn.Parameter(b.expand(n_heads, -1).clone())
 
 
-class SparseConceptHeads(nn.Module):
-    """H heads: activations = LayerNorm(x . normalised concepts), keep each sample's top-k by |activation|, linear.
+class _SparseHeads(nn.Module):
+    """H heads: activations = LayerNorm(x . unit concepts), keep each sample's top-k by |activation|, then linear.
+
+    Subclasses say where the concepts come from (:meth:`concept_matrix`).
+    """
+
+    def __init__(self, n_concepts, n_classes, ratios, seed=0):
+        super().__init__()
+        self.register_buffer("keep", torch.tensor([n_keep(r, n_concepts) for r in ratios]))
+        self.ln_weight = nn.Parameter(torch.ones(len(ratios), n_concepts))
+        self.ln_bias = nn.Parameter(torch.zeros(len(ratios), n_concepts))
+        self.weight, self.bias = _init_linear(n_concepts, n_classes, len(ratios), seed)
+
+    def concept_matrix(self):
+        """Unit-norm concept vectors: (K, D) shared by every head, or (H, K, D) one set per head."""
+        raise NotImplementedError
+
+    def activations(self, x):
+        """(H, N, K) concept activations after each head's LayerNorm, before masking."""
+        c = self.concept_matrix()
+        s = (x.float() @ c.T).unsqueeze(0) if c.ndim == 2 else torch.einsum("nd,hkd->hnk", x.float(), c)
+        s = F.layer_norm(s, s.shape[-1:])
+        return s * self.ln_weight.unsqueeze(1) + self.ln_bias.unsqueeze(1)
+
+    def forward(self, x):
+        a = self.activations(x)
+        a = a * topk_mask(a, self.keep[:, None])
+        return torch.baddbmm(self.bias.unsqueeze(1), a, self.weight)
+
+
+class SparseConceptHeads(_SparseHeads):
+    """Sparse heads over fixed concept vectors (Prototype or Cluster concepts).
 
     Parameters
     ----------
@@ -56,24 +86,53 @@ class SparseConceptHeads(nn.Module):
     """
 
     def __init__(self, concepts, n_classes, ratios, seed=0):
-        super().__init__()
-        k = concepts.shape[0]
-        self.register_buffer("concepts", F.normalize(concepts.float(), dim=1))
-        self.register_buffer("keep", torch.tensor([n_keep(r, k) for r in ratios]))
-        self.ln_weight = nn.Parameter(torch.ones(len(ratios), k))
-        self.ln_bias = nn.Parameter(torch.zeros(len(ratios), k))
-        self.weight, self.bias = _init_linear(k, n_classes, len(ratios), seed)
+        super().__init__(concepts.shape[0], n_classes, ratios, seed)
+        self.register_buffer("concepts", F.normalize(concepts.float(), dim=-1))
 
-    def activations(self, x):
-        """(H, N, K) concept activations after each head's LayerNorm, before masking."""
-        s = x.float() @ self.concepts.T
-        s = F.layer_norm(s, s.shape[-1:])
-        return s.unsqueeze(0) * self.ln_weight.unsqueeze(1) + self.ln_bias.unsqueeze(1)
+    def concept_matrix(self):
+        return self.concepts
 
-    def forward(self, x):
-        a = self.activations(x)
-        a = a * topk_mask(a, self.keep[:, None])
-        return torch.baddbmm(self.bias.unsqueeze(1), a, self.weight)
+
+class End2EndConceptHeads(_SparseHeads):
+    """Sparse heads whose concepts are learnt jointly: each head assigns every candidate element to one concept.
+
+    Each head has assignment logits (E, K) over the E candidate element embeddings. A LayerNorm over K (affine, one
+    gain/bias per head and concept) and a hard Gumbel-softmax (tau = 0.1) make each element's assignment exactly
+    one-hot in the forward pass; the gradient is the soft sample's (straight-through). Concept k = normalised sum of the
+    elements assigned to it. In eval mode the assignment is the noise-free argmax, so validation is deterministic.
+
+    Why the gain starts above 1: a hard Gumbel sample picks concept k with probability softmax(z)_k whatever tau is,
+    and unit-variance logits over 200 concepts make that nearly uniform, i.e. concepts of random elements. The logits
+    start as cosine similarities to K seed elements (so training starts from a partition of the elements around
+    seeds), and ``gain`` sets how sharply.
+
+    Parameters
+    ----------
+    elements : (E, D) candidate element embeddings
+    seeds : (K,) rows of ``elements`` that start one concept each
+    """
+
+    def __init__(self, elements, seeds, n_classes, ratios, seed=0, tau=0.1, gain=5.0):
+        seeds = torch.as_tensor(seeds)
+        k = len(seeds)
+        super().__init__(k, n_classes, ratios, seed)
+        self.register_buffer("elements", elements.float())
+        self.tau = tau
+        unit = F.normalize(self.elements, dim=1)
+        sim = unit @ unit[seeds].T
+        self.assign_logits = nn.Parameter(sim.expand(len(ratios), -1, -1).clone())
+        self.assign_gain = nn.Parameter(torch.full((len(ratios), 1, k), float(gain)))
+        self.assign_bias = nn.Parameter(torch.zeros(len(ratios), 1, k))
+
+    def assignment(self):
+        """(H, E, K) one-hot assignment of elements to concepts."""
+        z = F.layer_norm(self.assign_logits, self.assign_logits.shape[-1:]) * self.assign_gain + self.assign_bias
+        if self.training:
+            return F.gumbel_softmax(z, tau=self.tau, hard=True, dim=-1)
+        return F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
+
+    def concept_matrix(self):
+        return F.normalize(torch.einsum("hek,ed->hkd", self.assignment(), self.elements), dim=-1)
 
 
 class LinearProbes(nn.Module):
@@ -114,6 +173,8 @@ class _Adam:
 def evaluate(module, x, y, chunk=4096):
     """Per-head top-1, top-5 (percent) and mean cross-entropy on (x, y), in chunks."""
     n = len(y)
+    was_training = module.training
+    module.eval()
     top1 = top5 = loss = 0
     for i in range(0, n, chunk):
         logits = module(x[i:i + chunk])
@@ -124,6 +185,7 @@ def evaluate(module, x, y, chunk=4096):
         hit = top == yy.view(1, -1, 1)
         top1 = top1 + hit[..., 0].sum(1)
         top5 = top5 + hit.any(-1).sum(1)
+    module.train(was_training)
     return (100.0 * top1.double() / n).cpu().numpy(), (100.0 * top5.double() / n).cpu().numpy(), \
         (loss.double() / n).cpu().numpy()
 
@@ -146,6 +208,7 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
     n = len(y_train)
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True)
     for epoch in bar:
+        module.train()
         perm = torch.randperm(n, generator=g).to(device)
         loss_sum = torch.zeros(n_heads, device=device, dtype=torch.float64)
         for i in range(0, n, batch_size):
