@@ -30,9 +30,9 @@ def get_args_parser():
 
 
 def main(args):
+    bb = Backbone.from_args(args)  # names are checked before any data is touched
     source = get_source(args.dataset, args.split, args.data_root)
     idx = subset_indices(len(source), args.max_images, args.seed)
-    bb = Backbone.from_args(args)
     data_key = dict(source.key(), indices=hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16])
     extract_to_store(bb, TransformedImages(source, idx, bb.preprocess.image_transform()), data_key, args.out,
                      {"classes": source.classes, "dataset": source.name, "split": args.split},
