@@ -8,7 +8,6 @@ scikit-image's sample photos, repeated into an ImageFolder of --images images. P
 import argparse
 import importlib.util
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -16,6 +15,7 @@ from functools import partial
 
 from PIL import Image
 
+from bench.common import hardware
 from utils.data import get_source
 from utils.elements import build_library, segments
 
@@ -28,14 +28,6 @@ def photos():
                 if f.startswith("imagenet_")]
     import skimage.data as d
     return [Image.fromarray(f()) for f in (d.astronaut, d.coffee, d.chelsea, d.rocket)]
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main():
@@ -62,7 +54,7 @@ def main():
             n = len(json.load(open(index))["elements"])
             rates[w] = n / dt
             print(f"workers={w}: {n} segments from {args.images} images in {dt:.1f} s = {rates[w]:.1f} segments/s")
-        print(f"hardware: {cpu_name()}, {os.cpu_count()} logical CPUs")
+        print(f"hardware: {hardware()}")
         print(f"speed-up with {args.workers} workers: {rates[args.workers] / rates[1]:.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

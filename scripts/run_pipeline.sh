@@ -16,7 +16,11 @@
 #   --elements segments|patches [segments]
 #   --element_workers N        [1]  processes cutting elements
 #   --library DIR              [concept_library/prototype]  where element images go
-#   --concept_types "..."      [prototype]  any of prototype cluster end2end
+#   --concept_types "..."      [prototype]  any of prototype cluster end2end text
+#   --text_concepts FILE       [concept_library/textual/<dataset>.json]  for text: the concept list
+#   --clip_model NAME          [ViT-B-16]  for text: open_clip model (or a model-config JSON)
+#   --clip_pretrained TAG|FILE [openai]  for text: open_clip pretrained tag or a local checkpoint
+#   --clip_cutoff X / --interpretability_cutoff X   for text: override the defaults
 #   --n_concepts N             [200]
 #   --epochs N                 [30]
 #   --lrs "A B"                [0.001 0.01]
@@ -31,8 +35,10 @@ model_config=efficientnet_lite0; backbone=""; weights=""; layer=""; dataset=fash
 train_size=0; val_size=0; images_per_class=10; elements=segments; element_workers=1
 library=concept_library/prototype; concept_types=prototype; n_concepts=200; epochs=30; lrs="0.001 0.01"
 out=outputs; workers=""; batch_size=""; device=auto
+text_concepts=""; clip_model=ViT-B-16; clip_pretrained=openai; clip_cutoff=""; interpretability_cutoff=""
 parse_flags model_config backbone weights layer dataset data_root train_size val_size images_per_class elements \
-  element_workers library concept_types n_concepts epochs lrs out workers batch_size device -- "$@"
+  element_workers library concept_types n_concepts epochs lrs out workers batch_size device text_concepts clip_model \
+  clip_pretrained clip_cutoff interpretability_cutoff -- "$@"
 case "$elements" in segments|patches) ;; *) echo "error: --elements must be segments or patches" >&2; exit 2 ;; esac
 
 bb=(--model_config "$model_config")
@@ -48,18 +54,33 @@ tag_model=$(basename "${backbone:-$model_config}" .yaml | tr ':/' '__')${layer:+
 tag_data=$(basename "$dataset")
 feat="$out/features/$tag_data/$tag_model"
 extractor=segment_extractor; [ "$elements" = patches ] && extractor=patch_extractor
+visual=""; text=""
+for ct in $concept_types; do
+  case "$ct" in prototype|cluster|end2end) visual+="$ct " ;; text) text=1 ;;
+    *) echo "error: unknown concept type $ct" >&2; exit 2 ;; esac
+done
 
-echo "== 1/4 visual elements ($elements)"
-"$PY" -m "concept_extractor.$extractor" "${data[@]}" --images_per_class "$images_per_class" --out_dir "$library" \
-  --workers "$element_workers"
-echo "== 2/4 element embeddings"
-"$PY" -m concept_extractor.visual_element_emb_extractor "${bb[@]}" "${loader[@]}" \
-  --elements "$library/$elements" --out "$feat/elements_$elements"
-echo "== 3/4 dataset features"
+if [ -n "$visual" ]; then
+  echo "== visual elements ($elements)"
+  "$PY" -m "concept_extractor.$extractor" "${data[@]}" --images_per_class "$images_per_class" --out_dir "$library" \
+    --workers "$element_workers"
+  echo "== element embeddings"
+  "$PY" -m concept_extractor.visual_element_emb_extractor "${bb[@]}" "${loader[@]}" \
+    --elements "$library/$elements" --out "$feat/elements_$elements"
+fi
+clip_dir="$out/features/$tag_data/clip_$(basename "$clip_model" .json)_$(basename "$clip_pretrained")"
+if [ -n "$text" ]; then
+  echo "== CLIP text and image features"
+  "$PY" -m concept_extractor.textual_emb_extractor "${data[@]}" "${loader[@]}" \
+    --concepts "${text_concepts:-concept_library/textual/$tag_data.json}" --clip_model "$clip_model" \
+    --clip_pretrained "$clip_pretrained" --max_train "$train_size" --max_val "$val_size" --out "$clip_dir"
+fi
+echo "== dataset features"
 "$PY" -m concept_extractor.dataset_feature_extractor "${bb[@]}" "${data[@]}" "${loader[@]}" \
   --split train --max_images "$train_size" --out "$feat/train"
 "$PY" -m concept_extractor.dataset_feature_extractor "${bb[@]}" "${data[@]}" "${loader[@]}" \
   --split val --max_images "$val_size" --out "$feat/val"
-echo "== 4/4 standard probe + sparse concept heads, IIS"
+echo "== standard probe + sparse concept heads, IIS"
 bash scripts/ip_train.sh --features "$feat" --elements "$elements" --concept_types "$concept_types" \
-  --n_concepts "$n_concepts" --epochs "$epochs" --lrs "$lrs" --device "$device" --out "$out/runs/$tag_data/$tag_model"
+  --n_concepts "$n_concepts" --epochs "$epochs" --lrs "$lrs" --device "$device" --out "$out/runs/$tag_data/$tag_model" \
+  --clip "$clip_dir" --clip_cutoff "$clip_cutoff" --interpretability_cutoff "$interpretability_cutoff"

@@ -93,3 +93,18 @@ def test_planted_representation_has_high_iis():
     res = fit(heads, [0.05] * len(SPARSITY_GRID), x, y, xv, yv, epochs=30, batch_size=50)
     std = fit(LinearProbes(40, 5, 1), [0.05], x, y, xv, yv, epochs=30, batch_size=50)["top1"].max()
     assert iis(SPARSITY_GRID, res["top1"], std) > 0.9
+
+
+def test_mask_paths_agree_and_precomputed_ranks_give_the_same_heads():
+    torch.manual_seed(0)
+    a = torch.randn(3, 40, 30)
+    keep = torch.tensor([30, 16, 2])[:, None]
+    per_head = topk_mask(a, keep)                                   # partial top-k per head
+    by_rank = torch.stack([topk_mask(a[h:h + 1], keep[h:h + 1])[0] for h in range(3)])   # one sort
+    assert torch.equal(per_head, by_rank)
+    assert per_head.sum(-1).tolist() == [[30] * 40, [16] * 40, [2] * 40]
+    from utils.heads import MaskedLinearHeads, with_ranks
+    x = torch.randn(50, 30)
+    plain = MaskedLinearHeads(30, 4, [0.0, 0.5, 0.9], seed=1)
+    ranked = MaskedLinearHeads(30, 4, [0.0, 0.5, 0.9], seed=1, ranked=True)
+    torch.testing.assert_close(plain(x), ranked(with_ranks(x)))

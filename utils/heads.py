@@ -25,15 +25,43 @@ def n_keep(ratio, n_concepts):
     return max(1, int(round((1.0 - ratio) * n_concepts)))
 
 
-def topk_mask(a, keep):
-    """Boolean mask of each row's ``keep`` largest entries of ``a`` by absolute value (ties: lower index first).
-
-    ``keep`` is an int or a tensor broadcastable to ``a.shape[:-1]`` (one k per head).
-    """
+def ranks(a):
+    """Rank of each entry of ``a`` within its row by absolute value, 0 = largest (ties: lower index first)."""
     order = a.abs().argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(a.shape[-1], device=a.device).expand_as(order))
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(a.shape[-1], device=a.device).expand_as(order))
+
+
+def _keep_k(x, k):
+    """Mask of each row's k largest entries of ``x`` (non-negative), exactly k per row."""
+    n = x.shape[-1]
+    if k >= n:
+        return torch.ones_like(x, dtype=torch.bool)
+    if k <= n // 2:
+        return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.topk(k, dim=-1).indices, True)
+    # selecting the n - k smallest is cheaper than the k largest when k is large
+    return torch.ones_like(x, dtype=torch.bool).scatter_(-1, x.topk(n - k, dim=-1, largest=False).indices, False)
+
+
+def topk_mask(a, keep):
+    """Boolean mask of each row's ``keep`` largest entries of ``a`` by absolute value; exactly ``keep`` per row.
+
+    ``keep`` is an int, or one k per head with shape (H, 1) for ``a`` of shape (H or 1, N, K). With one shared
+    activation matrix (leading size 1) a single sort serves every head; with per-head activations each head takes a
+    partial top-k, which on CPU is several times cheaper than sorting.
+    """
     keep = torch.as_tensor(keep, device=a.device)
-    return ranks < keep.unsqueeze(-1) if keep.ndim else ranks < keep
+    if keep.ndim == 0:
+        return _keep_k(a.abs(), int(keep))
+    if a.shape[0] == 1:
+        return ranks(a) < keep.unsqueeze(-1)
+    mags = a.abs()
+    return torch.stack([_keep_k(mags[h], int(k)) for h, k in enumerate(keep.flatten().tolist())])
+
+
+def with_ranks(a):
+    """Fixed activations (N, K) with their per-row ranks appended, (N, 2K): the input :class:`MaskedLinearHeads`
+    takes with ``ranked=True``, so masks are computed once for the whole dataset instead of at every step."""
+    return torch.cat([a.float(), ranks(a).float()], dim=1)
 
 
 def _init_linear(n_in, n_out, n_heads, seed):
@@ -45,18 +73,41 @@ def _init_linear(n_in, n_out, n_heads, seed):
     return nn.Parameter(w.expand(n_heads, -1, -1).clone()), nn.Parameter(b.expand(n_heads, -1).clone())
 
 
-class _SparseHeads(nn.Module):
+class MaskedLinearHeads(nn.Module):
+    """H linear heads on given concept activations (N, K): each sample keeps its top-k activations by absolute value
+    (k from the head's sparsity ratio), the rest are zeroed. The text path feeds standardised activations here, with
+    ``ranked=True`` and inputs from :func:`with_ranks`, since its activations never change during training."""
+
+    def __init__(self, n_concepts, n_classes, ratios, seed=0, ranked=False):
+        super().__init__()
+        self.register_buffer("keep", torch.tensor([n_keep(r, n_concepts) for r in ratios]))
+        self.weight, self.bias = _init_linear(n_concepts, n_classes, len(ratios), seed)
+        self.ranked = ranked
+
+    def activations(self, a):
+        """(1, N, K): the same activations for every head."""
+        return a.float().unsqueeze(0)
+
+    def forward(self, x):
+        if self.ranked:
+            k = self.weight.shape[1]
+            a = x[:, :k].unsqueeze(0) * (x[:, k:].unsqueeze(0) < self.keep[:, None, None])
+        else:
+            a = self.activations(x)
+            a = a * topk_mask(a, self.keep[:, None])
+        return torch.baddbmm(self.bias.unsqueeze(1), a.expand(len(self.keep), -1, -1), self.weight)
+
+
+class _SparseHeads(MaskedLinearHeads):
     """H heads: activations = LayerNorm(x . unit concepts), keep each sample's top-k by |activation|, then linear.
 
     Subclasses say where the concepts come from (:meth:`concept_matrix`).
     """
 
     def __init__(self, n_concepts, n_classes, ratios, seed=0):
-        super().__init__()
-        self.register_buffer("keep", torch.tensor([n_keep(r, n_concepts) for r in ratios]))
+        super().__init__(n_concepts, n_classes, ratios, seed)
         self.ln_weight = nn.Parameter(torch.ones(len(ratios), n_concepts))
         self.ln_bias = nn.Parameter(torch.zeros(len(ratios), n_concepts))
-        self.weight, self.bias = _init_linear(n_concepts, n_classes, len(ratios), seed)
 
     def concept_matrix(self):
         """Unit-norm concept vectors: (K, D) shared by every head, or (H, K, D) one set per head."""
@@ -68,11 +119,6 @@ class _SparseHeads(nn.Module):
         s = (x.float() @ c.T).unsqueeze(0) if c.ndim == 2 else torch.einsum("nd,hkd->hnk", x.float(), c)
         s = F.layer_norm(s, s.shape[-1:])
         return s * self.ln_weight.unsqueeze(1) + self.ln_bias.unsqueeze(1)
-
-    def forward(self, x):
-        a = self.activations(x)
-        a = a * topk_mask(a, self.keep[:, None])
-        return torch.baddbmm(self.bias.unsqueeze(1), a, self.weight)
 
 
 class SparseConceptHeads(_SparseHeads):

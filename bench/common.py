@@ -1,0 +1,44 @@
+"""Shared bits of the benchmarks: hardware line, timing, synthetic features with planted class structure."""
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+
+def hardware():
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown CPU"
+    line = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        line += f"; GPU: {torch.cuda.get_device_name(0)}"
+    return line
+
+
+class Timer:
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.t
+
+
+def planted_features(n_train, n_val, dim, n_classes, seed=0, noise=1.0):
+    """Features whose classes differ along a few random directions each (a stand-in for real embeddings)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim)).astype(np.float32) / np.sqrt(dim) * 4
+
+    def split(n):
+        y = rng.integers(0, n_classes, n)
+        x = centres[y] + noise * rng.normal(size=(n, dim)).astype(np.float32) / np.sqrt(dim) * 4
+        return x.astype(np.float32), y.astype(np.int64)
+    return split(n_train) + split(n_val)

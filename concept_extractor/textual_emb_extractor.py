@@ -1,0 +1,71 @@
+"""CLIP features for text concepts: the concepts' text embeddings and the train/val images' CLIP image embeddings
+(the targets the text path's projection learns to reproduce from the backbone).
+
+    python -m concept_extractor.textual_emb_extractor --concepts concept_library/textual/fashion_mnist.json \
+        --dataset fashion_mnist --max_train 2000 --max_val 1000 \
+        --clip_model ViT-B-16 --clip_pretrained openai --out outputs/features/fashion_mnist/clip
+
+--clip_pretrained takes an open_clip tag (openai, laion2b_s34b_b88k, ...), a local checkpoint file, or 'none' (random
+weights: plumbing only). --clip_model may also be an open_clip model-config JSON. Use the same --max_train/--max_val/
+--seed as the backbone's dataset_feature_extractor run, so rows line up (IP_Text_training checks).
+
+Output in --out: store entries text/ (features (C, d) unit-norm; info.concepts = the C concept strings), train/ and
+val/ (features (N, d) unit-norm CLIP image embeddings, labels, indices).
+"""
+import argparse
+import hashlib
+import os
+
+import numpy as np
+
+from utils import cli, store
+from utils.backbones import extract
+from utils.data import TransformedImages, get_source, subset_indices
+from utils.text import CLIP, read_concepts
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concepts", required=True, help="concept file: .txt (one per line) or .json (list, or class -> "
+                                                     "concepts as LaBo writes them)")
+    p.add_argument("--clip_model", default="ViT-B-16", help="open_clip model name, or a model-config JSON path")
+    p.add_argument("--clip_pretrained", default="openai", help="open_clip pretrained tag, a checkpoint file, or none")
+    cli.add_dataset_args(p)
+    p.add_argument("--max_train", type=int, default=None, help="seeded subset of the train split (as for the backbone)")
+    p.add_argument("--max_val", type=int, default=None, help="seeded subset of the val split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets")
+    p.add_argument("--out", required=True, help="folder for the text/, train/ and val/ store entries")
+    cli.add_loader_args(p)
+    return p
+
+
+def main(args):
+    concepts = read_concepts(args.concepts)
+    device = cli.resolve_device(args.device)
+    clip = CLIP(args.clip_model, args.clip_pretrained, str(device))
+    text_key = {"schema": 1, "clip": clip.key, "concepts": hashlib.sha256("\n".join(concepts).encode()).hexdigest()}
+    text_out = os.path.join(args.out, "text")
+    if store.is_current(text_out, text_key):
+        print(f"{text_out} is up to date")
+    else:
+        feats = clip.encode_text(concepts)
+        store.write(text_out, {"features": feats}, text_key, {"concepts": concepts, "source": args.concepts})
+        print(f"{len(concepts)} concepts x {feats.shape[1]} -> {text_out}")
+    for split, n in (("train", args.max_train), ("val", args.max_val)):
+        source = get_source(args.dataset, split, args.data_root)
+        idx = subset_indices(len(source), n, args.seed)
+        key = {"schema": 1, "clip": clip.key, "data": dict(
+            source.key(), indices=hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16])}
+        out = os.path.join(args.out, split)
+        if store.is_current(out, key):
+            print(f"{out} is up to date")
+            continue
+        feats, labels = extract(clip.image_encoder(), TransformedImages(source, idx, clip.preprocess), args.batch_size,
+                                args.workers, device, args.amp, desc=f"CLIP {split} images")
+        store.write(out, {"features": feats, "labels": labels, "indices": np.asarray(idx, np.int64)}, key,
+                    {"classes": source.classes, "dataset": source.name, "split": split})
+        print(f"{feats.shape[0]} x {feats.shape[1]} CLIP image features -> {out}")
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())
