@@ -103,7 +103,9 @@ def main(args):
     k = heads.weight.shape[1]
     print(f"{len(ytr)} train / {len(yva)} val samples, {xtr.shape[1]}-d features, {len(classes)} classes, "
           f"{k} {args.concept_type} concepts, {len(ratios)} ratios x {len(lrs)} lrs on {device}")
-    data = tuple(sweep.tensor(a, device) for a in (xtr, ytr, xva, yva))
+    place = dict(placement=args.features_on, dtype=args.feature_dtype)
+    data = (sweep.features(xtr, device, **place), sweep.tensor(ytr, device),
+            sweep.features(xva, device, **place), sweep.tensor(yva, device))
     runs, probes = sweep.train(args, heads, grid, data, data, len(classes), device)
 
     heads.eval()

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from utils import cli, store
-from utils.backbones import extract
+from utils.backbones import extract_to_store
 from utils.data import TransformedImages, get_source, subset_indices
 from utils.text import CLIP, read_concepts
 
@@ -54,17 +54,11 @@ def main(args):
     for split, n in (("train", args.max_train), ("val", args.max_val)):
         source = get_source(args.dataset, split, args.data_root)
         idx = subset_indices(len(source), n, args.seed)
-        key = {"schema": 1, "clip": clip.key, "data": dict(
-            source.key(), indices=hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16])}
-        out = os.path.join(args.out, split)
-        if store.is_current(out, key):
-            print(f"{out} is up to date")
-            continue
-        feats, labels = extract(clip.image_encoder(), TransformedImages(source, idx, clip.preprocess), args.batch_size,
-                                args.workers, device, args.amp, desc=f"CLIP {split} images")
-        store.write(out, {"features": feats, "labels": labels, "indices": np.asarray(idx, np.int64)}, key,
-                    {"classes": source.classes, "dataset": source.name, "split": split})
-        print(f"{feats.shape[0]} x {feats.shape[1]} CLIP image features -> {out}")
+        data_key = dict(source.key(), indices=hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16])
+        extract_to_store(clip.image_encoder, clip.key, TransformedImages(source, idx, clip.preprocess), data_key,
+                         os.path.join(args.out, split), {"classes": source.classes, "dataset": source.name,
+                                                         "split": split}, args, desc=f"CLIP {split} images",
+                         extra_arrays={"indices": np.asarray(idx, np.int64)})
 
 
 if __name__ == "__main__":

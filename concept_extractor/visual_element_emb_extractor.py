@@ -9,6 +9,7 @@ library's index.json. Elements are resized to the backbone's input size without 
 """
 import argparse
 import os
+from dataclasses import asdict
 
 from utils import cli
 from utils.backbones import Backbone, extract_to_store
@@ -50,9 +51,9 @@ def main(args):
         raise cli.UserError(f"{index_path} lists no elements")
     bb = Backbone.from_args(args)
     data = ElementImages(args.elements, index["elements"], bb.preprocess.element_transform())
-    extract_to_store(bb, data, {"elements": file_digest(index_path)}, args.out,
-                     {"elements_index": os.path.abspath(index_path), "classes": index["classes"]}, args,
-                     desc="element embeddings")
+    extract_to_store(bb.extractor, bb.key(), data, {"elements": file_digest(index_path)}, args.out,
+                     {"elements_index": os.path.abspath(index_path), "classes": index["classes"],
+                      "backbone": asdict(bb.spec)}, args, desc="element embeddings")
 
 
 if __name__ == "__main__":

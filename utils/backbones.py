@@ -350,43 +350,100 @@ class Backbone:
         return FeatureExtractor(self.model, self.spec.layer, self.spec.pooling, self.spec.layout)
 
 
-def extract(extractor, dataset, batch_size=64, workers=2, device="cpu", amp=True, desc="features"):
-    """Run ``extractor`` over a map-style ``dataset`` of (image tensor, label); return float32 features and labels."""
+def distributed():
+    """(rank, world size) under torchrun (the process group is set up on first call), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def iter_features(extractor, dataset, batches, workers=2, device="cpu", amp=True, bar=None):
+    """Yield (features float32 ndarray, labels ndarray) for each list of indices in ``batches``, in order."""
     from torch.utils.data import DataLoader
     device = torch.device(device)
     cuda = device.type == "cuda"
     # channels-last lets conv kernels (oneDNN on CPU, cuDNN on GPU) skip layout conversions
     extractor = extractor.to(device).to(memory_format=torch.channels_last)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=cuda,
-                        persistent_workers=False)
-    feats, labels = [], []
-    with torch.inference_mode(), tqdm(total=len(dataset), desc=desc, unit="img", dynamic_ncols=True) as bar:
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=cuda,
+                        persistent_workers=False, prefetch_factor=4 if workers else None)
+    with torch.inference_mode():
         for x, y in loader:
             x = x.to(device, non_blocking=True).to(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and amp):
                 f = extractor(x)
-            feats.append(f.float().cpu())
-            labels.append(y)
-            bar.update(len(y))
-    if not feats:
+            if bar is not None:
+                bar.update(len(y))
+            yield f.float().cpu().numpy(), y.numpy().astype(np.int64)
+
+
+def extract(extractor, dataset, batch_size=64, workers=2, device="cpu", amp=True, desc="features"):
+    """Run ``extractor`` over a map-style ``dataset`` of (image tensor, label); return float32 features and labels."""
+    if len(dataset) == 0:
         raise UserError(f"{desc}: nothing to extract (empty dataset)")
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy().astype(np.int64)
+    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    with tqdm(total=len(dataset), desc=desc, unit="img", dynamic_ncols=True) as bar:
+        out = list(iter_features(extractor, dataset, batches, workers, device, amp, bar))
+    return np.concatenate([f for f, _ in out]), np.concatenate([y for _, y in out])
 
 
-def extract_to_store(backbone, dataset, data_key, out, info, args, desc, extra_arrays=None):
-    """Extract ``dataset`` features into the store entry ``out`` unless an entry with the same key is there.
+def extract_to_store(make_extractor, model_key, dataset, data_key, out, info, args, desc, extra_arrays=None):
+    """Extract ``dataset`` features with ``make_extractor()`` into the store entry ``out`` unless an entry with the
+    same key is there.
 
-    The key is the backbone's (architecture, weights content, layer, pooling, preprocessing) plus ``data_key``.
+    The key is ``model_key`` (a backbone's: architecture, weights content, layer, pooling, preprocessing; or CLIP's),
+    the stored dtype and ``data_key``. Rows are written in chunks of ``args.chunk_size``, each atomically, so a killed
+    run resumes at its first unfinished chunk; under torchrun every rank extracts chunks rank, rank + world, ... and
+    rank 0 merges them.
     """
     from . import store
     from .cli import resolve_device
-    key = {"schema": 1, "backbone": backbone.key(), "data": data_key}
+    key = {"schema": 1, "backbone": model_key, "data": data_key, "dtype": args.dtype}
     if store.is_current(out, key):
         print(f"{out} is up to date")
         return out
-    feats, labels = extract(backbone.extractor(), dataset, args.batch_size, args.workers, resolve_device(args.device),
-                            args.amp, desc)
-    store.write(out, dict(features=feats, labels=labels, **(extra_arrays or {})), key,
-                dict(info, backbone=asdict(backbone.spec)))
-    print(f"{feats.shape[0]} x {feats.shape[1]} features -> {out}")
+    if len(dataset) == 0:
+        raise UserError(f"{desc}: nothing to extract (empty dataset)")
+    rank, world = distributed()
+    n, size = len(dataset), args.chunk_size
+    n_chunks = -(-n // size)
+    partial = store.partial_dir(out, key)
+    done = sum(store.chunk_done(partial, c) for c in range(n_chunks))
+    if done and rank == 0:
+        print(f"resuming {out}: {done} of {n_chunks} chunks already extracted")
+    todo = [c for c in range(rank, n_chunks, world) if not store.chunk_done(partial, c)]
+    bs = args.batch_size
+    batches = [list(range(i, min(i + bs, (c + 1) * size, n)))   # batches never straddle a chunk
+               for c in todo for i in range(c * size, min((c + 1) * size, n), bs)]
+    if todo:
+        ext = make_extractor()
+        bar = tqdm(total=sum(len(b) for b in batches), desc=desc + (f" [rank {rank}/{world}]" if world > 1 else ""),
+                   unit="img", dynamic_ncols=True, position=rank)
+        stream = iter_features(ext, dataset, batches, args.workers, resolve_device(args.device), args.amp, bar)
+        feats, labels, got = [], [], 0
+        for c in todo:
+            want = min(size, n - c * size)
+            while got < want:
+                f, y = next(stream)
+                feats.append(f.astype(args.dtype))
+                labels.append(y)
+                got += len(y)
+            store.write_chunk(partial, c, {"features": np.concatenate(feats), "labels": np.concatenate(labels)})
+            feats, labels, got = [], [], 0
+        bar.close()
+    _barrier(world)
+    if rank == 0:
+        store.merge_chunks(partial, out, n_chunks, key, info, extra_arrays)
+        arrays, _ = store.read(out)
+        print(f"{arrays['features'].shape[0]} x {arrays['features'].shape[1]} {args.dtype} features -> {out}")
+    _barrier(world)
     return out

@@ -56,13 +56,17 @@ def add_loader_args(parser):
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on CUDA (ignored on CPU)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="stored feature precision (float16 halves disk and memory)")
+    g.add_argument("--chunk_size", type=int, default=50000,
+                   help="rows per atomically written chunk: a killed extraction resumes at its first missing chunk")
     return g
 
 
 def resolve_device(name):
     import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":   # under torchrun each process takes the GPU of its local rank
+        return torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but no CUDA device is available")
     return torch.device(name)

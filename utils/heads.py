@@ -45,17 +45,18 @@ def _keep_k(x, k):
 def topk_mask(a, keep):
     """Boolean mask of each row's ``keep`` largest entries of ``a`` by absolute value; exactly ``keep`` per row.
 
-    ``keep`` is an int, or one k per head with shape (H, 1) for ``a`` of shape (H or 1, N, K). With one shared
+    ``keep`` is an int, or a sequence of H ints (one per head) for ``a`` of shape (H or 1, N, K). With one shared
     activation matrix (leading size 1) a single sort serves every head; with per-head activations each head takes a
-    partial top-k, which on CPU is several times cheaper than sorting.
+    partial top-k, which on CPU is several times cheaper than sorting. Plain ints (not a device tensor) keep the GPU
+    free of host synchronisations.
     """
-    keep = torch.as_tensor(keep, device=a.device)
-    if keep.ndim == 0:
-        return _keep_k(a.abs(), int(keep))
+    if isinstance(keep, int):
+        return _keep_k(a.abs(), keep)
+    keep = [int(k) for k in keep]
     if a.shape[0] == 1:
-        return ranks(a) < keep.unsqueeze(-1)
+        return ranks(a) < torch.tensor(keep, device=a.device).view(-1, 1, 1)
     mags = a.abs()
-    return torch.stack([_keep_k(mags[h], int(k)) for h, k in enumerate(keep.flatten().tolist())])
+    return torch.stack([_keep_k(mags[h], k) for h, k in enumerate(keep)])
 
 
 def with_ranks(a):
@@ -80,7 +81,8 @@ class MaskedLinearHeads(nn.Module):
 
     def __init__(self, n_concepts, n_classes, ratios, seed=0, ranked=False):
         super().__init__()
-        self.register_buffer("keep", torch.tensor([n_keep(r, n_concepts) for r in ratios]))
+        self.keep_list = [n_keep(r, n_concepts) for r in ratios]
+        self.register_buffer("keep", torch.tensor(self.keep_list))
         self.weight, self.bias = _init_linear(n_concepts, n_classes, len(ratios), seed)
         self.ranked = ranked
 
@@ -94,7 +96,7 @@ class MaskedLinearHeads(nn.Module):
             a = x[:, :k].unsqueeze(0) * (x[:, k:].unsqueeze(0) < self.keep[:, None, None])
         else:
             a = self.activations(x)
-            a = a * topk_mask(a, self.keep[:, None])
+            a = a * topk_mask(a, self.keep_list)
         return torch.baddbmm(self.bias.unsqueeze(1), a.expand(len(self.keep), -1, -1), self.weight)
 
 
@@ -215,6 +217,18 @@ class _Adam:
             p.sub_(lr * (m / c1) / ((v / c2).sqrt() + self.eps))
 
 
+def rows(x, idx, device):
+    """Rows ``idx`` (sorted 1-D tensor) of features held as a tensor (resident) or a NumPy memory map (streamed),
+    on ``device`` as float32."""
+    if torch.is_tensor(x):
+        return x[idx.to(x.device)].to(device, non_blocking=True).float()
+    return torch.from_numpy(np.asarray(x[idx.cpu().numpy()], dtype=np.float32)).to(device, non_blocking=True)
+
+
+def _device_of(module):
+    return next(module.parameters()).device
+
+
 @torch.no_grad()
 def evaluate(module, x, y, chunk=4096):
     """Per-head top-1, top-5 (percent) and mean cross-entropy on (x, y), in chunks."""
@@ -223,8 +237,8 @@ def evaluate(module, x, y, chunk=4096):
     module.eval()
     top1 = top5 = loss = 0
     for i in range(0, n, chunk):
-        logits = module(x[i:i + chunk])
-        yy = y[i:i + chunk]
+        logits = module(rows(x, torch.arange(i, min(i + chunk, n)), _device_of(module)))
+        yy = y[i:i + chunk].to(logits.device)
         h, b, c = logits.shape
         loss = loss + F.cross_entropy(logits.reshape(h * b, c), yy.repeat(h), reduction="none").view(h, b).sum(1)
         top = logits.topk(min(5, c), dim=-1).indices
@@ -240,9 +254,12 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
         desc="heads"):
     """Train every head of ``module`` together; keep each head's parameters from its best val-top-1 epoch.
 
-    Returns a dict of per-head arrays: top1, top5, epoch (1-based, the one kept), train_loss, val_loss.
+    Features are tensors (resident, on any device, any float dtype) or NumPy memory maps (streamed batch by batch);
+    labels are tensors. Each batch's rows are taken in sorted order (reads from a memory map stay sequential-ish; the
+    loss is a mean, so the order inside a batch does not matter). Returns a dict of per-head arrays: top1, top5,
+    epoch (1-based, the one kept), train_loss, val_loss.
     """
-    device = x_train.device
+    device = _device_of(module)
     lrs = torch.as_tensor(lrs, dtype=torch.float32, device=device)
     params = list(module.parameters())
     opt = _Adam(params, lrs, weight_decay=weight_decay)
@@ -255,13 +272,14 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True)
     for epoch in bar:
         module.train()
-        perm = torch.randperm(n, generator=g).to(device)
+        perm = torch.randperm(n, generator=g)
         loss_sum = torch.zeros(n_heads, device=device, dtype=torch.float64)
         for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            logits = module(x_train[idx])
+            idx = perm[i:i + batch_size].sort().values
+            logits = module(rows(x_train, idx, device))
             h, b, c = logits.shape
-            loss = F.cross_entropy(logits.reshape(h * b, c), y_train[idx].repeat(h), reduction="none").view(h, b)
+            yb = y_train[idx.to(y_train.device)].to(device)
+            loss = F.cross_entropy(logits.reshape(h * b, c), yb.repeat(h), reduction="none").view(h, b)
             loss = loss.mean(1)
             opt.step(torch.autograd.grad(loss.sum(), params))
             loss_sum += loss.detach().double() * b

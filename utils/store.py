@@ -137,3 +137,54 @@ def read(path, mmap=True):
         raise UserError(f"{path} is not a finished store entry (no meta.json); run the stage that makes it first")
     arrays = {n: np.load(os.path.join(path, f"{n}.npy"), mmap_mode="r" if mmap else None) for n in meta["arrays"]}
     return arrays, meta
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chunked, resumable writing (feature extraction): rows are written in fixed chunks to <path>.partial-<key hash>/,
+# each chunk atomically; a restarted run skips finished chunks; the last step merges them into the entry.
+# Several processes (torchrun ranks) may fill one partial folder, each its own chunks.
+# ---------------------------------------------------------------------------------------------------------------------
+def partial_dir(path, key):
+    return f"{os.fspath(path).rstrip('/')}.partial-{key_hash(key)}"
+
+
+def chunk_done(partial, c):
+    return os.path.exists(os.path.join(partial, f"chunk_{c:06d}.npz"))
+
+
+def write_chunk(partial, c, arrays):
+    import io
+    os.makedirs(partial, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(os.path.join(partial, f"chunk_{c:06d}.npz"), buf.getvalue())
+
+
+def merge_chunks(partial, path, n_chunks, key, info=None, extra=None):
+    """Concatenate chunks 0..n_chunks-1 of ``partial`` into the entry ``path`` (streamed through memory maps, so the
+    result may exceed RAM), add ``extra`` arrays, write meta last, and remove the partial folder."""
+    first = np.load(os.path.join(partial, "chunk_000000.npz"))
+    names = list(first.files)
+    sizes = [len(np.load(os.path.join(partial, f"chunk_{c:06d}.npz"))[names[0]]) for c in range(n_chunks)]
+    with TempDir(path) as tmp:
+        outs = {n: np.lib.format.open_memmap(os.path.join(tmp, f"{n}.npy"), mode="w+", dtype=first[n].dtype,
+                                             shape=(sum(sizes),) + first[n].shape[1:]) for n in names}
+        row = 0
+        for c, size in enumerate(sizes):
+            chunk = np.load(os.path.join(partial, f"chunk_{c:06d}.npz"))
+            for n in names:
+                outs[n][row:row + size] = chunk[n]
+            row += size
+        for a in outs.values():
+            a.flush()
+        arrays = {n: a for n, a in outs.items()}
+        for n, a in (extra or {}).items():
+            np.save(os.path.join(tmp, f"{n}.npy"), a)
+            arrays[n] = a
+        meta = {"schema": SCHEMA, "key": key, "key_hash": key_hash(key),
+                "arrays": {n: [list(a.shape), str(a.dtype)] for n, a in arrays.items()}, "info": info or {}}
+        del outs, arrays
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+    shutil.rmtree(partial, ignore_errors=True)
+    return path

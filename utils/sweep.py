@@ -23,6 +23,11 @@ def add_training_args(parser, default_lrs=(1e-3, 1e-2)):
     g.add_argument("--weight_decay", type=float, default=0.0, help="decoupled weight decay")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and concept choice")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
+    g.add_argument("--features_on", default="auto", choices=["auto", "device", "stream"],
+                   help="device: hold the features on the training device; stream: read batches from the memory-"
+                        "mapped store; auto: on the device when they fit in 60%% of its free memory")
+    g.add_argument("--feature_dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="precision of resident features (halves their memory; heads compute in float32)")
     return g
 
 
@@ -39,6 +44,7 @@ def grid_of(args):
 
 def training_key(args, **inputs):
     return dict(schema=RESULTS_SCHEMA, ratios=sorted(set(args.ratios)), lrs=sorted(set(args.lrs)), epochs=args.epochs,
+                feature_dtype=args.feature_dtype,
                 batch_size=args.batch_size, weight_decay=args.weight_decay, seed=args.seed, **inputs)
 
 
@@ -61,6 +67,26 @@ def load_split(path):
 
 def tensor(a, device):
     return torch.as_tensor(np.asarray(a), device=device)
+
+
+def _free_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def features(a, device, placement="auto", dtype="float32", chunk=65536):
+    """A store's (N, D) feature array made ready for :func:`utils.heads.fit`: a tensor resident on ``device`` in
+    ``dtype`` (copied in chunks, so host memory never holds a second full copy), or the memory map itself."""
+    dt = getattr(torch, dtype)
+    need = a.shape[0] * a.shape[1] * torch.finfo(dt).bits // 8
+    if placement == "stream" or (placement == "auto" and need > 0.6 * _free_bytes(device)):
+        print(f"streaming {need / 2**30:.1f} GiB of features from {getattr(a, 'filename', 'memory')}")
+        return a
+    out = torch.empty(a.shape, dtype=dt, device=device)
+    for i in range(0, a.shape[0], chunk):
+        out[i:i + chunk] = torch.from_numpy(np.array(a[i:i + chunk])).to(device=device, dtype=dt)
+    return out
 
 
 def train(args, heads, grid, probe_data, head_data, n_classes, device):
