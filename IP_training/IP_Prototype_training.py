@@ -29,10 +29,7 @@ CONCEPT_TYPES = ("prototype", "cluster", "end2end")
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train_features", required=True, help="store entry of train features (dataset_feature_extractor)")
-    p.add_argument("--val_features", required=True, help="store entry of val features")
-    p.add_argument("--concepts", required=True, help="store entry of element embeddings (visual_element_emb_extractor)")
-    p.add_argument("--out", required=True, help="output folder for results.json and heads.pt")
+    sweep.add_io_args(p, "--concepts", "store entry of element embeddings (visual_element_emb_extractor)")
     g = p.add_argument_group("concepts")
     g.add_argument("--concept_type", default="prototype", choices=CONCEPT_TYPES, help="where concepts come from")
     g.add_argument("--n_concepts", type=int, default=200,

@@ -26,10 +26,7 @@ from utils.text import Standardiser, clip_activations, fit_projection, top5_mean
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train_features", required=True, help="store entry of backbone train features")
-    p.add_argument("--val_features", required=True, help="store entry of backbone val features")
-    p.add_argument("--clip", required=True, help="folder made by textual_emb_extractor (text/, train/, val/)")
-    p.add_argument("--out", required=True, help="output folder for results.json and heads.pt")
+    sweep.add_io_args(p, "--clip", "folder made by textual_emb_extractor (text/, train/, val/)")
     g = p.add_argument_group("concept filtering and projection")
     g.add_argument("--clip_cutoff", type=float, default=0.25,
                    help="drop concepts whose mean top-5 CLIP activation over train images is below this "

@@ -11,24 +11,11 @@ import argparse
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from bench.common import Timer, hardware
+from bench.common import Rows, Timer, hardware
 from utils.heads import SPARSITY_GRID, LinearProbes, SparseConceptHeads, fit, n_keep
 from utils.iis import iis
-
-
-class Rows(Dataset):
-    """The original's data path: one Python call and one tensor per sample."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return torch.tensor(self.x[i]), int(self.y[i])
 
 
 class OneHead(nn.Module):

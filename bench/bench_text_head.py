@@ -14,21 +14,10 @@ import argparse
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from bench.common import Timer, hardware, planted_features
+from bench.common import Rows, Timer, hardware, planted_features
 from utils.heads import SPARSITY_GRID, MaskedLinearHeads, fit, n_keep, topk_mask, with_ranks
-
-
-class Rows(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i], i
 
 
 def prox_saga(x, y, xv, yv, n_classes, epochs, lr, lam=1e-5, alpha=0.99, batch_size=256, seed=0, tol=1e-4):
@@ -40,7 +29,7 @@ def prox_saga(x, y, xv, yv, n_classes, epochs, lr, lam=1e-5, alpha=0.99, batch_s
     w, b = torch.zeros(k, n_classes), torch.zeros(n_classes)
     table = torch.zeros(n, n_classes)             # per-sample gradient residuals (softmax - one-hot)
     avg_w, avg_b = torch.zeros(k, n_classes), torch.zeros(n_classes)
-    loader = DataLoader(Rows(x, y), batch_size=batch_size, shuffle=True)
+    loader = DataLoader(Rows(x, y, with_index=True), batch_size=batch_size, shuffle=True)
     best = 0.0
     for epoch in range(1, epochs + 1):
         w_before = w.clone()

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 
 def hardware():
@@ -17,6 +18,20 @@ def hardware():
     if torch.cuda.is_available():
         line += f"; GPU: {torch.cuda.get_device_name(0)}"
     return line
+
+
+class Rows(Dataset):
+    """The straightforward data path the baselines use: one Python call and one tensor per sample."""
+
+    def __init__(self, x, y, with_index=False):
+        self.x, self.y, self.with_index = x, y, with_index
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        item = (torch.as_tensor(self.x[i]), int(self.y[i]))
+        return item + (i,) if self.with_index else item
 
 
 class Timer:

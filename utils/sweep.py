@@ -13,6 +13,15 @@ from .store import atomic_torch_save, atomic_write_json, key_hash
 RESULTS_SCHEMA = "iis.results/1"
 
 
+def add_io_args(parser, concepts_flag, concepts_help):
+    """--train_features, --val_features, the concept input and --out, as every trainer takes them."""
+    parser.add_argument("--train_features", required=True,
+                        help="store entry of backbone train features (dataset_feature_extractor)")
+    parser.add_argument("--val_features", required=True, help="store entry of backbone val features")
+    parser.add_argument(concepts_flag, required=True, help=concepts_help)
+    parser.add_argument("--out", required=True, help="output folder for results.json and heads.pt")
+
+
 def add_training_args(parser, default_lrs=(1e-3, 1e-2)):
     from .heads import SPARSITY_GRID
     g = parser.add_argument_group("training")
