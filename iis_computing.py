@@ -4,14 +4,20 @@
 
 IIS = trapezoid-rule area of (top-1 at sparsity s / standard top-1) over the sparsity grid, where each ratio's top-1
 is the best over the lr grid and the standard top-1 is the best linear probe. Given several results folders, prints
-them side by side and overlays their curves in one plot.
+them side by side and overlays their curves in one plot; with --report DIR also writes a comparison report:
+
+    python iis_computing.py outputs/runs/fashion_mnist/*/* --report outputs/reports/fashion_mnist
+
+DIR/report.md and DIR/report.csv (backbone, weights, layer, dataset, concept type, standard top-1, IIS, top-1 at each
+ratio), DIR/curves.png (every curve overlaid) and DIR/scatter.png (IIS against standard top-1, with Pearson and
+Spearman correlations).
 """
 import argparse
 import os
 
 from utils import cli
 from utils.iis import score
-from utils.report import plot_curves
+from utils.report import plot_curves, plot_scatter, table_rows, write_table
 from utils.store import atomic_write_json, read_json
 
 
@@ -20,7 +26,9 @@ def get_args_parser():
     p.add_argument("results", nargs="+", help="results.json files or the folders holding them")
     p.add_argument("--metric", default="top1", choices=["top1", "top5"], help="accuracy used for the curve")
     p.add_argument("--plot", default=None,
-                   help="PNG path of the combined plot (default: iis_curve.png beside the first results)")
+                   help="PNG path of the combined plot (default: iis_curve.png beside a single results file, "
+                        "iis_compare.png in the folder common to several)")
+    p.add_argument("--report", default=None, help="folder for the comparison report (table, curves, scatter)")
     return p
 
 
@@ -45,7 +53,9 @@ def main(args):
         if len(args.results) > 1:
             plot_curves([(label_of(res["meta"]), s)], os.path.join(out_dir, "iis_curve.png"))
         scored.append((label_of(res["meta"]), s))
-    plot = args.plot or os.path.join(os.path.dirname(scored[0][1]["results"]), "iis_curve.png")
+    dirs = [os.path.dirname(s["results"]) for _, s in scored]
+    plot = args.plot or (os.path.join(dirs[0], "iis_curve.png") if len(dirs) == 1 else
+                         os.path.join(os.path.commonpath(dirs), "iis_compare.png"))
     plot = plot_curves(scored, plot)
     width = max(len(lbl) for lbl, _ in scored)
     print(f"{'run':<{width}}  {'standard ' + args.metric:>13}  {'IIS':>6}  " +
@@ -55,6 +65,13 @@ def main(args):
               "  ".join(f"{a:>{len(f's={r:g}')}.1f}" for r, a in zip(s["ratios"], s["accuracies"])))
     print(f"IIS = {scored[0][1]['iis']:.4f}" + (" (first run)" if len(scored) > 1 else ""))
     print(f"curve: {plot}")
+    if args.report:
+        rows = table_rows(scored)
+        write_table(rows, os.path.join(args.report, "report.md"), os.path.join(args.report, "report.csv"))
+        plot_curves(scored, os.path.join(args.report, "curves.png"))
+        _, pearson, spearman = plot_scatter(rows, os.path.join(args.report, "scatter.png"))
+        print(f"report: {os.path.abspath(args.report)}/report.md, report.csv, curves.png, scatter.png "
+              f"(IIS vs standard top-1: Pearson {pearson:.3f}, Spearman {spearman:.3f})")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the split), keyed by backbone, weights, layer, pooling, preprocessing, dataset, 
 """
 import argparse
 import hashlib
+import os
 from dataclasses import asdict
 
 import numpy as np
@@ -35,10 +36,11 @@ def main(args):
     source = get_source(args.dataset, args.split, args.data_root)
     idx = subset_indices(len(source), args.max_images, args.seed)
     data_key = dict(source.key(), indices=hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16])
-    extract_to_store(bb.extractor, bb.key(), TransformedImages(source, idx, bb.preprocess.image_transform()),
-                     data_key, args.out, {"classes": source.classes, "dataset": source.name, "split": args.split,
-                                          "backbone": asdict(bb.spec)},
-                     args, desc=f"{args.split} features", extra_arrays={"indices": np.asarray(idx, np.int64)})
+    data = TransformedImages(source, idx, bb.preprocess.image_transform())
+    info = {"classes": source.classes, "dataset": source.name, "split": args.split,
+            "data_root": os.path.abspath(args.data_root), "backbone": asdict(bb.spec)}
+    extract_to_store(bb.extractor, bb.key(), data, data_key, args.out, info, args, desc=f"{args.split} features",
+                     extra_arrays={"indices": np.asarray(idx, np.int64)})
 
 
 if __name__ == "__main__":

@@ -1,57 +1,121 @@
-"""The whole chain through scripts/run_pipeline.sh, as a user runs it, on a tiny planted ImageFolder."""
+"""The whole chain as a user runs it, on a tiny planted ImageFolder: scripts/compare_backbones.sh over two layers of
+the default backbone and all four concept types, then the report, the explanations and a resumed second run."""
+import csv
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import REPO
+from conftest import REPO, make_image_folder
+from utils import store
+from utils.explain import Run
 from utils.iis import iis
+
+TYPES = ["prototype", "cluster", "end2end", "text"]
+LAYERS = ["efficientnet_lite0", "efficientnet_lite0@blocks.5"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    folder = make_image_folder(str(tmp / "shapes"))
+    concepts = tmp / "concepts.txt"
+    concepts.write_text("red square\ngreen square\nblue square\ngrey noise\n")
+    cmd = ["bash", "scripts/compare_backbones.sh", "--models", "efficientnet_lite0 efficientnet_lite0:blocks.5",
+           "--dataset", folder, "--images_per_class", "2", "--elements", "patches", "--n_concepts", "12",
+           "--concept_types", " ".join(TYPES),
+           "--clip_model", os.path.join(REPO, "tests", "assets", "tiny-clip.json"), "--clip_pretrained", "none",
+           "--clip_cutoff", "-1", "--interpretability_cutoff", "-1", "--text_concepts", str(concepts),
+           "--epochs", "15", "--lrs", "0.01 0.1", "--workers", "0", "--batch_size", "16",
+           "--library", str(tmp / "lib"), "--out", str(tmp / "out"), "--report", str(tmp / "report")]
+    env = dict(os.environ, PYTHON=os.environ.get("PYTHON", "python"))
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+    return dict(tmp=tmp, cmd=cmd, env=env, first=first, second=second,
+                runs={(layer, ct): tmp / "out" / "runs" / "shapes" / layer / (ct if ct == "text" else f"{ct}_patches")
+                      for layer in LAYERS for ct in TYPES})
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_and_resume(image_folder, tmp_path):
-    out, lib = str(tmp_path / "out"), str(tmp_path / "lib")
-    concepts = str(tmp_path / "concepts.txt")
-    with open(concepts, "w") as f:
-        f.write("red square\ngreen square\nblue square\ngrey noise\n")
-    cmd = ["bash", "scripts/run_pipeline.sh", "--dataset", image_folder, "--images_per_class", "2",
-           "--elements", "patches", "--n_concepts", "12",
-           "--concept_types", "prototype cluster end2end text",
-           "--clip_model", os.path.join(REPO, "tests", "assets", "tiny-clip.json"), "--clip_pretrained", "none",
-           "--clip_cutoff", "-1", "--interpretability_cutoff", "-1", "--text_concepts", concepts,
-           "--epochs", "15", "--lrs", "0.01 0.1", "--workers", "0",
-           "--batch_size", "16", "--library", lib, "--out", out]
-    env = dict(os.environ, PYTHON=os.environ.get("PYTHON", "python"))
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    run_dir = os.path.join(out, "runs", "shapes", "efficientnet_lite0", "prototype_patches")
-    res = json.load(open(os.path.join(run_dir, "results.json")))
-    scored = json.load(open(os.path.join(run_dir, "iis.json")))
-    assert os.path.getsize(os.path.join(run_dir, "iis_curve.png")) > 10_000
-    assert res["meta"]["n_train"] == 18 and res["meta"]["n_val"] == 9 and res["meta"]["n_concepts"] == 12
-    assert len(res["runs"]) == 2 + 8 * 2
-    text = json.load(open(os.path.join(out, "runs", "shapes", "efficientnet_lite0", "text", "results.json")))
+def test_every_run_scores_by_the_formula(pipeline):
+    for (layer, ct), run in pipeline["runs"].items():
+        res = json.load(open(run / "results.json"))
+        scored = json.load(open(run / "iis.json"))
+        std = max(r["top1"] for r in res["runs"] if r["head"] == "standard")
+        accs = [max(r["top1"] for r in res["runs"] if r["ratio"] == s) for s in res["sparsity_grid"]]
+        assert scored["iis"] == pytest.approx(iis(res["sparsity_grid"], accs, std))
+        assert res["meta"]["concept_type"] == ct and res["meta"]["n_train"] == 18 and res["meta"]["n_val"] == 9
+        assert len(res["runs"]) == 2 + 8 * 2
+    top = json.load(open(pipeline["runs"][(LAYERS[0], "prototype")] / "results.json"))
+    assert max(r["top1"] for r in top["runs"] if r["head"] == "standard") > 60   # colour squares are easy
+    text = json.load(open(pipeline["runs"][(LAYERS[0], "text")] / "results.json"))
     assert text["meta"]["concepts"] == ["red square", "green square", "blue square", "grey noise"]
-    # iis.json is the paper's formula applied to results.json
-    std = max(r["top1"] for r in res["runs"] if r["head"] == "standard")
-    accs = [max(r["top1"] for r in res["runs"] if r["ratio"] == s) for s in res["sparsity_grid"]]
-    assert scored["iis"] == pytest.approx(iis(res["sparsity_grid"], accs, std))
-    assert scored["iis"] > 0.3
-    assert std > 60                                    # the planted colour squares are easy for ImageNet features
-    assert f"IIS = {scored['iis']:.4f}" in r.stdout
-    # the three concept types, scored side by side in one table and one plot
-    table = [ln for ln in r.stdout.splitlines() if ln.startswith("efficientnet_lite0@pre_logits ")]
-    assert [ln.split()[1] for ln in table] == ["prototype", "cluster", "end2end", "text"]
-    for ln, ct in zip(table, ["prototype", "cluster", "end2end"]):
-        other = json.load(open(os.path.join(out, "runs", "shapes", "efficientnet_lite0", f"{ct}_patches", "iis.json")))
-        assert f"{other['iis']:.4f}" in ln and other["meta"]["concept_type"] == ct
-    assert os.path.getsize(os.path.join(out, "runs", "shapes", "efficientnet_lite0", "iis_patches.png")) > 10_000
-    # second run: every stage reuses its output
-    r2 = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    # elements, element embeddings, CLIP text/train/val, train and val features, 4 trainings
-    assert r2.returncode == 0 and r2.stdout.count("up to date") == 2 + 3 + 2 + 4, r2.stdout
-    heads = __import__("torch").load(os.path.join(run_dir, "heads.pt"), weights_only=True)
-    assert heads["concepts"].shape == (12, 1280)
-    assert np.allclose(heads["concepts"].norm(dim=1).numpy(), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_report_table_matches_the_results(pipeline):
+    report = pipeline["tmp"] / "report"
+    rows = list(csv.DictReader(open(report / "report.csv")))
+    assert len(rows) == len(LAYERS) * len(TYPES)
+    for row in rows:
+        layer = LAYERS[0] if row["layer"] == "pre_logits" else LAYERS[1]
+        scored = json.load(open(pipeline["runs"][(layer, row["concept_type"])] / "iis.json"))
+        assert float(row["iis"]) == pytest.approx(scored["iis"], abs=1e-4)
+        assert float(row["standard_top1"]) == pytest.approx(scored["standard_accuracy"], abs=0.01)
+        for r, a in zip(scored["ratios"], scored["accuracies"]):
+            assert float(row[f"top1@{r:g}"]) == pytest.approx(a, abs=0.01)
+    md = open(report / "report.md").read().splitlines()
+    assert len(md) == 2 + len(rows) and md[0].startswith("| backbone | weights | layer")
+    for png in ("curves.png", "scatter.png"):
+        assert os.path.getsize(report / png) > 10_000
+    from utils.report import correlations
+    expected = correlations([float(r["standard_top1"]) for r in rows], [float(r["iis"]) for r in rows])
+    printed = re.search(r"Pearson (\S+), Spearman (\S+)\)", pipeline["first"].stdout).groups()
+    np.testing.assert_allclose([float(v) for v in printed], expected, atol=1e-3)   # nan when top-1 does not vary
+
+
+@pytest.mark.slow
+def test_second_run_reuses_every_stage(pipeline):
+    out = pipeline["second"]
+    assert out.returncode == 0
+    # per layer: elements, element embeddings, CLIP text/train/val, train and val features, four trainings
+    assert out.stdout.count("up to date") == len(LAYERS) * (2 + 3 + 2 + 4), out.stdout
+
+
+@pytest.mark.slow
+def test_heads_recomputed_from_heads_pt_reproduce_the_reported_accuracy(pipeline):
+    for ct in TYPES:
+        run = Run(str(pipeline["runs"][(LAYERS[0], ct)]))
+        arrays, _ = store.read(run.meta["inputs"]["val"])
+        x, y = np.asarray(arrays["features"]), torch.tensor(np.asarray(arrays["labels"]))
+        for ratio in (0.0, 0.9):
+            h = run.head(ratio)
+            _, _, logits = run.activations(h, x)
+            reported = [r for r in run.results["runs"] if r["head"] == "concept" and r["ratio"] == ratio]
+            assert 100.0 * (logits.argmax(1) == y).sum().item() / len(y) == pytest.approx(
+                max(r["top1"] for r in reported), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_explanations_and_gallery_reference_existing_images(pipeline):
+    for ct in ("prototype", "end2end", "text"):
+        run = str(pipeline["runs"][(LAYERS[0], ct)])
+        for extra in (["--index", "3"], ["--gallery", "--concepts", "4", "--per_concept", "3"]):
+            r = subprocess.run([pipeline["env"]["PYTHON"], "explain.py", run, *extra, "--top", "4"], cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+        out = os.path.join(run, "explanations")
+        for page in ("explain_val3.html", "gallery.html"):
+            srcs = re.findall(r"src='([^']+)'", open(os.path.join(out, page)).read())
+            assert srcs and all(os.path.isfile(os.path.join(out, s)) for s in srcs)
+        assert os.path.getsize(os.path.join(out, "explain_val3.png")) > 5_000
+        html = open(os.path.join(out, "explain_val3.html")).read()
+        if ct == "text":
+            assert any(w in html for w in ("red square", "green square", "blue square", "grey noise"))
+        else:
+            assert html.count("_concept") >= 4                             # each shown concept has its element image

@@ -38,3 +38,13 @@ def test_score_takes_best_lr_per_ratio_and_best_standard_probe():
     assert s["standard_accuracy"] == 80.0
     assert s["accuracies"] == [80.0, 40.0]
     assert s["iis"] == pytest.approx(0.5 * (1.0 + 0.5) / 2)
+
+
+def test_correlations_by_hand():
+    from utils.report import correlations
+    pearson, spearman = correlations([1, 2, 3, 4], [2, 4, 6, 9])
+    assert spearman == pytest.approx(1.0)                       # monotone
+    assert pearson == pytest.approx(11.5 / (5 * 26.75) ** 0.5)  # sum dx.dy / sqrt(sum dx^2 . sum dy^2)
+    assert correlations([1, 2, 3], [3, 2, 1])[1] == pytest.approx(-1.0)
+    import math
+    assert all(math.isnan(v) for v in correlations([1, 2], [1, 2]))

@@ -123,7 +123,8 @@ def save(out, key, meta, grid, runs, heads, probes, extra_tensors):
     ratios, lrs = sorted(set(r for r, _ in grid)), sorted(set(lr for _, lr in grid))
     os.makedirs(out, exist_ok=True)
     atomic_torch_save(os.path.join(out, "heads.pt"), {
-        **extra_tensors, "ratios": torch.tensor(ratios), "lrs": torch.tensor(lrs), "grid": torch.tensor(grid),
+        **extra_tensors, "ratios": torch.tensor(ratios, dtype=torch.float64),
+        "lrs": torch.tensor(lrs, dtype=torch.float64), "grid": torch.tensor(grid, dtype=torch.float64),
         **{f"concept.{n}": p.detach().cpu() for n, p in heads.named_parameters()},
         **{f"standard.{n}": p.detach().cpu() for n, p in probes.named_parameters()}})
     path = os.path.join(out, "results.json")

@@ -1,0 +1,202 @@
+"""Explain predictions of a trained run with its concepts, and show what each concept is.
+
+    # why did the head at sparsity 0.9 classify val image 17 as it did?
+    python explain.py outputs/runs/fashion_mnist/efficientnet_lite0/prototype_segments --index 17 --ratio 0.9
+    # any image file (embedded with the run's backbone)
+    python explain.py outputs/runs/fashion_mnist/efficientnet_lite0/prototype_segments --image shoe.png
+    # a concept gallery: each concept's element image (or words) and the val images that activate it most
+    python explain.py outputs/runs/fashion_mnist/efficientnet_lite0/prototype_segments --gallery
+
+A concept's contribution to the predicted class is its masked activation times its weight for that class; they sum,
+with the class bias, to the class logit. Output (default <run>/explanations/): explain_<name>.png and .html, or
+gallery.png and gallery.html, with every image they show copied under assets/.
+"""
+import argparse
+import html
+import os
+import shutil
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils import cli, store
+from utils.data import get_source, load_image
+from utils.explain import Run, contributions
+from utils.report import _pyplot, _save
+from utils.store import atomic_write_bytes
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a run folder (results.json + heads.pt)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--index", type=int, help="row of the run's val features to explain")
+    what.add_argument("--image", help="an image file to explain")
+    what.add_argument("--gallery", action="store_true", help="make the concept gallery")
+    p.add_argument("--ratio", type=float, default=0.9, help="sparsity ratio of the head to use (its best lr)")
+    p.add_argument("--lr", type=float, default=None, help="a specific lr instead of the best")
+    p.add_argument("--top", type=int, default=8, help="concepts shown per explanation")
+    p.add_argument("--concepts", type=int, default=12, help="gallery: concepts shown (the most used by the head)")
+    p.add_argument("--per_concept", type=int, default=6, help="gallery: top-activating val images per concept")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/explanations)")
+    return p
+
+
+class Page:
+    """An HTML page whose images are copied into <out>/assets/ so the page stands on its own."""
+
+    def __init__(self, out, title):
+        self.out, self.parts = out, [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+                                     "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 8px;"
+                                     "border-bottom:1px solid #ddd;vertical-align:middle}img{image-rendering:auto}"
+                                     "</style>", f"<h1>{html.escape(title)}</h1>"]
+        os.makedirs(os.path.join(out, "assets"), exist_ok=True)
+
+    def image(self, img_or_path, name, size=96):
+        rel = os.path.join("assets", name)
+        if isinstance(img_or_path, str):
+            shutil.copyfile(img_or_path, os.path.join(self.out, rel))
+        else:
+            img_or_path.save(os.path.join(self.out, rel))
+        return f"<img src='{rel}' width={size} height={size} alt='{html.escape(name)}'>"
+
+    def add(self, s):
+        self.parts.append(s)
+
+    def write(self, name):
+        path = os.path.join(self.out, name)
+        atomic_write_bytes(path, "\n".join(self.parts).encode())
+        return os.path.abspath(path)
+
+
+def val_data(run):
+    entry = run.meta.get("inputs", {}).get("val")
+    if not entry or not os.path.isdir(entry):
+        raise cli.UserError(f"the run's val features ({entry}) are gone; re-extract them")
+    arrays, meta = store.read(entry)
+    info = meta["info"]
+    source = get_source(info["dataset"], "val", info.get("data_root", "data"))
+    return np.asarray(arrays["features"]), np.asarray(arrays["labels"]), np.asarray(arrays["indices"]), source
+
+
+def embed_image(run, path):
+    from utils.backbones import Backbone, BackboneSpec
+    train = store.read_meta(run.meta["inputs"]["train"])
+    bb = Backbone(BackboneSpec(**train["info"]["backbone"]))
+    with torch.no_grad():
+        x = bb.preprocess.image_transform()(load_image(path))[None]
+        return bb.extractor()(x)[0].numpy()
+
+
+def concept_cell(run, page, h, k, tag):
+    path = run.element_path(h, k)
+    name = html.escape(run.concept_name(h, k))
+    return (page.image(path, f"{tag}_concept{k}.png") + f"<br><small>{name}</small>") if path else f"<b>{name}</b>"
+
+
+def explain_one(run, h, x, img, label, name, args, out):
+    pred, logits, contrib, order = contributions(run, h, x)
+    top = [int(k) for k in order[:args.top]]
+    _, masked, _ = run.activations(h, x[None])
+    w = run.t["concept.weight"][h][:, pred]
+    ratio, lr = run.grid[h]
+    title = f"{name}: predicted {run.classes[pred]}" + (f", true {run.classes[label]}" if label is not None else "")
+
+    plt = _pyplot()
+    n = len(top)
+    fig = plt.figure(figsize=(2.2 * (n + 1), 3.2), dpi=110)
+    ax = fig.add_subplot(1, n + 1, 1)
+    ax.imshow(img)
+    ax.set_title(f"pred: {run.classes[pred]}" + (f"\ntrue: {run.classes[label]}" if label is not None else ""),
+                 fontsize=9)
+    ax.axis("off")
+    for j, k in enumerate(top):
+        ax = fig.add_subplot(1, n + 1, j + 2)
+        path = run.element_path(h, k)
+        if path:
+            ax.imshow(Image.open(path))
+        else:
+            ax.text(0.5, 0.5, run.concept_name(h, k).replace(" ", "\n"), ha="center", va="center", fontsize=10,
+                    wrap=True)
+        ax.set_title(f"{run.concept_name(h, k) if path else ''}\n{float(contrib[k]):+.2f} = "
+                     f"{float(masked[0, k]):.2f} x {float(w[k]):.2f}", fontsize=7)
+        ax.axis("off")
+    fig.suptitle(f"{title}   (head s={ratio:g}, lr={lr:g}; contribution = activation x weight)", fontsize=9)
+    fig.tight_layout()
+    png = _save(fig, os.path.join(out, f"explain_{name}.png"))
+
+    page = Page(out, title)
+    page.add(f"<p>{page.image(img, f'{name}_input.png', 160)}</p>")
+    page.add(f"<p>Head: {html.escape(run.meta['concept_type'])} concepts at sparsity {ratio:g} (lr {lr:g}), "
+             f"{run.meta['backbone']} @ {run.meta['layer']}. Logit of {html.escape(run.classes[pred])} = "
+             f"{float(logits[pred]):.3f} = sum of contributions {float(contrib.sum()):.3f} + bias "
+             f"{float(run.t['concept.bias'][h][pred]):.3f}.</p>")
+    page.add("<table><tr><th>rank</th><th>concept</th><th>activation</th><th>weight</th><th>contribution</th></tr>")
+    for j, k in enumerate(top):
+        page.add(f"<tr><td>{j + 1}</td><td>{concept_cell(run, page, h, k, name)}</td><td>{float(masked[0, k]):.3f}"
+                 f"</td><td>{float(w[k]):.3f}</td><td>{float(contrib[k]):+.3f}</td></tr>")
+    page.add("</table>")
+    return png, page.write(f"explain_{name}.html"), run.classes[pred]
+
+
+def gallery(run, h, args, out):
+    x, _, idx, source = val_data(run)
+    a, _, _ = run.activations(h, x)
+    used = run.t["concept.weight"][h].abs().sum(1)
+    concepts = [int(k) for k in torch.argsort(used, descending=True)[:args.concepts]]
+    m = args.per_concept
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(concepts), m + 1, figsize=(1.5 * (m + 1), 1.6 * len(concepts)), dpi=100,
+                             squeeze=False)
+    page = Page(out, f"Concept gallery: {run.meta['concept_type']} concepts, {run.meta['backbone']} @ "
+                     f"{run.meta['layer']}, head s={run.grid[h][0]:g}")
+    page.add("<table><tr><th>concept</th><th>val images that activate it most</th></tr>")
+    for r, k in enumerate(concepts):
+        path = run.element_path(h, k)
+        ax = axes[r][0]
+        if path:
+            ax.imshow(Image.open(path))
+        else:
+            ax.text(0.5, 0.5, run.concept_name(h, k).replace(" ", "\n"), ha="center", va="center", fontsize=8)
+        ax.set_title(run.concept_name(h, k)[:28], fontsize=6)
+        cells = []
+        for j, i in enumerate(torch.argsort(a[:, k], descending=True)[:m].tolist()):
+            img = source.image(int(idx[i]))
+            axes[r][j + 1].imshow(img)
+            axes[r][j + 1].set_title(f"{float(a[i, k]):.2f}", fontsize=6)
+            cells.append(page.image(img, f"gallery_c{k}_{j}.png", 72))
+        for ax in axes[r]:
+            ax.axis("off")
+        page.add(f"<tr><td>{concept_cell(run, page, h, k, 'gallery')}</td><td>{''.join(cells)}</td></tr>")
+    page.add("</table>")
+    fig.tight_layout()
+    return _save(fig, os.path.join(out, "gallery.png")), page.write("gallery.html")
+
+
+def main(args):
+    run = Run(args.run)
+    h = run.head(args.ratio, args.lr)
+    out = args.out or os.path.join(args.run, "explanations")
+    os.makedirs(out, exist_ok=True)
+    if args.gallery:
+        png, page = gallery(run, h, args, out)
+        print(f"gallery: {png} and {page}")
+        return
+    if args.image:
+        if not os.path.isfile(args.image):
+            raise cli.UserError(f"image {args.image} does not exist")
+        x, img, label = embed_image(run, args.image), load_image(args.image), None
+        name = os.path.splitext(os.path.basename(args.image))[0]
+    else:
+        feats, labels, idx, source = val_data(run)
+        if not 0 <= args.index < len(feats):
+            raise cli.UserError(f"--index must be in [0, {len(feats)})")
+        x, label = feats[args.index], int(labels[args.index])
+        img, name = source.image(int(idx[args.index])), f"val{args.index}"
+    png, page, pred = explain_one(run, h, x, img, label, name, args, out)
+    print(f"predicted {pred}" + (f" (true {run.classes[label]})" if label is not None else "") + f": {png} and {page}")
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())

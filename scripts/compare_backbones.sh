@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Run the pipeline for several backbones and/or layers on one dataset, then one comparison report over every run:
+# a Markdown + CSV table, the curves overlaid, and IIS against standard accuracy with Pearson/Spearman correlations.
+#
+#   bash scripts/compare_backbones.sh --models "efficientnet_lite0 efficientnet_lite0:blocks.5 resnet50" \
+#        --dataset fashion_mnist --train_size 2000 --val_size 1000 --images_per_class 4 \
+#        --concept_types "prototype cluster" --report outputs/reports/fashion_mnist
+#
+# Flags (defaults in brackets):
+#   --models "..."      [efficientnet_lite0]  model_configs/ names, each optionally with :LAYER
+#   --report DIR        [outputs/reports/<dataset>]
+#   --out DIR           [outputs]
+#   every other flag goes unchanged to scripts/run_pipeline.sh (see its --help)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/_flags.sh
+PY=${PYTHON:-python}
+
+models=efficientnet_lite0; report=""; out=outputs; dataset=fashion_mnist; elements=segments; concept_types=prototype
+pass=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --models|--report|--out|--dataset|--elements|--concept_types)
+      [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }
+      printf -v "${1#--}" '%s' "$2"; shift 2 ;;
+    --*) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }
+      pass+=("$1" "$2"); shift 2 ;;
+    *) echo "error: unexpected argument $1" >&2; exit 2 ;;
+  esac
+done
+tag_data=$(basename "$dataset")
+report=${report:-$out/reports/$tag_data}
+
+runs=()
+for m in $models; do
+  config=${m%%:*}; layer=""; [ "$m" != "$config" ] && layer=${m#*:}
+  echo "=== $config${layer:+ at $layer}"
+  bash scripts/run_pipeline.sh --model_config "$config" ${layer:+--layer "$layer"} --dataset "$dataset" \
+    --elements "$elements" --concept_types "$concept_types" --out "$out" "${pass[@]}"
+  tag_model=$(basename "$config" .yaml)${layer:+@$layer}
+  for ct in $concept_types; do
+    if [ "$ct" = text ]; then runs+=("$out/runs/$tag_data/$tag_model/text")
+    else runs+=("$out/runs/$tag_data/$tag_model/${ct}_$elements"); fi
+  done
+done
+"$PY" iis_computing.py "${runs[@]}" --report "$report" --plot "$report/curves.png"

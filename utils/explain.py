@@ -1,0 +1,95 @@
+"""Looking inside a trained run: a head's concept activations for any features, each concept's contribution to a
+prediction, and what each concept is (its element image, or its words)."""
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import store
+from .cli import UserError
+from .heads import n_keep, topk_mask
+
+
+class Run:
+    """A finished training run (results.json + heads.pt) with what is needed to explain its predictions."""
+
+    def __init__(self, run_dir):
+        path = os.path.join(run_dir, "results.json")
+        if not os.path.isfile(path):
+            raise UserError(f"no results.json in {run_dir}: train the run first")
+        self.dir, self.results = run_dir, store.read_json(path)
+        self.meta = self.results["meta"]
+        self.t = torch.load(os.path.join(run_dir, "heads.pt"), map_location="cpu", weights_only=True)
+        self.classes = self.meta["classes"]
+        self.text = self.meta["concept_type"] == "text"
+        self.grid = [tuple(g) for g in self.t["grid"].tolist()]
+        self.n_concepts = self.t["concept.weight"].shape[1]
+        self.elements = None
+        if not self.text and self.meta.get("elements") and os.path.isfile(self.meta["elements"]):
+            self.elements = store.read_json(self.meta["elements"])["elements"]
+
+    def head(self, ratio, lr=None):
+        """Index of the head at ``ratio`` (its best-val lr unless ``lr`` is given)."""
+        rows = [r for r in self.results["runs"] if r["head"] == "concept" and abs(r["ratio"] - ratio) < 1e-9
+                and (lr is None or abs(r["lr"] - lr) < 1e-12)]
+        if not rows:
+            raise UserError(f"no head at sparsity {ratio}" + (f", lr {lr}" if lr else "") +
+                            f" in {self.dir}; ratios: {sorted({g[0] for g in self.grid})}")
+        best = max(rows, key=lambda r: r["top1"])
+        return next(i for i, (r, lr) in enumerate(self.grid)
+                    if np.isclose(r, best["ratio"]) and np.isclose(lr, best["lr"], rtol=1e-6))
+
+    def activations(self, h, x):
+        """(activations before masking, after masking, logits) of head ``h`` for features ``x`` (N, D)."""
+        x = torch.tensor(np.asarray(x), dtype=torch.float32)
+        if self.text:
+            a = (x @ self.t["projection"].T - self.t["standardise_mean"]) / self.t["standardise_std"]
+        else:
+            c = self.t["concepts"]
+            c = c[h] if c.ndim == 3 else c
+            a = F.layer_norm(x @ c.T, (c.shape[0],)) * self.t["concept.ln_weight"][h] + self.t["concept.ln_bias"][h]
+        masked = a * topk_mask(a, n_keep(self.grid[h][0], self.n_concepts))
+        return a, masked, masked @ self.t["concept.weight"][h] + self.t["concept.bias"][h]
+
+    def concept_name(self, h, k):
+        """Words for text concepts; for visual ones the class and source of the element behind the concept."""
+        if self.text:
+            return self.meta["concepts"][k]
+        row = self.element_row(h, k)
+        if row is None or self.elements is None:
+            return f"concept {k}"
+        e = self.elements[row]
+        return f"#{k}: {e['class']} ({e['method']} s{e['scale']})"
+
+    def element_row(self, h, k):
+        """The element index row that shows concept k: the prototype itself, the element nearest a cluster centre,
+        or, for end2end, the assigned element closest to the learnt concept."""
+        if self.text:
+            return None
+        rows = self.t["concept_rows"]
+        if "assignment" not in self.t:
+            return int(rows[k])
+        members = torch.nonzero(self.t["assignment"][h] == k).flatten()
+        if len(members) == 0:
+            return None
+        if self.meta.get("inputs", {}).get("concepts") and os.path.isdir(self.meta["inputs"]["concepts"]):
+            emb = np.asarray(store.read(self.meta["inputs"]["concepts"])[0]["features"])[rows[members].numpy()]
+            sims = F.normalize(torch.as_tensor(emb, dtype=torch.float32), dim=1) @ self.t["concepts"][h][k]
+            return int(rows[members[int(sims.argmax())]])
+        return int(rows[members[0]])
+
+    def element_path(self, h, k):
+        row = self.element_row(h, k)
+        if row is None or self.elements is None:
+            return None
+        return os.path.join(os.path.dirname(self.meta["elements"]), self.elements[row]["file"])
+
+
+def contributions(run, h, x):
+    """For one sample's features ``x`` (D,): (predicted class, logits, per-concept contribution to that class's logit
+    = masked activation x weight, sorted concept indices by contribution, descending)."""
+    _, masked, logits = run.activations(h, x[None])
+    pred = int(logits[0].argmax())
+    contrib = masked[0] * run.t["concept.weight"][h][:, pred]
+    return pred, logits[0], contrib, torch.argsort(contrib, descending=True)
