@@ -8,7 +8,6 @@ Output: a store entry (utils/store.py) with features (N, D) float32, labels (N,)
 the split), keyed by backbone, weights, layer, pooling, preprocessing, dataset, split and subset.
 """
 import argparse
-import hashlib
 import os
 from dataclasses import asdict
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from utils import cli
 from utils.backbones import Backbone, extract_to_store
-from utils.data import TransformedImages, get_source, subset_indices
+from utils.data import TransformedImages, get_source, subset_indices, subset_key
 
 
 def get_args_parser():
@@ -35,7 +34,7 @@ def main(args):
     bb = Backbone.from_args(args)  # names are checked before any data is touched
     source = get_source(args.dataset, args.split, args.data_root)
     idx = subset_indices(len(source), args.max_images, args.seed)
-    data_key = dict(source.key(), indices=hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16])
+    data_key = subset_key(source, idx)
     data = TransformedImages(source, idx, bb.preprocess.image_transform())
     info = {"classes": source.classes, "dataset": source.name, "split": args.split,
             "data_root": os.path.abspath(args.data_root), "backbone": asdict(bb.spec)}

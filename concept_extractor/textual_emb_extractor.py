@@ -20,7 +20,7 @@ import numpy as np
 
 from utils import cli, store
 from utils.backbones import extract_to_store
-from utils.data import TransformedImages, get_source, subset_indices
+from utils.data import TransformedImages, get_source, subset_indices, subset_key
 from utils.text import CLIP, read_concepts
 
 
@@ -54,7 +54,7 @@ def main(args):
     for split, n in (("train", args.max_train), ("val", args.max_val)):
         source = get_source(args.dataset, split, args.data_root)
         idx = subset_indices(len(source), n, args.seed)
-        data_key = dict(source.key(), indices=hashlib.sha256(np.asarray(idx, np.int64).tobytes()).hexdigest()[:16])
+        data_key = subset_key(source, idx)
         extract_to_store(clip.image_encoder, clip.key, TransformedImages(source, idx, clip.preprocess), data_key,
                          os.path.join(args.out, split), {"classes": source.classes, "dataset": source.name,
                                                          "split": split}, args, desc=f"CLIP {split} images",

@@ -161,6 +161,11 @@ def subset_indices(n_total, n, seed=0):
     return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))
 
 
+def subset_key(source, indices):
+    """Cache-key part of ``indices`` rows of ``source``: the split's identity plus a hash of the rows."""
+    return dict(source.key(), indices=hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest()[:16])
+
+
 def per_class_indices(targets, per_class, seed=0):
     """{label: sorted indices}, ``per_class`` images of each class drawn by ``seed`` (a fixed draw per class)."""
     out = {}
