@@ -11,7 +11,8 @@ from utils import store
 
 SCRIPTS = ["concept_extractor.segment_extractor", "concept_extractor.patch_extractor",
            "concept_extractor.visual_element_emb_extractor", "concept_extractor.dataset_feature_extractor",
-           "IP_training.IP_Prototype_training"]
+           "IP_training.IP_Prototype_training", "IP_training.IP_Text_training",
+           "concept_extractor.textual_emb_extractor", "concept_extractor.concept_set_builder"]
 
 
 def run(*args, cwd=REPO):
@@ -24,9 +25,11 @@ def test_help(mod):
     assert r.returncode == 0 and "usage:" in r.stdout and "python -m" in r.stdout
 
 
-def test_iis_help():
+def test_iis_and_explain_help():
     r = run("iis_computing.py", "--help")
     assert r.returncode == 0 and "trapezoid" in r.stdout
+    r = run("explain.py", "--help")
+    assert r.returncode == 0 and "python explain.py" in r.stdout
 
 
 def one_line_error(r, *words):
