@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from . import store
 from .cli import UserError
-from .heads import n_keep, topk_mask
+from .heads import MaskedLinearHeads, SparseConceptHeads
 
 
 class Run:
@@ -40,17 +40,27 @@ class Run:
         return next(i for i, (r, lr) in enumerate(self.grid)
                     if np.isclose(r, best["ratio"]) and np.isclose(lr, best["lr"], rtol=1e-6))
 
+    def head_module(self, h):
+        """Head ``h`` rebuilt from heads.pt as the module that was trained (a sweep of one head)."""
+        ratios, n_classes = [self.grid[h][0]], len(self.classes)
+        if self.text:
+            module = MaskedLinearHeads(self.n_concepts, n_classes, ratios)
+        else:
+            c = self.t["concepts"]        # end2end: the learnt concepts of each head, fixed now
+            module = SparseConceptHeads(c[h] if c.ndim == 3 else c, n_classes, ratios)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(self.t[f"concept.{name}"][h:h + 1])
+        return module.eval()
+
+    @torch.no_grad()
     def activations(self, h, x):
         """(activations before masking, after masking, logits) of head ``h`` for features ``x`` (N, D)."""
         x = torch.tensor(np.asarray(x), dtype=torch.float32)
-        if self.text:
-            a = (x @ self.t["projection"].T - self.t["standardise_mean"]) / self.t["standardise_std"]
-        else:
-            c = self.t["concepts"]
-            c = c[h] if c.ndim == 3 else c
-            a = F.layer_norm(x @ c.T, (c.shape[0],)) * self.t["concept.ln_weight"][h] + self.t["concept.ln_bias"][h]
-        masked = a * topk_mask(a, n_keep(self.grid[h][0], self.n_concepts))
-        return a, masked, masked @ self.t["concept.weight"][h] + self.t["concept.bias"][h]
+        if self.text:   # the projection and standardisation IP_Text_training fitted
+            x = (x @ self.t["projection"].T - self.t["standardise_mean"]) / self.t["standardise_std"]
+        module = self.head_module(h)
+        return module.activations(x)[0], module.masked_activations(x)[0], module(x)[0]
 
     def concept_name(self, h, k):
         """Words for text concepts; for visual ones the class and source of the element behind the concept."""

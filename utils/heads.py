@@ -90,13 +90,16 @@ class MaskedLinearHeads(nn.Module):
         """(1, N, K): the same activations for every head."""
         return a.float().unsqueeze(0)
 
-    def forward(self, x):
+    def masked_activations(self, x):
+        """(H, N, K) activations with all but each sample's top-k zeroed (the heads' linear input)."""
         if self.ranked:
             k = self.weight.shape[1]
-            a = x[:, :k].unsqueeze(0) * (x[:, k:].unsqueeze(0) < self.keep[:, None, None])
-        else:
-            a = self.activations(x)
-            a = a * topk_mask(a, self.keep_list)
+            return x[:, :k].unsqueeze(0) * (x[:, k:].unsqueeze(0) < self.keep[:, None, None])
+        a = self.activations(x)
+        return a * topk_mask(a, self.keep_list)
+
+    def forward(self, x):
+        a = self.masked_activations(x)
         return torch.baddbmm(self.bias.unsqueeze(1), a.expand(len(self.keep), -1, -1), self.weight)
 
 
