@@ -59,26 +59,40 @@ def check_compatible(train_meta, val_meta, concept_meta, dims):
         raise cli.UserError("train and val features have different class lists")
 
 
-def make_heads(args, emb, emb_labels, n_classes, head_ratios):
-    """The sweep's concept heads and the element rows behind their concepts."""
+def concept_set(args, emb, emb_labels, seed):
+    """One seed's concepts: (vectors or candidate pool, element rows behind them, end2end seed rows or None)."""
     if args.concept_type == "prototype":
-        rows = select_prototypes(emb_labels, args.n_concepts, args.concept_selection, args.seed)
-        return SparseConceptHeads(torch.as_tensor(emb[rows]), n_classes, head_ratios, args.seed), rows
+        rows = select_prototypes(emb_labels, args.n_concepts, args.concept_selection, seed)
+        return emb[rows], rows, None
     if args.concept_type == "cluster":
-        centres, rows = cluster_centres(emb, args.n_concepts, args.seed)
-        return SparseConceptHeads(torch.as_tensor(centres), n_classes, head_ratios, args.seed), rows
-    rows = select_prototypes(emb_labels, args.e2e_pool, args.concept_selection, args.seed)
+        centres, rows = cluster_centres(emb, args.n_concepts, seed)
+        return centres, rows, None
+    rows = select_prototypes(emb_labels, args.e2e_pool, args.concept_selection, seed)
     if args.n_concepts > len(rows):
         raise cli.UserError(f"{args.n_concepts} end2end concepts need at least as many candidate elements, "
                             f"have {len(rows)}")
-    seeds = select_prototypes(emb_labels[rows], args.n_concepts, args.concept_selection, args.seed)
-    heads = End2EndConceptHeads(torch.as_tensor(emb[rows]), seeds, n_classes, head_ratios, args.seed, args.tau,
-                                args.e2e_gain)
-    return heads, rows
+    return emb[rows], rows, select_prototypes(emb_labels[rows], args.n_concepts, args.concept_selection, seed)
+
+
+def make_heads(args, emb, emb_labels, n_classes, grid, keep_rule):
+    """The sweep's concept heads (one per (seed, ratio, lr) of ``grid``, each seed its own concepts) and the element
+    rows behind their concepts, (K,) for one seed or (G, K) for several."""
+    sets = [concept_set(args, emb, emb_labels, s) for s in args.seeds]
+    vectors = torch.as_tensor(np.stack([v for v, _, _ in sets]))
+    rows = np.stack([r for _, r, _ in sets])
+    common = dict(seed=[s for s, _, _ in grid], keep_rule=keep_rule, groups=sweep.groups_of(grid, args.seeds))
+    ratios = [r for _, r, _ in grid]
+    if args.concept_type == "end2end":
+        heads = End2EndConceptHeads(vectors, np.stack([e for _, _, e in sets]), n_classes, ratios, tau=args.tau,
+                                    gain=args.e2e_gain, **common)
+    else:
+        heads = SparseConceptHeads(vectors, n_classes, ratios, **common)
+    return heads, rows[0] if len(rows) == 1 else rows
 
 
 def main(args):
     ratios, lrs, grid = sweep.grid_of(args)
+    keep_rule = sweep.PROTOCOLS[args.protocol]["keep_rule"]
     if args.n_concepts < 0 or (args.concept_type != "prototype" and args.n_concepts < 1):
         raise cli.UserError(f"--n_concepts must be positive for {args.concept_type} concepts")
     xtr, ytr, mtr = sweep.load_split(args.train_features)
@@ -93,28 +107,41 @@ def main(args):
     if sweep.is_done(args.out, key):
         return
     device = cli.resolve_device(args.device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seeds[0])   # end2end's Gumbel noise
     classes = mtr["info"]["classes"]
-    heads, rows = make_heads(args, np.asarray(emb), np.asarray(emb_labels), len(classes), [r for r, _ in grid])
+    heads, rows = make_heads(args, np.asarray(emb), np.asarray(emb_labels), len(classes), grid, keep_rule)
     heads = heads.to(device)
     k = heads.weight.shape[1]
     print(f"{len(ytr)} train / {len(yva)} val samples, {xtr.shape[1]}-d features, {len(classes)} classes, "
-          f"{k} {args.concept_type} concepts, {len(ratios)} ratios x {len(lrs)} lrs on {device}")
+          f"{k} {args.concept_type} concepts, {len(ratios)} ratios x {len(lrs)} lrs x {len(args.seeds)} seeds on "
+          f"{device} ({args.protocol} protocol, epochs chosen on {args.select_on})")
     place = dict(placement=args.features_on, dtype=args.feature_dtype)
-    data = (sweep.features(xtr, device, **place), sweep.tensor(ytr, device),
-            sweep.features(xva, device, **place), sweep.tensor(yva, device))
-    runs, probes = sweep.train(args, heads, grid, data, data, len(classes), device)
+    probe_data = (sweep.features(xtr, device, **place), sweep.tensor(ytr, device),
+                  sweep.features(xva, device, **place), sweep.tensor(yva, device))
+    if args.concept_type == "end2end":   # learnt concepts: activations are recomputed at every step
+        module, head_data = heads, probe_data
+    else:                                # fixed concepts: normalised scores once, then only the heads train
+        module = heads.on_scores()
+        head_data = (sweep.concept_scores(heads, probe_data[0], device), probe_data[1],
+                     sweep.concept_scores(heads, probe_data[2], device), probe_data[3])
+    splits = sweep.make_splits(ytr, args.seeds, args.select_on, args.holdout_fraction)
+    runs, probes, preds = sweep.train(args, module, grid, probe_data, head_data, len(classes), device, splits)
 
     heads.eval()
     with torch.no_grad():
-        provenance = {"concepts": heads.concept_matrix().cpu(), "concept_rows": torch.as_tensor(rows)}
+        # end2end: (H, K, D), each head's learnt concepts; else (K, D), or (G, K, D) with one set per seed
+        concepts = heads.concept_matrix() if args.concept_type == "end2end" else heads.concept_matrix_by_group()
+        provenance = {"concepts": concepts.cpu(),
+                      "concept_rows": torch.as_tensor(rows)}
         if args.concept_type == "end2end":   # per head, the concept each pool element (concept_rows) went to
             provenance["assignment"] = heads.assignment().argmax(-1).cpu()
-    meta = dict(sweep.backbone_meta(mtr), concept_type=args.concept_type, elements=mco["info"].get("elements_index"),
-                n_concepts=k, n_train=len(ytr), n_val=len(yva), feature_dim=int(xtr.shape[1]), device=str(device),
-                inputs={"train": os.path.abspath(args.train_features), "val": os.path.abspath(args.val_features),
-                        "concepts": os.path.abspath(args.concepts)})
-    sweep.save(args.out, key, meta, grid, runs, heads, probes, provenance)
+    meta = sweep.run_meta(args, mtr, mva, concept_type=args.concept_type,
+                          elements=mco["info"].get("elements_index"), n_concepts=k, n_train=len(ytr), n_val=len(yva),
+                          feature_dim=int(xtr.shape[1]), device=str(device),
+                          inputs={"train": os.path.abspath(args.train_features),
+                                  "val": os.path.abspath(args.val_features),
+                                  "concepts": os.path.abspath(args.concepts)})
+    sweep.save(args.out, key, meta, grid, runs, preds, yva, heads, probes, provenance)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def main(args):
     if sweep.is_done(args.out, key):
         return
     device = cli.resolve_device(args.device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seeds[0])
     classes = mtr["info"]["classes"]
 
     a_tr, a_va = clip_activations(ctr, text["features"]), clip_activations(cva, text["features"])
@@ -79,7 +79,7 @@ def main(args):
                             f"activation is {top5.max():.3f}")
     x_tr, x_va = sweep.tensor(xtr, device).float(), sweep.tensor(xva, device).float()
     w, sim = fit_projection(x_tr, sweep.tensor(a_tr[:, seen], device), x_va, sweep.tensor(a_va[:, seen], device),
-                            args.proj_lr, args.proj_batch_size, args.proj_epochs, args.proj_patience, args.seed)
+                            args.proj_lr, args.proj_batch_size, args.proj_epochs, args.proj_patience, args.seeds[0])
     fits = sim >= args.interpretability_cutoff
     if not fits.any():
         raise cli.UserError(f"no concept passes --interpretability_cutoff {args.interpretability_cutoff}: the best "
@@ -90,24 +90,28 @@ def main(args):
     dropped_clip = [concepts[i] for i in np.flatnonzero(top5 < args.clip_cutoff)]
     dropped_fit = [concepts[i] for i in seen[~fits]]
     print(f"{len(concepts)} concepts: {len(dropped_clip)} below the CLIP cutoff, {len(dropped_fit)} below the "
-          f"interpretability cutoff, {len(kept)} kept; {len(ratios)} ratios x {len(lrs)} lrs on {device}")
+          f"interpretability cutoff, {len(kept)} kept; {len(ratios)} ratios x {len(lrs)} lrs x {len(args.seeds)} seeds "
+          f"on {device} ({args.protocol} protocol, epochs chosen on {args.select_on})")
 
     y_tr, y_va = sweep.tensor(ytr, device), sweep.tensor(yva, device)
-    # the activations are fixed from here on, so each sample's concept ranks (its top-k masks) are computed once
-    heads = MaskedLinearHeads(len(kept), len(classes), [r for r, _ in grid], args.seed, ranked=True).to(device)
-    runs, probes = sweep.train(args, heads, grid, (x_tr, y_tr, x_va, y_va),
-                               (with_ranks(z_tr), y_tr, with_ranks(z_va), y_va), len(classes), device)
-    meta = dict(sweep.backbone_meta(mtr), concept_type="text", n_concepts=len(kept), n_train=len(ytr),
-                n_val=len(yva), feature_dim=int(xtr.shape[1]), device=str(device),
-                concepts=[concepts[i] for i in kept], concept_val_similarity=[float(s) for s in sim[fits]],
-                dropped_clip_cutoff=dropped_clip, dropped_interpretability_cutoff=dropped_fit,
-                clip=tmeta["key"].get("clip"), inputs={"train": os.path.abspath(args.train_features),
-                                                   "val": os.path.abspath(args.val_features),
-                                                   "clip": os.path.abspath(args.clip)})
-    sweep.save(args.out, key, meta, grid, runs, heads, probes,
+    # the activations are fixed from here on, so each sample's concept ranks (its top-k masks) are computed once;
+    # seeds change the heads' initialisation and batch order (the projection is fitted once, with the first seed)
+    heads = MaskedLinearHeads(len(kept), len(classes), [r for _, r, _ in grid], [s for s, _, _ in grid], ranked=True,
+                              keep_rule=sweep.PROTOCOLS[args.protocol]["keep_rule"],
+                              groups=sweep.groups_of(grid, args.seeds)).to(device)
+    splits = sweep.make_splits(ytr, args.seeds, args.select_on, args.holdout_fraction)
+    runs, probes, preds = sweep.train(args, heads, grid, (x_tr, y_tr, x_va, y_va),
+                                      (with_ranks(z_tr), y_tr, with_ranks(z_va), y_va), len(classes), device, splits)
+    meta = sweep.run_meta(args, mtr, mva, concept_type="text", n_concepts=len(kept), n_train=len(ytr),
+                          n_val=len(yva), feature_dim=int(xtr.shape[1]), device=str(device),
+                          concepts=[concepts[i] for i in kept], concept_val_similarity=[float(s) for s in sim[fits]],
+                          dropped_clip_cutoff=dropped_clip, dropped_interpretability_cutoff=dropped_fit,
+                          clip=tmeta["key"].get("clip"), inputs={"train": os.path.abspath(args.train_features),
+                                                             "val": os.path.abspath(args.val_features),
+                                                             "clip": os.path.abspath(args.clip)})
+    sweep.save(args.out, key, meta, grid, runs, preds, yva, heads, probes,
                {"projection": w.cpu(), "concept_index": torch.as_tensor(kept), "standardise_mean":
                 standardise.mean.cpu(), "standardise_std": standardise.std.cpu()})
-
 
 if __name__ == "__main__":
     cli.run(main, get_args_parser())

@@ -29,25 +29,35 @@ class Run:
         if not self.text and self.meta.get("elements") and os.path.isfile(self.meta["elements"]):
             self.elements = store.read_json(self.meta["elements"])["elements"]
 
-    def head(self, ratio, lr=None):
-        """Index of the head at ``ratio`` (its best-val lr unless ``lr`` is given)."""
+    def head(self, ratio, lr=None, seed=None):
+        """Index of the head at ``ratio`` (its best lr by the run's selection accuracy unless ``lr`` is given) of
+        ``seed`` (default: the run's first seed)."""
+        seed = self.results.get("seeds", [0])[0] if seed is None else seed
         rows = [r for r in self.results["runs"] if r["head"] == "concept" and abs(r["ratio"] - ratio) < 1e-9
-                and (lr is None or abs(r["lr"] - lr) < 1e-12)]
+                and (lr is None or abs(r["lr"] - lr) < 1e-12) and r.get("seed", 0) == seed
+                and not r.get("diverged") and r["top1"] is not None]
         if not rows:
-            raise UserError(f"no head at sparsity {ratio}" + (f", lr {lr}" if lr else "") +
-                            f" in {self.dir}; ratios: {sorted({g[0] for g in self.grid})}")
-        best = max(rows, key=lambda r: r["top1"])
+            raise UserError(f"no trained head at sparsity {ratio}" + (f", lr {lr}" if lr else "") +
+                            f", seed {seed} in {self.dir}; ratios: {sorted({g[0] for g in self.grid})}")
+        best = max(rows, key=lambda r: r.get("select_top1", r["top1"]))
+        if "index" in best:
+            return best["index"]
         return next(i for i, (r, lr) in enumerate(self.grid)
                     if np.isclose(r, best["ratio"]) and np.isclose(lr, best["lr"], rtol=1e-6))
+
+    def _group(self, h):
+        return int(self.t["head_group"][h]) if "head_group" in self.t else 0
 
     def head_module(self, h):
         """Head ``h`` rebuilt from heads.pt as the module that was trained (a sweep of one head)."""
         ratios, n_classes = [self.grid[h][0]], len(self.classes)
+        rule = "reference" if self.results["meta"].get("protocol") == "reference" else "round"
         if self.text:
-            module = MaskedLinearHeads(self.n_concepts, n_classes, ratios)
+            module = MaskedLinearHeads(self.n_concepts, n_classes, ratios, keep_rule=rule)
         else:
-            c = self.t["concepts"]        # end2end: the learnt concepts of each head, fixed now
-            module = SparseConceptHeads(c[h] if c.ndim == 3 else c, n_classes, ratios)
+            c = self.t["concepts"]   # end2end: (H, K, D), each head's learnt concepts; (G, K, D): one set per seed
+            c = c if c.ndim == 2 else c[h] if "assignment" in self.t else c[self._group(h)]
+            module = SparseConceptHeads(c, n_classes, ratios, keep_rule=rule)
         with torch.no_grad():
             for name, p in module.named_parameters():
                 p.copy_(self.t[f"concept.{name}"][h:h + 1])
@@ -78,6 +88,7 @@ class Run:
         if self.text:
             return None
         rows = self.t["concept_rows"]
+        rows = rows[self._group(h)] if rows.ndim == 2 else rows
         if "assignment" not in self.t:
             return int(rows[k])
         members = torch.nonzero(self.t["assignment"][h] == k).flatten()

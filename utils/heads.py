@@ -1,10 +1,15 @@
-"""Sparse concept heads and the linear probe, trained many at once on features resident in memory.
+"""Sparse concept heads and the linear probe, trained many at once.
 
-A *sweep* is H independent heads that share one input: a grid of sparsity ratios x learning rates. Their parameters
-are stacked along a leading head axis, one batch order is shared, and each head's loss only reaches its own
-parameters, so training them together gives what training each alone would (tests check this), at the cost of one.
+A *sweep* is H independent heads: a grid of sparsity ratios x learning rates, repeated once per seed. Their parameters
+are stacked along a leading head axis and each head's loss only reaches its own parameters, so training them
+together gives what training each alone would (tests check this), at the cost of one.
+
+Heads are grouped: head h reads the input of group ``groups[h]``. A group is one seed's view of the data (its own
+concept vectors, batch order, and, with a held-out split, its own training rows); inputs therefore arrive as
+(G, B, F), or (1, B, F) when every group sees the same rows (validation).
 """
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 SPARSITY_GRID = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
+KEEP_RULES = ("round", "reference")
 
 
 def n_keep(ratio, n_concepts):
@@ -25,38 +31,72 @@ def n_keep(ratio, n_concepts):
     return max(1, int(round((1.0 - ratio) * n_concepts)))
 
 
+def n_keep_reference(ratio, n_concepts):
+    """What the original code keeps: every activation strictly above the floor(K * ratio)-th smallest, i.e.
+    K - floor(K * ratio) - 1 concepts (199, 179, 139, 99, 59, 19, 9, 3 of 200 on the grid)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"sparsity ratio must be in [0, 1), got {ratio}")
+    return max(0, n_concepts - int(math.floor(n_concepts * ratio + 1e-9)) - 1)
+
+
+def keep_counts(ratios, n_concepts, rule="round"):
+    if rule not in KEEP_RULES:
+        raise ValueError(f"keep rule must be one of {KEEP_RULES}, not {rule!r}")
+    f = n_keep if rule == "round" else n_keep_reference
+    return [f(r, n_concepts) for r in ratios]
+
+
 def ranks(a):
     """Rank of each entry of ``a`` within its row by absolute value, 0 = largest (ties: lower index first)."""
     order = a.abs().argsort(dim=-1, descending=True, stable=True)
     return torch.empty_like(order).scatter_(-1, order, torch.arange(a.shape[-1], device=a.device).expand_as(order))
 
 
-def _keep_k(x, k):
-    """Mask of each row's k largest entries of ``x`` (non-negative), exactly k per row."""
-    n = x.shape[-1]
-    if k >= n:
-        return torch.ones_like(x, dtype=torch.bool)
-    if k <= n // 2:
-        return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.topk(k, dim=-1).indices, True)
-    # selecting the n - k smallest is cheaper than the k largest when k is large
-    return torch.ones_like(x, dtype=torch.bool).scatter_(-1, x.topk(n - k, dim=-1, largest=False).indices, False)
+def _kth_smallest(mags, j):
+    """Per row of ``mags`` (H, N, K), the j[h]-th smallest value (0-based), as (H, N, 1).
+
+    On the CPU, NumPy's introselect (np.partition) is about ten times faster than torch.topk / kthvalue for K = 200
+    (bench/bench_topk.py); on a GPU one batched sort serves every head.
+    """
+    if mags.device.type == "cpu":
+        m = mags.numpy()
+        return torch.from_numpy(np.stack([np.partition(m[h], jh, axis=-1)[:, jh:jh + 1]
+                                          for h, jh in enumerate(j)]))
+    s = mags.sort(dim=-1).values
+    return s.gather(-1, torch.as_tensor(j, device=mags.device).view(-1, 1, 1).expand(-1, mags.shape[1], 1))
 
 
-def topk_mask(a, keep):
-    """Boolean mask of each row's ``keep`` largest entries of ``a`` by absolute value; exactly ``keep`` per row.
+def topk_mask(a, keep, rule="round"):
+    """Boolean mask of the activations each row keeps, by absolute value.
 
-    ``keep`` is an int, or a sequence of H ints (one per head) for ``a`` of shape (H or 1, N, K). With one shared
-    activation matrix (leading size 1) a single sort serves every head; with per-head activations each head takes a
-    partial top-k, which on CPU is several times cheaper than sorting. Plain ints (not a device tensor) keep the GPU
-    free of host synchronisations.
+    ``a`` is (N, K) with an int ``keep``, or (H, N, K) with H ints (one per head). rule 'round': exactly ``keep`` per
+    row, the largest (ties broken towards the lower index, as a stable sort would); rule 'reference': the original
+    code's strict threshold, every |a| above the (K - keep - 1)-th smallest, which keeps ``keep`` per row unless
+    values tie at the threshold.
     """
     if isinstance(keep, int):
-        return _keep_k(a.abs(), keep)
-    keep = [int(k) for k in keep]
-    if a.shape[0] == 1:
-        return ranks(a) < torch.tensor(keep, device=a.device).view(-1, 1, 1)
-    mags = a.abs()
-    return torch.stack([_keep_k(mags[h], k) for h, k in enumerate(keep)])
+        return topk_mask(a.unsqueeze(0), [keep], rule)[0]
+    with torch.no_grad():
+        mags = a.detach().abs().float()
+        k_all = mags.shape[-1]
+        keep = [int(k) for k in keep]
+        if rule == "reference":
+            return mags > _kth_smallest(mags, [min(k_all - 1, k_all - k - 1) for k in keep])
+        want = torch.as_tensor(keep, device=mags.device).view(-1, 1, 1)
+        if mags.device.type != "cpu":   # one stable sort for every head, no host synchronisation
+            return ranks(mags) < want
+        part = [h for h, k in enumerate(keep) if k < k_all]
+        mask = torch.ones_like(mags, dtype=torch.bool)
+        if part:
+            sub = mags[part] if len(part) < len(keep) else mags
+            m = sub >= _kth_smallest(sub, [k_all - keep[h] for h in part])
+            want = want[part, 0]
+            tied = m.sum(-1) != want
+            if bool(tied.any()):   # values equal to the threshold: keep the lower indices, exactly k per row
+                hh, rr = torch.nonzero(tied, as_tuple=True)
+                m[hh, rr] = ranks(sub[hh, rr]) < want[hh]
+            mask[part] = m
+        return mask
 
 
 def with_ranks(a):
@@ -65,42 +105,74 @@ def with_ranks(a):
     return torch.cat([a.float(), ranks(a).float()], dim=1)
 
 
-def _init_linear(n_in, n_out, n_heads, seed):
-    """The same initial weights for every head (so a head's result does not depend on its place in the sweep)."""
-    g = torch.Generator().manual_seed(seed)
+def _init_linear(n_in, n_out, seeds):
+    """Initial weights per head from that head's seed: heads of one seed start equal (so a head's result does not
+    depend on its place in the sweep), and a seed starts the same whatever else is in the sweep."""
     bound = 1.0 / math.sqrt(n_in)
-    w = (torch.rand(n_in, n_out, generator=g) * 2 - 1) * bound
-    b = (torch.rand(n_out, generator=g) * 2 - 1) * bound
-    return nn.Parameter(w.expand(n_heads, -1, -1).clone()), nn.Parameter(b.expand(n_heads, -1).clone())
+    w, b = torch.empty(len(seeds), n_in, n_out), torch.empty(len(seeds), n_out)
+    for s in sorted(set(seeds)):
+        g = torch.Generator().manual_seed(int(s))
+        ws = (torch.rand(n_in, n_out, generator=g) * 2 - 1) * bound
+        bs = (torch.rand(n_out, generator=g) * 2 - 1) * bound
+        for h, sh in enumerate(seeds):
+            if sh == s:
+                w[h], b[h] = ws, bs
+    return nn.Parameter(w), nn.Parameter(b)
 
 
-class MaskedLinearHeads(nn.Module):
+def _head_seeds(seed, n_heads):
+    return [int(seed)] * n_heads if np.ndim(seed) == 0 else [int(s) for s in seed]
+
+
+class _Grouped(nn.Module):
+    """H heads, head h reading group ``groups[h]`` of a (G, B, F) input; (1, B, F) or (B, F) is shared by all."""
+
+    def _set_groups(self, n_heads, groups):
+        g = torch.zeros(n_heads, dtype=torch.long) if groups is None else torch.as_tensor(groups, dtype=torch.long)
+        if g.shape != (n_heads,):
+            raise ValueError(f"groups must give one group per head ({n_heads}), got shape {tuple(g.shape)}")
+        self.register_buffer("groups", g)
+
+    def per_head(self, x):
+        """(H, B, F) view of the input each head reads."""
+        if x.ndim == 2:
+            x = x.unsqueeze(0)
+        if x.shape[0] == 1:
+            return x.expand(len(self.groups), -1, -1)
+        return x[self.groups]
+
+
+class MaskedLinearHeads(_Grouped):
     """H linear heads on given concept activations (N, K): each sample keeps its top-k activations by absolute value
     (k from the head's sparsity ratio), the rest are zeroed. The text path feeds standardised activations here, with
     ``ranked=True`` and inputs from :func:`with_ranks`, since its activations never change during training."""
 
-    def __init__(self, n_concepts, n_classes, ratios, seed=0, ranked=False):
+    def __init__(self, n_concepts, n_classes, ratios, seed=0, ranked=False, keep_rule="round", groups=None):
         super().__init__()
-        self.keep_list = [n_keep(r, n_concepts) for r in ratios]
+        self.keep_rule = keep_rule
+        self.keep_list = keep_counts(ratios, n_concepts, keep_rule)
         self.register_buffer("keep", torch.tensor(self.keep_list))
-        self.weight, self.bias = _init_linear(n_concepts, n_classes, len(ratios), seed)
+        self.weight, self.bias = _init_linear(n_concepts, n_classes, _head_seeds(seed, len(ratios)))
+        self._set_groups(len(ratios), groups)
         self.ranked = ranked
 
     def activations(self, a):
-        """(1, N, K): the same activations for every head."""
-        return a.float().unsqueeze(0)
+        """(H or 1, N, K) activations before masking."""
+        return a.float() if a.ndim == 3 else a.float().unsqueeze(0)
 
     def masked_activations(self, x):
-        """(H, N, K) activations with all but each sample's top-k zeroed (the heads' linear input)."""
+        """(H, N, K) activations with all but each sample's kept ones zeroed (the heads' linear input)."""
         if self.ranked:
             k = self.weight.shape[1]
-            return x[:, :k].unsqueeze(0) * (x[:, k:].unsqueeze(0) < self.keep[:, None, None])
+            x = x if x.ndim == 3 else x.unsqueeze(0)
+            a, r = self.per_head(x[..., :k]), self.per_head(x[..., k:])
+            return a.float() * (r < self.keep[:, None, None])
         a = self.activations(x)
-        return a * topk_mask(a, self.keep_list)
+        a = a if a.shape[0] == len(self.keep_list) else self.per_head(a)
+        return a * topk_mask(a, self.keep_list, self.keep_rule)
 
     def forward(self, x):
-        a = self.masked_activations(x)
-        return torch.baddbmm(self.bias.unsqueeze(1), a.expand(len(self.keep), -1, -1), self.weight)
+        return torch.baddbmm(self.bias.unsqueeze(1), self.masked_activations(x), self.weight)
 
 
 class _SparseHeads(MaskedLinearHeads):
@@ -109,8 +181,8 @@ class _SparseHeads(MaskedLinearHeads):
     Subclasses say where the concepts come from (:meth:`concept_matrix`).
     """
 
-    def __init__(self, n_concepts, n_classes, ratios, seed=0):
-        super().__init__(n_concepts, n_classes, ratios, seed)
+    def __init__(self, n_concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None):
+        super().__init__(n_concepts, n_classes, ratios, seed, keep_rule=keep_rule, groups=groups)
         self.ln_weight = nn.Parameter(torch.ones(len(ratios), n_concepts))
         self.ln_bias = nn.Parameter(torch.zeros(len(ratios), n_concepts))
 
@@ -118,39 +190,87 @@ class _SparseHeads(MaskedLinearHeads):
         """Unit-norm concept vectors: (K, D) shared by every head, or (H, K, D) one set per head."""
         raise NotImplementedError
 
+    def affine(self, z):
+        """Each head's LayerNorm gain and bias on normalised scores z (H or 1, N, K)."""
+        return z * self.ln_weight.unsqueeze(1) + self.ln_bias.unsqueeze(1)
+
     def activations(self, x):
         """(H, N, K) concept activations after each head's LayerNorm, before masking."""
-        c = self.concept_matrix()
-        s = (x.float() @ c.T).unsqueeze(0) if c.ndim == 2 else torch.einsum("nd,hkd->hnk", x.float(), c)
-        s = F.layer_norm(s, s.shape[-1:])
-        return s * self.ln_weight.unsqueeze(1) + self.ln_bias.unsqueeze(1)
+        c, x = self.concept_matrix(), x.float()
+        if c.ndim == 3:
+            s = torch.einsum("hnd,hkd->hnk", self.per_head(x), c)
+        elif x.ndim == 3 and x.shape[0] > 1:
+            s = self.per_head(x) @ c.T
+        else:
+            s = (x.reshape(-1, x.shape[-1]) @ c.T).unsqueeze(0)
+        return self.affine(F.layer_norm(s, s.shape[-1:]))
 
 
 class SparseConceptHeads(_SparseHeads):
     """Sparse heads over fixed concept vectors (Prototype or Cluster concepts).
 
+    Because the concepts are fixed, LayerNorm(x . unit concepts) without its affine part is fixed too: :meth:`scores`
+    computes it once per sample, and :meth:`on_scores` gives a view of the heads that trains on those scores, so an
+    epoch costs only each head's affine, top-k mask and K -> C layer.
+
     Parameters
     ----------
-    concepts : (K, D) tensor, concept vectors (normalised here)
+    concepts : (K, D) tensor, or (G, K, D): one set per group (seed); normalised here
     n_classes : int
     ratios : sequence of H sparsity ratios, one per head
+    seed : int, or H ints (each head's initialisation)
+    groups : (H,) group of each head (default: all 0)
     """
 
-    def __init__(self, concepts, n_classes, ratios, seed=0):
-        super().__init__(concepts.shape[0], n_classes, ratios, seed)
-        self.register_buffer("concepts", F.normalize(concepts.float(), dim=-1))
+    def __init__(self, concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None):
+        super().__init__(concepts.shape[-2], n_classes, ratios, seed, keep_rule, groups)
+        c = concepts.float() if concepts.ndim == 3 else concepts.float().unsqueeze(0)
+        self.register_buffer("concepts", F.normalize(c, dim=-1))
 
     def concept_matrix(self):
-        return self.concepts
+        return self.concepts[0] if len(self.concepts) == 1 else self.concepts[self.groups]
+
+    def concept_matrix_by_group(self):
+        """(K, D) for one group, else (G, K, D): what heads.pt stores (``head_group`` maps heads to groups)."""
+        return self.concepts[0] if len(self.concepts) == 1 else self.concepts
+
+    def scores(self, x):
+        """(G, N, K) normalised concept scores of raw features x (N, D): LayerNorm without affine, per group."""
+        s = torch.einsum("nd,gkd->gnk", x.float(), self.concepts)
+        return F.layer_norm(s, s.shape[-1:])
+
+    def forward_scores(self, z):
+        """Logits (H, B, C) from normalised scores z (G or 1, B, K)."""
+        a = self.affine(self.per_head(z.float()))
+        return torch.baddbmm(self.bias.unsqueeze(1), a * topk_mask(a, self.keep_list, self.keep_rule), self.weight)
+
+    def on_scores(self):
+        return _OnScores(self)
+
+
+class _OnScores(nn.Module):
+    """The same heads (shared parameters), taking normalised scores instead of raw features."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.heads = heads
+
+    @property
+    def groups(self):
+        return self.heads.groups
+
+    def forward(self, z):
+        return self.heads.forward_scores(z)
 
 
 class End2EndConceptHeads(_SparseHeads):
     """Sparse heads whose concepts are learnt jointly: each head assigns every candidate element to one concept.
 
-    Each head has assignment logits (E, K) over the E candidate element embeddings. A LayerNorm over K (affine, one
-    gain/bias per head and concept) and a hard Gumbel-softmax (tau = 0.1) make each element's assignment exactly
-    one-hot in the forward pass; the gradient is the soft sample's (straight-through). Concept k = normalised sum of the
-    elements assigned to it. In eval mode the assignment is the noise-free argmax, so validation is deterministic.
+    Each head has assignment logits (E, K) over the E candidate element embeddings of its group. A LayerNorm over K
+    (affine, one gain/bias per head and concept) and a hard Gumbel-softmax (tau = 0.1) make each element's assignment
+    exactly one-hot in the forward pass; the gradient is the soft sample's (straight-through). Concept k = normalised
+    sum of the elements assigned to it. In eval mode the assignment is the noise-free argmax, so validation is
+    deterministic.
 
     Why the gain starts above 1: a hard Gumbel sample picks concept k with probability softmax(z)_k whatever tau is,
     and unit-variance logits over 200 concepts make that nearly uniform, i.e. concepts of random elements. The logits
@@ -159,19 +279,22 @@ class End2EndConceptHeads(_SparseHeads):
 
     Parameters
     ----------
-    elements : (E, D) candidate element embeddings
-    seeds : (K,) rows of ``elements`` that start one concept each
+    elements : (E, D) candidate element embeddings, or (G, E, D) one pool per group
+    seeds : (K,) rows of ``elements`` that start one concept each, or (G, K)
     """
 
-    def __init__(self, elements, seeds, n_classes, ratios, seed=0, tau=0.1, gain=5.0):
-        seeds = torch.as_tensor(seeds)
-        k = len(seeds)
-        super().__init__(k, n_classes, ratios, seed)
-        self.register_buffer("elements", elements.float())
+    def __init__(self, elements, seeds, n_classes, ratios, seed=0, tau=0.1, gain=5.0, keep_rule="round",
+                 groups=None):
+        seeds = torch.as_tensor(np.asarray(seeds))
+        seeds = seeds if seeds.ndim == 2 else seeds.unsqueeze(0)
+        super().__init__(seeds.shape[1], n_classes, ratios, seed, keep_rule, groups)
+        e = elements.float() if elements.ndim == 3 else elements.float().unsqueeze(0)
+        self.register_buffer("elements", e)
         self.tau = tau
-        unit = F.normalize(self.elements, dim=1)
-        sim = unit @ unit[seeds].T
-        self.assign_logits = nn.Parameter(sim.expand(len(ratios), -1, -1).clone())
+        unit = F.normalize(e, dim=-1)
+        sim = torch.einsum("ged,gkd->gek", unit, torch.stack([unit[g][seeds[g]] for g in range(len(e))]))
+        self.assign_logits = nn.Parameter(sim[self.groups].clone())
+        k = seeds.shape[1]
         self.assign_gain = nn.Parameter(torch.full((len(ratios), 1, k), float(gain)))
         self.assign_bias = nn.Parameter(torch.zeros(len(ratios), 1, k))
 
@@ -183,22 +306,28 @@ class End2EndConceptHeads(_SparseHeads):
         return F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
 
     def concept_matrix(self):
-        return F.normalize(torch.einsum("hek,ed->hkd", self.assignment(), self.elements), dim=-1)
+        e = self.elements.expand(len(self.groups), -1, -1) if len(self.elements) == 1 else self.elements[self.groups]
+        return F.normalize(torch.einsum("hek,hed->hkd", self.assignment(), e), dim=-1)
 
 
-class LinearProbes(nn.Module):
+class LinearProbes(_Grouped):
     """H plain linear classifiers on the raw features (the standard accuracy)."""
 
-    def __init__(self, dim, n_classes, n_heads, seed=0):
+    def __init__(self, dim, n_classes, n_heads, seed=0, groups=None):
         super().__init__()
-        self.weight, self.bias = _init_linear(dim, n_classes, n_heads, seed)
+        self.weight, self.bias = _init_linear(dim, n_classes, _head_seeds(seed, n_heads))
+        self._set_groups(n_heads, groups)
 
     def forward(self, x):
-        return torch.matmul(x.float(), self.weight) + self.bias.unsqueeze(1)
+        return torch.baddbmm(self.bias.unsqueeze(1), self.per_head(x.float()), self.weight)
 
 
 class _Adam:
-    """Adam over head-stacked parameters with one learning rate per head (torch's Adam takes one per tensor)."""
+    """Adam over head-stacked parameters with one learning rate per head (torch's Adam takes one per tensor).
+
+    ``step(grads, active)`` leaves heads with ``active`` False untouched (moments included), so a diverged head keeps
+    its last finite parameters.
+    """
 
     def __init__(self, params, lrs, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         self.params, self.lrs, self.betas, self.eps, self.wd = list(params), lrs, betas, eps, weight_decay
@@ -207,14 +336,22 @@ class _Adam:
         self.t = 0
 
     @torch.no_grad()
-    def step(self, grads):
+    def step(self, grads, active=None):
         self.t += 1
         b1, b2 = self.betas
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            lr = self.lrs.view(-1, *([1] * (p.ndim - 1)))
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            shape = (-1,) + (1,) * (p.ndim - 1)
+            lr = self.lrs.view(shape)
+            if active is not None:
+                on = active.view(shape)
+                g = torch.where(on, g, 0.0)
+                lr = lr * on
+                m.mul_(torch.where(on, b1, 1.0)).add_(g, alpha=1 - b1)
+                v.mul_(torch.where(on, b2, 1.0)).addcmul_(g, g, value=1 - b2)
+            else:
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
             if self.wd:
                 p.mul_(1 - lr * self.wd)
             p.sub_(lr * (m / c1) / ((v / c2).sqrt() + self.eps))
@@ -232,70 +369,153 @@ def _device_of(module):
     return next(module.parameters()).device
 
 
+@dataclass
+class Split:
+    """One group's rows: ``train`` (sorted row indices it trains on), ``dev`` (rows that choose its epoch, or None
+    to choose on val) and the ``seed`` of its batch order."""
+    train: torch.Tensor
+    dev: torch.Tensor = None
+    seed: int = 0
+
+
+def gather(x, idx, device):
+    """The input of a batch: ``idx`` is one index tensor (the same rows for every group: (1, B, F)) or a list of G
+    (G, B, F). ``x`` is (N, F) shared by the groups (tensor or memory map) or a (G, N, F) tensor, one per group."""
+    per_group = torch.is_tensor(x) and x.ndim == 3
+    if torch.is_tensor(idx):
+        if per_group:
+            return x[:, idx.to(x.device)].to(device, non_blocking=True).float()
+        return rows(x, idx, device).unsqueeze(0)
+    if per_group:
+        return torch.stack([x[g, i.to(x.device)] for g, i in enumerate(idx)]).to(device, non_blocking=True).float()
+    if len(idx) == 1:
+        return rows(x, idx[0], device).unsqueeze(0)
+    return torch.stack([rows(x, i, device) for i in idx])
+
+
 @torch.no_grad()
-def evaluate(module, x, y, chunk=4096):
-    """Per-head top-1, top-5 (percent) and mean cross-entropy on (x, y), in chunks."""
-    n = len(y)
+def evaluate(module, x, y, chunk=4096, row_groups=None):
+    """Per-head top-1, top-5 (percent), mean cross-entropy and predicted class on (x, y), in chunks.
+
+    ``row_groups``: None (every head on all rows of x) or G equal-length index tensors (group g's heads on its rows).
+    Returns NumPy arrays (H,), (H,), (H,), (H, n).
+    """
+    device = _device_of(module)
+    n = len(y) if row_groups is None else len(row_groups[0])
     was_training = module.training
     module.eval()
     top1 = top5 = loss = 0
+    preds = []
     for i in range(0, n, chunk):
-        logits = module(rows(x, torch.arange(i, min(i + chunk, n)), _device_of(module)))
-        yy = y[i:i + chunk].to(logits.device)
+        if row_groups is None:
+            idx = torch.arange(i, min(i + chunk, n))
+            inp, yy = gather(x, idx, device), y[idx.to(y.device)].to(device).unsqueeze(0)
+        else:
+            idx = [r[i:i + chunk] for r in row_groups]
+            inp = gather(x, idx, device)
+            yy = torch.stack([y[r.to(y.device)] for r in idx]).to(device)
+        logits = module(inp)
+        yy = yy.expand(len(logits), -1) if len(yy) == 1 else yy[module.groups]
         h, b, c = logits.shape
-        loss = loss + F.cross_entropy(logits.reshape(h * b, c), yy.repeat(h), reduction="none").view(h, b).sum(1)
+        ce = F.cross_entropy(logits.float().reshape(h * b, c), yy.reshape(-1), reduction="none").view(h, b)
+        loss = loss + ce.double().sum(1)
         top = logits.topk(min(5, c), dim=-1).indices
-        hit = top == yy.view(1, -1, 1)
+        hit = top == yy.unsqueeze(-1)
         top1 = top1 + hit[..., 0].sum(1)
         top5 = top5 + hit.any(-1).sum(1)
+        preds.append(top[..., 0])
     module.train(was_training)
     return (100.0 * top1.double() / n).cpu().numpy(), (100.0 * top5.double() / n).cpu().numpy(), \
-        (loss.double() / n).cpu().numpy()
+        (loss / n).cpu().numpy(), torch.cat(preds, 1).cpu().numpy()
+
+
+RESULT_FIELDS = ("top1", "top5", "select_top1", "epoch", "train_loss", "val_loss")
 
 
 def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, seed=0, weight_decay=0.0,
-        desc="heads"):
-    """Train every head of ``module`` together; keep each head's parameters from its best val-top-1 epoch.
+        lr_decay=1.0, splits=None, desc="heads"):
+    """Train every head of ``module`` together; keep each head's parameters from its best epoch.
 
-    Features are tensors (resident, on any device, any float dtype) or NumPy memory maps (streamed batch by batch);
-    labels are tensors. Each batch's rows are taken in sorted order (reads from a memory map stay sequential-ish; the
-    loss is a mean, so the order inside a batch does not matter). Returns a dict of per-head arrays: top1, top5,
-    epoch (1-based, the one kept), train_loss, val_loss.
+    Parameters
+    ----------
+    module : heads with a ``groups`` buffer (head -> group), called on (G or 1, B, F) inputs
+    lrs : (H,) learning rates
+    x_train, x_val : (N, F) tensors (resident, any float dtype) or NumPy memory maps (streamed), or (G, N, F)
+        tensors, one per group; y_train, y_val : label tensors
+    lr_decay : the lr is multiplied by this after every epoch (the original code's ExponentialLR(0.99))
+    splits : G :class:`Split` (default: one group training on every row, batch order from ``seed``). Groups must have
+        equally many train rows (and dev rows). A group with dev rows chooses its heads' epochs by their dev top-1;
+        otherwise by val top-1, as linear-probe evaluations customarily report.
+
+    Each batch's rows are taken in sorted order (reads from a memory map stay sequential-ish; the loss is a mean, so
+    the order inside a batch does not matter). A head whose training loss becomes NaN/Inf stops there: it is no longer
+    updated, the epoch it happened in is recorded in ``diverged``, and it keeps its best earlier epoch (``epoch`` 0 and
+    NaN accuracies when there was none).
+
+    Returns a dict of per-head arrays: top1, top5, select_top1, epoch (1-based, the one kept), train_loss, val_loss,
+    diverged (0 = never), pred (H, N_val) predicted classes at the kept epoch (-1 where none).
     """
     device = _device_of(module)
-    lrs = torch.as_tensor(lrs, dtype=torch.float32, device=device)
+    lrs = torch.as_tensor(lrs, dtype=torch.float32, device=device).clone()
     params = list(module.parameters())
     opt = _Adam(params, lrs, weight_decay=weight_decay)
     n_heads = len(lrs)
-    best = {k: np.full(n_heads, -np.inf if k == "top1" else np.nan) for k in
-            ("top1", "top5", "epoch", "train_loss", "val_loss")}
+    if splits is None:
+        splits = [Split(torch.arange(len(y_train)), None, seed)]
+    n_train = len(splits[0].train)
+    if any(len(s.train) != n_train for s in splits) or len({0 if s.dev is None else len(s.dev) for s in splits}) > 1:
+        raise ValueError("every group needs as many train (and dev) rows as the others")
+    holdout = splits[0].dev is not None
+    groups = module.groups.to(device)
+    best = {k: np.full(n_heads, np.nan) for k in RESULT_FIELDS}
+    best["select_top1"][:] = -np.inf
+    best["epoch"][:] = 0
+    best["pred"] = np.full((n_heads, len(y_val)), -1, dtype=np.int64)
+    diverged = np.zeros(n_heads, dtype=np.int64)
     best_params = [p.detach().clone() for p in params]
-    g = torch.Generator().manual_seed(seed)
-    n = len(y_train)
+    gens = [torch.Generator().manual_seed(int(s.seed)) for s in splits]
+    alive = torch.ones(n_heads, dtype=torch.bool, device=device)
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True)
     for epoch in bar:
         module.train()
-        perm = torch.randperm(n, generator=g)
+        perms = [s.train[torch.randperm(n_train, generator=g)] for s, g in zip(splits, gens)]
         loss_sum = torch.zeros(n_heads, device=device, dtype=torch.float64)
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size].sort().values
-            logits = module(rows(x_train, idx, device))
+        for i in range(0, n_train, batch_size):
+            idx = [p[i:i + batch_size].sort().values for p in perms]
+            inp = gather(x_train, idx if len(idx) > 1 else idx[0], device)
+            yb = torch.stack([y_train[j.to(y_train.device)] for j in idx]).to(device)
+            logits = module(inp)
             h, b, c = logits.shape
-            yb = y_train[idx.to(y_train.device)].to(device)
-            loss = F.cross_entropy(logits.reshape(h * b, c), yb.repeat(h), reduction="none").view(h, b)
+            yb = yb.expand(h, -1) if len(yb) == 1 else yb[groups]
+            loss = F.cross_entropy(logits.float().reshape(h * b, c), yb.reshape(-1), reduction="none").view(h, b)
             loss = loss.mean(1)
-            opt.step(torch.autograd.grad(loss.sum(), params))
-            loss_sum += loss.detach().double() * b
-        top1, top5, vloss = evaluate(module, x_val, y_val)
-        better = top1 > best["top1"]
-        for k, v in (("top1", top1), ("top5", top5), ("val_loss", vloss),
-                     ("train_loss", (loss_sum / n).cpu().numpy()), ("epoch", np.full(n_heads, epoch))):
+            finite = torch.isfinite(loss)
+            alive &= finite
+            opt.step(torch.autograd.grad(torch.where(finite, loss, 0.0).sum(), params), alive)
+            loss_sum += torch.where(finite, loss.detach(), 0.0).double() * b
+        top1, top5, vloss, pred = evaluate(module, x_val, y_val)
+        sel = top1
+        if holdout:
+            sel = evaluate(module, x_train, y_train, row_groups=[s.dev for s in splits])[0]
+        ok = alive.cpu().numpy() & np.isfinite(vloss)
+        newly = (diverged == 0) & ~ok
+        diverged[newly] = epoch
+        alive &= torch.as_tensor(ok, device=device)
+        better = ok & (sel > best["select_top1"])
+        for k, v in (("top1", top1), ("top5", top5), ("select_top1", sel), ("val_loss", vloss),
+                     ("train_loss", (loss_sum / n_train).cpu().numpy()), ("epoch", np.full(n_heads, epoch))):
             best[k][better] = v[better]
+        best["pred"][better] = pred[better]
         mask = torch.as_tensor(better, device=device)
         for p, bp in zip(params, best_params):
             bp[mask] = p.detach()[mask]
-        bar.set_postfix(best_top1=f"{best['top1'].max():.1f}", refresh=False)
+        opt.lrs.mul_(lr_decay)
+        bar.set_postfix(best_top1=f"{np.nanmax(best['top1']) if np.isfinite(best['top1']).any() else 0:.1f}",
+                        refresh=False)
     with torch.no_grad():
         for p, bp in zip(params, best_params):
             p.copy_(bp)
+    best["select_top1"][best["epoch"] == 0] = np.nan
+    best["epoch"] = best["epoch"].astype(np.int64)
+    best["diverged"] = diverged
     return best

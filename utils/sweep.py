@@ -1,5 +1,7 @@
 """One training run of the IIS grid, shared by the visual and text trainers: the standard probe on the features,
 the sparse heads on their input, and the results.json / heads.pt they write (schema in README)."""
+import argparse
+import io
 import os
 
 import numpy as np
@@ -7,10 +9,10 @@ import torch
 
 from . import store
 from .cli import UserError
-from .heads import LinearProbes, fit, n_keep
-from .store import atomic_torch_save, atomic_write_json, key_hash
+from .heads import LinearProbes, Split, fit, rows
+from .store import atomic_torch_save, atomic_write_bytes, atomic_write_json, key_hash
 
-RESULTS_SCHEMA = "iis.results/1"
+RESULTS_SCHEMA = "iis.results/2"
 
 
 def add_io_args(parser, concepts_flag, concepts_help):
@@ -22,15 +24,36 @@ def add_io_args(parser, concepts_flag, concepts_help):
     parser.add_argument("--out", required=True, help="output folder for results.json and heads.pt")
 
 
-def add_training_args(parser, default_lrs=(1e-3, 1e-2)):
+# What each protocol fixes unless a flag says otherwise. "iis" is this project's; "reference" is the original code's
+# (its keep rule, ExponentialLR(0.99) per epoch, batch 1024 and its single lr), for comparing with numbers it made.
+PROTOCOLS = {
+    "iis": dict(batch_size=256, lrs=[1e-3, 1e-2], lr_decay=1.0, keep_rule="round", select_on="val"),
+    "reference": dict(batch_size=1024, lrs=[1e-2], lr_decay=0.99, keep_rule="reference", select_on="val"),
+}
+
+
+def add_training_args(parser):
     from .heads import SPARSITY_GRID
     g = parser.add_argument_group("training")
+    g.add_argument("--protocol", default="iis", choices=sorted(PROTOCOLS),
+                   help="iis: keep round((1-s)K) concepts, batch 256, lrs 1e-3 1e-2, constant lr; reference: the "
+                        "original code's K-floor(Ks)-1 concepts, batch 1024, lr 1e-2, lr x0.99 per epoch (README)")
     g.add_argument("--ratios", type=float, nargs="+", default=list(SPARSITY_GRID), help="sparsity grid")
-    g.add_argument("--lrs", type=float, nargs="+", default=list(default_lrs), help="learning-rate grid (Adam)")
-    g.add_argument("--epochs", type=int, default=30, help="epochs; each head keeps its best-val-top-1 epoch")
-    g.add_argument("--batch_size", type=int, default=256, help="training batch size")
+    g.add_argument("--lrs", type=float, nargs="+", default=None, help="learning-rate grid (Adam; default: protocol's)")
+    g.add_argument("--epochs", type=int, default=30, help="epochs; each head keeps its best epoch (see --select_on)")
+    g.add_argument("--batch_size", type=int, default=None, help="training batch size (default: protocol's)")
+    g.add_argument("--lr_decay", type=float, default=None,
+                   help="multiply the lr by this after every epoch (default: protocol's: 1 or 0.99)")
     g.add_argument("--weight_decay", type=float, default=0.0, help="decoupled weight decay")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and concept choice")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one run per seed, stacked as extra heads of the one sweep: each seed draws its own concepts "
+                        "(prototype/end2end pool and seeds, KMeans init), initialisation and batch order")
+    g.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)   # older single-seed spelling
+    g.add_argument("--select_on", default=None, choices=["val", "holdout"],
+                   help="what picks each head's epoch and each ratio's lr: val (as linear-probe papers and the "
+                        "original do; optimistic) or holdout (a seeded class-balanced dev split carved out of train; "
+                        "val accuracy of the chosen head is reported). Default: the protocol's")
+    g.add_argument("--holdout_fraction", type=float, default=0.1, help="share of each class's train rows held out")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
     g.add_argument("--features_on", default="auto", choices=["auto", "device", "stream"],
                    help="device: hold the features on the training device; stream: read batches from the memory-"
@@ -40,21 +63,45 @@ def add_training_args(parser, default_lrs=(1e-3, 1e-2)):
     return g
 
 
-def grid_of(args):
-    """(sorted ratios, sorted lrs, [(ratio, lr) per head]) after checking the grid makes an IIS."""
+def resolve_protocol(args):
+    """Fill the flags left unset from the protocol's preset; check the grid makes an IIS. Returns the keep rule."""
+    preset = PROTOCOLS[args.protocol]
+    for name in ("batch_size", "lrs", "lr_decay", "select_on"):
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
+    if args.seed is not None:
+        args.seeds = [args.seed]
+    args.seeds = list(dict.fromkeys(args.seeds))
     for r in args.ratios:
         if not 0 <= r < 1:
             raise UserError(f"sparsity ratios must be in [0, 1), got {r}")
     if len(set(args.ratios)) < 2:
         raise UserError("give at least two sparsity ratios (IIS is an area under the curve over them)")
+    if args.epochs < 1 or args.batch_size < 1 or min(args.lrs) <= 0 or not 0 < args.lr_decay <= 1:
+        raise UserError("--epochs and --batch_size must be positive, --lrs positive and --lr_decay in (0, 1]")
+    if args.select_on == "holdout" and not 0 < args.holdout_fraction < 1:
+        raise UserError(f"--holdout_fraction must be in (0, 1), got {args.holdout_fraction}")
+    return preset["keep_rule"]
+
+
+def grid_of(args):
+    """(sorted ratios, sorted lrs, [(seed, ratio, lr) per concept head]) after resolving the protocol."""
+    resolve_protocol(args)
     ratios, lrs = sorted(set(args.ratios)), sorted(set(args.lrs))
-    return ratios, lrs, [(r, lr) for r in ratios for lr in lrs]
+    return ratios, lrs, [(s, r, lr) for s in args.seeds for r in ratios for lr in lrs]
+
+
+def groups_of(grid, seeds):
+    """Group (index into ``seeds``) of each head of a (seed, ...) grid."""
+    return [seeds.index(h[0]) for h in grid]
 
 
 def training_key(args, **inputs):
-    return dict(schema=RESULTS_SCHEMA, ratios=sorted(set(args.ratios)), lrs=sorted(set(args.lrs)), epochs=args.epochs,
-                feature_dtype=args.feature_dtype,
-                batch_size=args.batch_size, weight_decay=args.weight_decay, seed=args.seed, **inputs)
+    return dict(schema=RESULTS_SCHEMA, protocol=args.protocol, keep_rule=PROTOCOLS[args.protocol]["keep_rule"],
+                ratios=sorted(set(args.ratios)), lrs=sorted(set(args.lrs)), epochs=args.epochs,
+                feature_dtype=args.feature_dtype, batch_size=args.batch_size, lr_decay=args.lr_decay,
+                weight_decay=args.weight_decay, seeds=args.seeds, select_on=args.select_on,
+                holdout_fraction=args.holdout_fraction if args.select_on == "holdout" else None, **inputs)
 
 
 def is_done(out, key):
@@ -75,7 +122,8 @@ def load_split(path):
 
 
 def tensor(a, device):
-    return torch.as_tensor(np.asarray(a), device=device)
+    # np.array copies: a read-only memory map handed to torch directly would make it warn
+    return torch.as_tensor(np.array(a), device=device)
 
 
 def _free_bytes(device):
@@ -98,41 +146,119 @@ def features(a, device, placement="auto", dtype="float32", chunk=65536):
     return out
 
 
-def train(args, heads, grid, probe_data, head_data, n_classes, device):
-    """Train the standard probes (one per lr) on ``probe_data`` and ``heads`` on ``head_data``.
+def make_splits(labels, seeds, select_on="val", fraction=0.1):
+    """One :class:`utils.heads.Split` per seed. With ``select_on='holdout'`` each seed holds out its own seeded,
+    class-balanced dev split (round(fraction * n_c) rows of every class c), so every seed has as many rows as the
+    others; with 'val' every seed trains on all rows."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if select_on == "val":
+        return [Split(torch.arange(n), None, s) for s in seeds]
+    out = []
+    for s in seeds:
+        rng = np.random.default_rng([int(s), 1])   # not the subset or concept seed stream
+        dev = np.concatenate([rng.choice(np.flatnonzero(labels == c), int(round(fraction * np.sum(labels == c))),
+                                         replace=False) for c in np.unique(labels)])
+        if len(dev) == 0 or len(dev) == n:
+            raise UserError(f"--holdout_fraction {fraction} leaves {len(dev)} of {n} train rows for the dev split")
+        train_rows = np.setdiff1d(np.arange(n), dev)
+        out.append(Split(torch.as_tensor(train_rows), torch.as_tensor(np.sort(dev)), s))
+    return out
 
-    Each *_data is (x_train, y_train, x_val, y_val) tensors. Returns the results rows.
+
+def concept_scores(heads, x, device, chunk=65536):
+    """(G, N, K) float32 normalised concept scores of features ``x`` (tensor or memory map), computed once in chunks:
+    the fixed part of Prototype/Cluster heads, which then train on these (``heads.on_scores()``)."""
+    n = x.shape[0]
+    out = torch.empty(len(heads.concepts), n, heads.concepts.shape[1], device=device)
+    with torch.no_grad():
+        for i in range(0, n, chunk):
+            out[:, i:i + chunk] = heads.scores(rows(x, torch.arange(i, min(i + chunk, n)), device))
+    return out
+
+
+def _num(v):
+    return None if not np.isfinite(v) else float(v)
+
+
+def train(args, module, grid, probe_data, head_data, n_classes, device, splits):
+    """Train the standard probes (one per seed x lr) on ``probe_data`` and the concept heads ``module`` (one per
+    (seed, ratio, lr) of ``grid``) on ``head_data``; each *_data is (x_train, y_train, x_val, y_val).
+
+    Returns (results rows, probes, predictions (R, N_val): row r = the val predictions of results row r).
     """
-    lrs = sorted(set(lr for _, lr in grid))
-    common = dict(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, weight_decay=args.weight_decay)
-    probes = LinearProbes(probe_data[0].shape[1], n_classes, len(lrs), args.seed).to(device)
-    std = fit(probes, lrs, *probe_data, desc="standard probe", **common)
-    con = fit(heads, [lr for _, lr in grid], *head_data, desc="concept heads", **common)
-    k = heads.weight.shape[1]
+    seeds, lrs = args.seeds, sorted(set(args.lrs))
+    std_grid = [(s, lr) for s in seeds for lr in lrs]
+    common = dict(epochs=args.epochs, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                  lr_decay=args.lr_decay, splits=splits)
+    probes = LinearProbes(probe_data[0].shape[1], n_classes, len(std_grid), [s for s, _ in std_grid],
+                          groups_of(std_grid, seeds)).to(device)
+    std = fit(probes, [lr for _, lr in std_grid], *probe_data, desc="standard probe", **common)
+    con = fit(module, [lr for _, _, lr in grid], *head_data, desc="concept heads", **common)
+    keep = getattr(module, "heads", module).keep_list
 
     def row(res, h, **extra):
-        return dict(extra, top1=float(res["top1"][h]), top5=float(res["top5"][h]), epoch=int(res["epoch"][h]),
-                    train_loss=float(res["train_loss"][h]), val_loss=float(res["val_loss"][h]))
-    runs = [row(std, h, head="standard", ratio=None, lr=lr) for h, lr in enumerate(lrs)]
-    runs += [row(con, h, head="concept", ratio=r, lr=lr, n_active=n_keep(r, k)) for h, (r, lr) in enumerate(grid)]
-    return runs, probes
+        return dict(extra, top1=_num(res["top1"][h]), top5=_num(res["top5"][h]),
+                    select_top1=_num(res["select_top1"][h]), epoch=int(res["epoch"][h]),
+                    train_loss=_num(res["train_loss"][h]), val_loss=_num(res["val_loss"][h]),
+                    diverged=int(res["diverged"][h]) or None)
+    runs = [row(std, h, head="standard", ratio=None, lr=lr, seed=s, index=h) for h, (s, lr) in enumerate(std_grid)]
+    runs += [row(con, h, head="concept", ratio=r, lr=lr, seed=s, index=h, n_active=keep[h])
+             for h, (s, r, lr) in enumerate(grid)]
+    for i, r in enumerate(runs):
+        r["pred_row"] = i
+    _check_divergence(runs)
+    return runs, probes, np.concatenate([std["pred"], con["pred"]])
 
 
-def save(out, key, meta, grid, runs, heads, probes, extra_tensors):
-    """heads.pt, then results.json (whose presence with a matching key marks the run done)."""
-    ratios, lrs = sorted(set(r for r, _ in grid)), sorted(set(lr for _, lr in grid))
+def _check_divergence(runs):
+    """Fail when a whole kind of head diverged; otherwise say which heads did (they never count towards a score)."""
+    bad = [r for r in runs if r["diverged"]]
+
+    def name(r):
+        what = "standard probe" if r["head"] == "standard" else f"concept head s={r['ratio']:g}"
+        return f"{what} lr={r['lr']:g} seed={r['seed']} (epoch {r['diverged']})"
+    for kind in ("standard", "concept"):
+        mine = [r for r in runs if r["head"] == kind]
+        if all(r["diverged"] for r in mine):
+            raise UserError(f"training diverged: every {kind} head's loss became NaN/Inf, first the "
+                            f"{name(min(mine, key=lambda r: r['diverged']))}; lower --lrs")
+    for r in bad:
+        print(f"note: {name(r)} diverged (loss NaN/Inf) and was stopped; it is marked in results.json and not scored")
+
+
+def save(out, key, meta, grid, runs, preds, val_labels, heads, probes, extra_tensors):
+    """heads.pt and predictions.npz, then results.json (whose presence with a matching key marks the run done)."""
+    ratios, lrs, seeds = sorted(set(g[1] for g in grid)), sorted(set(g[2] for g in grid)), list(meta["seeds"])
     os.makedirs(out, exist_ok=True)
+    std = [r for r in runs if r["head"] == "standard"]
     atomic_torch_save(os.path.join(out, "heads.pt"), {
         **extra_tensors, "ratios": torch.tensor(ratios, dtype=torch.float64),
-        "lrs": torch.tensor(lrs, dtype=torch.float64), "grid": torch.tensor(grid, dtype=torch.float64),
+        "lrs": torch.tensor(lrs, dtype=torch.float64),
+        "grid": torch.tensor([(r, lr) for _, r, lr in grid], dtype=torch.float64),
+        "head_seed": torch.tensor([s for s, _, _ in grid]), "head_group": torch.tensor(groups_of(grid, seeds)),
+        "standard_grid": torch.tensor([(r["seed"], r["lr"]) for r in std], dtype=torch.float64),
         **{f"concept.{n}": p.detach().cpu() for n, p in heads.named_parameters()},
         **{f"standard.{n}": p.detach().cpu() for n, p in probes.named_parameters()}})
+    buf = io.BytesIO()
+    dt = np.int16 if len(meta["classes"]) <= np.iinfo(np.int16).max else np.int32
+    np.savez(buf, pred=preds.astype(dt), labels=np.asarray(val_labels, dtype=np.int64))
+    atomic_write_bytes(os.path.join(out, "predictions.npz"), buf.getvalue())
     path = os.path.join(out, "results.json")
     atomic_write_json(path, {"schema": RESULTS_SCHEMA, "key": key, "key_hash": key_hash(key), "meta": meta,
-                             "sparsity_grid": ratios, "lr_grid": lrs, "runs": runs})
-    best = max(r["top1"] for r in runs if r["head"] == "standard")
-    print(f"standard top-1 {best:.2f}%; concept heads at s={ratios[0]}: "
-          f"{max(r['top1'] for r in runs if r['ratio'] == ratios[0]):.2f}% -> {path}")
+                             "sparsity_grid": ratios, "lr_grid": lrs, "seeds": seeds,
+                             "predictions": "predictions.npz", "runs": runs})
+
+    def best(rows):
+        return max((r["top1"] for r in rows if r["top1"] is not None and not r["diverged"]), default=float("nan"))
+    print(f"standard top-1 {best(std):.2f}%; concept heads at s={ratios[0]}: "
+          f"{best([r for r in runs if r['ratio'] == ratios[0]]):.2f}% (best over lrs and seeds) -> {path}")
+
+
+def run_meta(args, train_meta, val_meta, **extra):
+    """results.json's meta: the backbone, the protocol and what identifies the val samples (for paired tests)."""
+    return dict(backbone_meta(train_meta), **extra, protocol=args.protocol, select_on=args.select_on,
+                seeds=list(args.seeds), val_samples=key_hash(val_meta["key"].get("data", val_meta["key"])))
 
 
 def backbone_meta(train_meta):
