@@ -2,21 +2,34 @@
 
     python iis_computing.py outputs/runs/fashion_mnist/efficientnet_lite0/prototype_segments
 
-IIS = trapezoid-rule area of (top-1 at sparsity s / standard top-1) over the sparsity grid, where each ratio's top-1
-is the best over the lr grid and the standard top-1 is the best linear probe. Given several results folders, prints
-them side by side and overlays their curves in one plot; with --report DIR also writes a comparison report:
+IIS = trapezoid-rule area of (top-1 at sparsity s / standard top-1) over the sparsity grid. Per seed, each ratio's
+top-1 is that of the head (lr) with the best selection accuracy and the standard top-1 that of the best linear probe;
+diverged heads never count. The IIS printed is the mean over seeds, ± their standard deviation, with a 95 % bootstrap
+interval over the val samples (--bootstrap resamples, from the per-sample predictions the trainers keep), and next to
+it the chance-corrected IIS (every accuracy taken above the majority-class rate of the val labels). A run whose
+standard top-1 is not above chance by its own interval is flagged chance-level: its IIS measures noise.
+
+Is A more interpretable than B? A paired bootstrap on the same val samples, with a p-value and a verdict:
+
+    python iis_computing.py RUN_A RUN_B --compare
+
+Given several results folders, prints them side by side and overlays their curves in one plot; with --report DIR
+also writes a comparison report:
 
     python iis_computing.py outputs/runs/fashion_mnist/*/* --report outputs/reports/fashion_mnist
 
-DIR/report.md and DIR/report.csv (backbone, weights, layer, dataset, concept type, standard top-1, IIS, top-1 at each
-ratio), DIR/curves.png (every curve overlaid) and DIR/scatter.png (IIS against standard top-1, with Pearson and
-Spearman correlations).
+DIR/report.md and DIR/report.csv (backbone, weights, layer, dataset, concept type, seeds, standard top-1, IIS ± std
+over seeds, intervals, chance level and flag, chance-corrected IIS, top-1 at each ratio, and the paired verdict of
+each row against the next), DIR/curves.png (every curve overlaid, with bands) and DIR/scatter.png (IIS against
+standard top-1 with error bars, chance-level runs hollow and left out of the Pearson and Spearman correlations).
 """
 import argparse
 import os
 
-from utils import cli
-from utils.iis import score
+import numpy as np
+
+from utils import cli, stats
+from utils.iis import load_predictions, score_with_stats
 from utils.report import plot_curves, plot_scatter, table_rows, write_table
 from utils.store import atomic_write_json, read_json
 
@@ -29,49 +42,178 @@ def get_args_parser():
                    help="PNG path of the combined plot (default: iis_curve.png beside a single results file, "
                         "iis_compare.png in the folder common to several)")
     p.add_argument("--report", default=None, help="folder for the comparison report (table, curves, scatter)")
+    add_stats_args(p)
     return p
+
+
+def add_stats_args(p):
+    g = p.add_argument_group("intervals and comparison")
+    g.add_argument("--bootstrap", type=int, default=stats.N_BOOT, metavar="N",
+                   help="bootstrap resamples of the val samples for the 95%% intervals and paired tests (0: none)")
+    g.add_argument("--bootstrap_seed", type=int, default=0,
+                   help="seed of the resamples; runs on the same val samples share them, which pairs them")
+    g.add_argument("--compare", action="store_true",
+                   help="with exactly two runs A B: is IIS(A) different from IIS(B)? paired bootstrap interval, "
+                        "two-sided p-value and a verdict; refused for runs on different val samples")
+    return g
 
 
 def label_of(meta):
     return f"{meta.get('backbone')}@{meta.get('layer')} {meta.get('concept_type')}"
 
 
+def score_path(path, args):
+    """Score one results file or folder: (label, scored dict as written to iis.json, results, paired material)."""
+    f = os.path.join(path, "results.json") if os.path.isdir(path) else path
+    if not os.path.isfile(f):
+        raise cli.UserError(f"no results.json at {path}: run IP_training first")
+    res = read_json(f)
+    if "runs" not in res:
+        raise cli.UserError(f"{f} is not a results file (no 'runs')")
+    preds = load_predictions(res, os.path.dirname(f))
+    s, paired = score_with_stats(res, preds, args.metric, args.bootstrap, args.bootstrap_seed)
+    s.update(results=os.path.abspath(f), meta={k: res["meta"].get(k) for k in (
+        "backbone", "weights", "layer", "dataset", "concept_type", "n_concepts", "n_train", "n_val", "select_on",
+        "protocol", "val_samples")})
+    return label_of(res["meta"]), s, paired
+
+
+def not_comparable(a, b, name_a="A", name_b="B"):
+    """Why two scored runs cannot be compared pair-wise, or None when they can."""
+    (_, sa, pa), (_, sb, pb) = a, b
+    for name, s, p in ((name_a, sa, pa), (name_b, sb, pb)):
+        if p is None:
+            return (f"{name} has no per-sample predictions (results written before they were kept)"
+                    if s["metric"] == "top1" else "paired comparisons need --metric top1 (the predictions are top-1)")
+        if p["samples"] is None:
+            return "the bootstrap is off (--bootstrap 0)"
+    va, vb = sa["meta"].get("val_samples"), sb["meta"].get("val_samples")
+    if va is None or vb is None:
+        missing = name_a if va is None else name_b
+        return f"{missing} does not record which val samples it was scored on (meta.val_samples)"
+    if va != vb or not np.array_equal(pa["labels"], pb["labels"]):
+        return f"{name_a} and {name_b} were scored on different val samples (val_samples {va} vs {vb})"
+    return None
+
+
+def paired(a, b):
+    """Paired comparison of two comparable scored runs. Both were bootstrapped with the same seed on the same val
+    samples, so resample j is the same draw for both and the difference of their samples is the paired bootstrap
+    (tests check it equals stats.paired_bootstrap, which stacks both runs' heads explicitly)."""
+    (_, sa, pa), (_, sb, pb) = a, b
+    return stats.compare(pa["samples"]["iis"], pb["samples"]["iis"], sa["iis"] - sb["iis"], len(pa["labels"]),
+                         sa["interval"]["level"])
+
+
+def fmt_interval(v, nd=4):
+    return f"[{v[0]:.{nd}f}, {v[1]:.{nd}f}]"
+
+
+def summary_lines(lbl, s):
+    """What to say about one run beyond the table: flag, note."""
+    out = []
+    if s.get("chance_level"):
+        m = (s.get("interval") or {}).get("margin")
+        why = (f"standard - chance in {fmt_interval(m, 2)} points" if m else "at or below it")
+        out.append(f"chance-level: {lbl}: standard top-1 {s['standard_accuracy']:.2f} % is not above chance "
+                   f"(majority class, {s['chance']:.2f} %) by its own interval ({why}): its IIS measures noise, "
+                   f"not interpretability")
+    if s.get("note"):
+        out.append(f"note: {lbl}: {s['note']}")
+    return out
+
+
+def headline(s):
+    seeds = len(s["seeds"])
+    spread = f" ± {s['iis_std']:.4f} (std over {seeds} seeds)" if s["iis_std"] is not None else " (1 seed: no spread)"
+    out = f"IIS = {s['iis']:.4f}{spread}"
+    iv = s.get("interval")
+    if iv:
+        out += (f", {100 * iv['level']:g} % bootstrap interval {fmt_interval(iv['iis'])} "
+                f"({iv['resamples']} resamples of {s['n_val']} val samples)")
+    if s.get("iis_chance_corrected") is not None:
+        out += f"; chance-corrected IIS {s['iis_chance_corrected']:.4f}" + (
+            f" {fmt_interval(iv['iis_chance_corrected'])}" if iv else "") + f" (chance {s['chance']:.2f} %)"
+    return out
+
+
+def print_table(scored, metric):
+    width = max(len(lbl) for lbl, _ in scored)
+    ratios = scored[0][1]["ratios"]
+    print(f"{'run':<{width}}  {'standard ' + metric:>13}  {'IIS':>6}  {'± seeds':>7}  {'95 % interval':>16}  "
+          f"{'chance-corr.':>12}  " + "  ".join(f"s={r:g}" for r in ratios))
+    for lbl, s in scored:
+        iv = (s.get("interval") or {}).get("iis")
+        cc = s.get("iis_chance_corrected")
+        print(f"{lbl:<{width}}  {s['standard_accuracy']:>12.2f}%  {s['iis']:>6.4f}  "
+              f"{'' if s['iis_std'] is None else format(s['iis_std'], '.4f'):>7}  "
+              f"{fmt_interval(iv) if iv else '':>16}  {'' if cc is None else format(cc, '.4f'):>12}" +
+              (" *  " if s.get("chance_level") else "    ") +
+              "  ".join(f"{a:>{len(f's={r:g}')}.1f}" for r, a in zip(s["ratios"], s["accuracies"])))
+
+
 def main(args):
-    scored = []
-    for path in args.results:
-        f = os.path.join(path, "results.json") if os.path.isdir(path) else path
-        if not os.path.isfile(f):
-            raise cli.UserError(f"no results.json at {path}: run IP_training first")
-        res = read_json(f)
-        if "runs" not in res:
-            raise cli.UserError(f"{f} is not a results file (no 'runs')")
-        s = score(res, args.metric)
-        s.update(results=os.path.abspath(f), meta={k: res["meta"].get(k) for k in (
-            "backbone", "weights", "layer", "dataset", "concept_type", "n_concepts", "n_train", "n_val")})
-        out_dir = os.path.dirname(f)
+    if args.compare and len(args.results) != 2:
+        raise cli.UserError(f"--compare takes exactly two runs (A B), got {len(args.results)}; "
+                            f"--report gives the paired verdicts between neighbouring rows of many")
+    if args.bootstrap < 0:
+        raise cli.UserError(f"--bootstrap must be 0 (no interval) or a number of resamples, got {args.bootstrap}")
+    entries = [score_path(p, args) for p in args.results]
+    if args.compare:   # refuse before writing anything, so a refused comparison leaves no half-done outputs
+        reason = not_comparable(*entries)
+        if reason:
+            raise cli.UserError(f"cannot compare: {reason}")
+    scored = [(lbl, s) for lbl, s, _ in entries]
+    for lbl, s in scored:
+        out_dir = os.path.dirname(s["results"])
         atomic_write_json(os.path.join(out_dir, "iis.json"), s)
-        if len(args.results) > 1:
-            plot_curves([(label_of(res["meta"]), s)], os.path.join(out_dir, "iis_curve.png"))
-        scored.append((label_of(res["meta"]), s))
+        if len(scored) > 1:
+            plot_curves([(lbl, s)], os.path.join(out_dir, "iis_curve.png"))
     dirs = [os.path.dirname(s["results"]) for _, s in scored]
     plot = args.plot or (os.path.join(dirs[0], "iis_curve.png") if len(dirs) == 1 else
                          os.path.join(os.path.commonpath(dirs), "iis_compare.png"))
     plot = plot_curves(scored, plot)
-    width = max(len(lbl) for lbl, _ in scored)
-    print(f"{'run':<{width}}  {'standard ' + args.metric:>13}  {'IIS':>6}  " +
-          "  ".join(f"s={r:g}" for r in scored[0][1]["ratios"]))
+    print_table(scored, args.metric)
+    if any(s.get("chance_level") for _, s in scored):
+        print("* chance-level run (see below)")
     for lbl, s in scored:
-        print(f"{lbl:<{width}}  {s['standard_accuracy']:>12.2f}%  {s['iis']:>6.4f}  " +
-              "  ".join(f"{a:>{len(f's={r:g}')}.1f}" for r, a in zip(s["ratios"], s["accuracies"])))
-    print(f"IIS = {scored[0][1]['iis']:.4f}" + (" (first run)" if len(scored) > 1 else ""))
+        for line in summary_lines(lbl, s):
+            print(line)
+    print(headline(scored[0][1]) + (" (first run)" if len(scored) > 1 else ""))
     print(f"curve: {plot}")
+    if args.compare:
+        c = paired(*entries)
+        print(f"A = {scored[0][0]}\nB = {scored[1][0]}")
+        line = stats.verdict_line(c, "A", "B", seeds=f"{len(scored[0][1]['seeds'])} + {len(scored[1][1]['seeds'])}")
+        flagged = [n for n, (_, s) in zip("AB", scored) if s.get("chance_level")]
+        print(line + (f"; {' and '.join(flagged)} chance-level: its IIS is noise" if flagged else ""))
     if args.report:
-        rows = table_rows(scored)
-        write_table(rows, os.path.join(args.report, "report.md"), os.path.join(args.report, "report.csv"))
+        comparisons = []
+        for i in range(len(entries) - 1):
+            reason = not_comparable(entries[i], entries[i + 1], f"row {i + 1}", f"row {i + 2}")
+            if reason:
+                comparisons.append({"reason": reason})
+            else:
+                c = paired(entries[i], entries[i + 1])
+                line = stats.verdict_line(c, f"row {i + 1}", f"row {i + 2}")
+                flagged = [f"row {j + 1}" for j in (i, i + 1) if scored[j][1].get("chance_level")]
+                if flagged:   # a difference to a chance-level IIS is real but says nothing about interpretability
+                    line += f"; {' and '.join(flagged)} chance-level: its IIS is noise"
+                comparisons.append(dict(c, line=line))
+        rows = table_rows(scored, comparisons)
+        write_table(rows, os.path.join(args.report, "report.md"), os.path.join(args.report, "report.csv"),
+                    comparisons)
         plot_curves(scored, os.path.join(args.report, "curves.png"))
-        _, pearson, spearman = plot_scatter(rows, os.path.join(args.report, "scatter.png"))
+        _, corr = plot_scatter(rows, os.path.join(args.report, "scatter.png"))
+        left = f", {corr['left_out']} chance-level left out" if corr["left_out"] else ""
         print(f"report: {os.path.abspath(args.report)}/report.md, report.csv, curves.png, scatter.png "
-              f"(IIS vs standard top-1: Pearson {pearson:.3f}, Spearman {spearman:.3f})")
+              f"(IIS vs standard top-1 over {corr['n']} runs{left}: Pearson {corr['pearson']:.3f}, "
+              f"Spearman {corr['spearman']:.3f})")
+        pi, si = corr["pearson_interval"], corr["spearman_interval"]
+        if pi[0] == pi[0]:   # NaN != NaN: no interval below four runs
+            print(f"95 % Fisher-z intervals: Pearson {fmt_interval(pi, 3)}, Spearman {fmt_interval(si, 3)}")
+        for i, c in enumerate(comparisons):
+            print(f"row {i + 1} vs row {i + 2}: " + (f"not compared: {c['reason']}" if "reason" in c else c["line"]))
 
 
 if __name__ == "__main__":

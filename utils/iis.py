@@ -1,7 +1,21 @@
-"""The Inherent Interpretability Score: area under (accuracy at sparsity s / standard accuracy) over s."""
+"""The Inherent Interpretability Score: area under (accuracy at sparsity s / standard accuracy) over s.
+
+Scoring rule (results schema ``iis.results/2``; schema 1 reads as one seed, 0, selected on val, nothing diverged,
+no predictions): for each seed and each sparsity ratio, the non-diverged concept head with the highest
+``select_top1`` (ties: the lower lr) supplies that ratio's accuracy; the standard accuracy is the best non-diverged
+standard probe of that seed, chosen the same way. The IIS of each seed is the trapezoid area of its normalised
+curve; the headline IIS is their mean. A ratio, or the standard probe, whose every head diverged has no accuracy and
+is refused. With per-sample predictions, :func:`score_with_stats` adds the intervals of :mod:`utils.stats`.
+"""
+import os
+import zipfile
+
 import numpy as np
 
+from . import stats
 from .cli import UserError
+
+SCHEMA_2 = "iis.results/2"
 
 
 def iis(ratios, accuracies, standard_accuracy):
@@ -23,21 +37,169 @@ def iis(ratios, accuracies, standard_accuracy):
     return float(np.sum((r[order][1:] - r[order][:-1]) * (y[1:] + y[:-1]) / 2.0))
 
 
-def curve(runs, metric="top1"):
-    """From a results file's runs: (standard accuracy, sorted ratios, accuracy per ratio), each the best over lrs."""
-    std = [r[metric] for r in runs if r["head"] == "standard"]
-    if not std:
+def runs_of(results):
+    """The results' runs with schema-2 defaults filled in for schema-1 rows (seed 0, chosen on their own top-1,
+    never diverged), so one rule scores both."""
+    out = []
+    for r in results["runs"]:
+        r = dict(r)
+        r.setdefault("seed", 0)
+        r.setdefault("diverged", None)
+        if r.get("select_top1") is None:
+            r["select_top1"] = r["top1"]
+        out.append(r)
+    return out
+
+
+def _pick(rows, what, seed):
+    """The row that scores among ``rows`` (one seed, one ratio or the standard probe)."""
+    ok = [r for r in rows if r["diverged"] is None or r["diverged"] is False]   # 0 may be a (0-based) epoch
+    if not ok:
+        how = ", ".join(f"lr {r['lr']:g} at epoch {r['diverged']}" for r in rows)
+        raise UserError(f"every head of {what} (seed {seed}) diverged ({how}): it has no accuracy to score; "
+                        f"retrain with smaller learning rates")
+    # highest select_top1, then the lower lr: max() over (select_top1, -lr) keeps the first of exact duplicates
+    return max(ok, key=lambda r: (r["select_top1"], -r["lr"]))
+
+
+def select(runs):
+    """Per seed, the rows that score: ``{seed: {"standard": row, "ratios": {ratio: row}}}``; ``runs`` as from
+    :func:`runs_of`. Every seed must cover the same ratios."""
+    seeds = sorted({r["seed"] for r in runs})
+    ratios = sorted({r["ratio"] for r in runs if r["head"] == "concept"})
+    if not any(r["head"] == "standard" for r in runs):
         raise UserError("the results hold no standard linear probe run")
-    best = {}
-    for r in runs:
-        if r["head"] == "concept":
-            best[r["ratio"]] = max(best.get(r["ratio"], -np.inf), r[metric])
-    ratios = sorted(best)
-    return max(std), ratios, [best[s] for s in ratios]
+    chosen = {}
+    for seed in seeds:
+        mine = [r for r in runs if r["seed"] == seed]
+        std = [r for r in mine if r["head"] == "standard"]
+        if not std:
+            raise UserError(f"seed {seed} has concept heads but no standard linear probe")
+        per_ratio = {}
+        for s in ratios:
+            rows = [r for r in mine if r["head"] == "concept" and r["ratio"] == s]
+            if not rows:
+                raise UserError(f"seed {seed} has no concept head at sparsity {s:g} (other seeds do)")
+            per_ratio[s] = _pick(rows, f"sparsity {s:g}", seed)
+        chosen[seed] = {"standard": _pick(std, "the standard probe", seed), "ratios": per_ratio}
+    return chosen
+
+
+def curve(runs, metric="top1", seed=None):
+    """(standard accuracy, sorted ratios, accuracy per ratio) of one seed (``seed``; None = the only seed, or with
+    several, each accuracy averaged over seeds). ``runs`` may be raw results runs (schema 1 or 2)."""
+    chosen = select(runs_of({"runs": runs}))
+    seeds = [seed] if seed is not None else sorted(chosen)
+    if seed is not None and seed not in chosen:
+        raise UserError(f"no seed {seed} in these results (seeds: {sorted(chosen)})")
+    ratios = sorted(chosen[seeds[0]]["ratios"])
+    std = float(np.mean([chosen[k]["standard"][metric] for k in seeds]))
+    accs = [float(np.mean([chosen[k]["ratios"][s][metric] for k in seeds])) for s in ratios]
+    return std, ratios, accs
 
 
 def score(results, metric="top1"):
-    """IIS of a results dict (the schema written by the training scripts), with the curve behind it."""
-    std, ratios, accs = curve(results["runs"], metric)
-    return {"iis": iis(ratios, accs, std), "standard_accuracy": std, "ratios": ratios, "accuracies": accs,
-            "normalised": [a / std for a in accs], "metric": metric}
+    """IIS of a results dict (schema 1 or 2): the mean over seeds, with each seed's curve and the heads behind it.
+
+    ``accuracies``/``standard_accuracy`` are means over seeds and ``normalised`` the mean of the seeds' normalised
+    curves, whose area is therefore exactly ``iis``.
+    """
+    runs = runs_of(results)
+    chosen = select(runs)
+    per_seed = []
+    for seed, c in chosen.items():
+        ratios = sorted(c["ratios"])
+        std = c["standard"][metric]
+        accs = [c["ratios"][s][metric] for s in ratios]
+        if not all(np.isfinite([std] + accs)):
+            raise UserError(f"seed {seed}: a chosen head has a non-finite {metric}; the results file is damaged")
+        per_seed.append({"seed": seed, "iis": iis(ratios, accs, std), "standard_accuracy": std, "accuracies": accs,
+                         "normalised": [a / std for a in accs], "standard_lr": c["standard"]["lr"],
+                         "lrs": [c["ratios"][s]["lr"] for s in ratios],
+                         "pred_rows": [c["standard"].get("pred_row")] + [c["ratios"][s].get("pred_row")
+                                                                         for s in ratios]})
+    mean, std_over_seeds = stats.seed_spread([p["iis"] for p in per_seed])
+    return {"iis": mean, "iis_std": std_over_seeds, "seeds": [p["seed"] for p in per_seed],
+            "standard_accuracy": float(np.mean([p["standard_accuracy"] for p in per_seed])), "ratios": ratios,
+            "accuracies": np.mean([p["accuracies"] for p in per_seed], 0).tolist(),
+            "normalised": np.mean([p["normalised"] for p in per_seed], 0).tolist(), "metric": metric,
+            "diverged_heads": sum(r["diverged"] is not None and r["diverged"] is not False for r in runs),
+            "per_seed": per_seed}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-sample predictions and intervals
+# ---------------------------------------------------------------------------------------------------------------------
+def load_predictions(results, folder):
+    """``(pred (R, N), labels (N,))`` from the predictions file a results dict names, or None when it names none
+    (schema 1). Refuses a file that is missing, unreadable or disagrees with the results' accuracies."""
+    name = results.get("predictions")
+    if not name:
+        return None
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing: results.json names it for its per-sample predictions")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            pred, labels = z["pred"], z["labels"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not a readable predictions file with 'pred' and 'labels' ({e})") from None
+    if pred.ndim != 2 or labels.ndim != 1 or pred.shape[1] != len(labels) or len(labels) == 0:
+        raise UserError(f"{path}: pred {pred.shape} does not match labels {labels.shape} (want (R, N) and (N,))")
+    if labels.min() < 0:
+        raise UserError(f"{path}: negative labels")
+    n_val = results.get("meta", {}).get("n_val")
+    if n_val is not None and n_val != len(labels):
+        raise UserError(f"{path} holds {len(labels)} val samples, results.json says n_val = {n_val}")
+    # each head's stored top-1 must be what its predictions give, or the interval would describe other heads
+    hits = None
+    for i, r in enumerate(results["runs"]):
+        row = r.get("pred_row")
+        if row is None:
+            raise UserError(f"{path}: run {i} ({r['head']}, ratio {r.get('ratio')}, lr {r.get('lr')}) has no pred_row")
+        if not 0 <= row < len(pred):
+            raise UserError(f"{path}: run {i} points at prediction row {row}, the file has {len(pred)}")
+        if hits is None:
+            hits = (pred == labels[None, :]).sum(1)
+        top1 = 100.0 * hits[row] / len(labels)
+        if abs(top1 - r["top1"]) > 1e-6:
+            raise UserError(f"{path}: row {row} gives top-1 {top1:.4f} % but results.json records {r['top1']:.4f} % "
+                            f"for run {i}; the two files are from different trainings")
+    return pred, labels
+
+
+NO_PREDICTIONS = ("no per-sample predictions in these results (written before they were kept, or by an older "
+                  "trainer): no interval, no chance level; retrain to get them")
+
+
+def score_with_stats(results, predictions=None, metric="top1", n_boot=stats.N_BOOT, boot_seed=0,
+                     level=stats.LEVEL):
+    """:func:`score` plus, from per-sample predictions, the intervals, chance level, chance-corrected IIS and flag.
+
+    Returns (scored, samples): ``scored`` is JSON-able (iis.json), with ``note`` saying why anything is missing;
+    ``samples`` holds the bootstrap arrays and correctness matrix for paired comparisons (None without them).
+    """
+    s = score(results, metric)
+    s.update(iis_chance_corrected=None, chance=None, chance_level=None, interval=None, note=None)
+    if predictions is None:
+        s["note"] = NO_PREDICTIONS
+        return s, None
+    if metric != "top1":
+        s["note"] = f"no interval or chance level for {metric}: the predictions hold each head's top-1 class only"
+        return s, None
+    pred, labels = predictions
+    rows = np.array([p["pred_rows"] for p in s["per_seed"]])
+    correct = pred[np.unique(rows)] == labels[None, :]      # only the heads that score, renumbered
+    rows = np.searchsorted(np.unique(rows), rows)
+    st, samples = stats.run_statistics(correct, rows, s["ratios"], labels, n_boot, boot_seed, level)
+    # the point IIS from the predictions equals the one from results.json (checked by load_predictions); keep the
+    # latter as the headline so a file without predictions and one with them print the same number
+    s.update(iis_chance_corrected=st["iis_chance_corrected"], iis_chance_corrected_std=st["iis_chance_corrected_std"],
+             chance=st["chance"], chance_level=st["chance_level"], n_val=st["n_val"])
+    if samples is None:
+        s["note"] = "no interval: the bootstrap is off (--bootstrap 0)"
+        return s, {"correct": correct, "rows": rows, "labels": labels, "samples": None}
+    s["interval"] = {k: st[f"{k}_interval"] for k in ("iis", "iis_chance_corrected", "standard_accuracy", "margin")}
+    s["interval"].update(normalised=st["normalised_interval"], level=level, resamples=n_boot, bootstrap_seed=boot_seed,
+                         covers="resampling of the val samples, heads fixed; seeds enter as their mean")
+    return s, {"correct": correct, "rows": rows, "labels": labels, "samples": samples}

@@ -1,0 +1,68 @@
+"""Report pieces with known answers: correlation intervals, chance-level runs left out of the correlations, the table's
+empty cells for runs without intervals, and figures that render with bands and error bars."""
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from utils import stats
+from utils.report import correlation_summary, correlations, plot_curves, plot_scatter, table_rows, write_table
+
+
+def test_fisher_z_interval_by_hand():
+    # r = 0.5, n = 28: z = atanh(.5) = 0.5493, se = 1/5 = 0.2, z -/+ 1.96 * 0.2 -> tanh(0.1573), tanh(0.9413)
+    lo, hi = stats.correlation_interval(0.5, 28)
+    assert (lo, hi) == pytest.approx((math.tanh(0.5493061 - 0.3919928), math.tanh(0.5493061 + 0.3919928)), abs=1e-6)
+    assert (lo, hi) == pytest.approx((0.1560, 0.7358), abs=1e-4)
+    slo, shi = stats.correlation_interval(0.5, 28, spearman=True)   # Spearman: se * sqrt(1.06), a little wider
+    assert slo < lo and shi > hi
+    assert all(math.isnan(v) for v in stats.correlation_interval(0.9, 3))
+    assert all(math.isnan(v) for v in stats.correlation_interval(float("nan"), 10))
+    assert stats.correlation_interval(1.0, 10)[1] == pytest.approx(1.0)
+
+
+def row(name, top1, iis, flag="no", lo=None, hi=None, ct="prototype"):
+    return {"backbone": name, "weights": "w", "layer": "l", "dataset": "d", "concept_type": ct, "seeds": 1,
+            "standard_top1": top1, "standard_lo": None if lo is None else top1 - 1,
+            "standard_hi": None if hi is None else top1 + 1, "chance": 10.0, "chance_level": flag, "iis": iis,
+            "iis_std": None, "iis_lo": lo, "iis_hi": hi, "iis_cc": None, "iis_cc_lo": None, "iis_cc_hi": None}
+
+
+def test_chance_level_runs_are_left_out_of_the_correlations():
+    good = [row(f"b{i}", 60 + 5 * i, 0.80 + 0.02 * i, lo=0.79 + 0.02 * i, hi=0.81 + 0.02 * i) for i in range(5)]
+    noise = [row("rand", 11.0, 0.985, flag="yes", lo=0.9, hi=1.05)]
+    c = correlation_summary(good + noise)
+    expected = correlations([r["standard_top1"] for r in good], [r["iis"] for r in good])
+    assert (c["pearson"], c["spearman"]) == pytest.approx(expected) and c["n"] == 5 and c["left_out"] == 1
+    assert correlations([r["standard_top1"] for r in good + noise], [r["iis"] for r in good + noise])[0] < 0
+    assert c["pearson_interval"] == pytest.approx(stats.correlation_interval(c["pearson"], 5))
+
+
+def test_figures_render_with_bands_error_bars_and_hollow_points(tmp_path):
+    rows = [row(f"b{i}", 60 + 5 * i, 0.80 + 0.02 * i, lo=0.79 + 0.02 * i, hi=0.81 + 0.02 * i) for i in range(4)]
+    rows += [row("rand", 11.0, 0.985, flag="yes", lo=0.9, hi=1.05, ct="cluster"), row("old", 70.0, 0.9)]
+    path, corr = plot_scatter(rows, str(tmp_path / "scatter.png"))
+    assert corr["n"] == 5 and corr["left_out"] == 1
+    ratios = [0.0, 0.5, 0.9]
+    s = {"iis": 0.7, "ratios": ratios, "normalised": [1.0, 0.8, 0.5], "chance_level": False,
+         "interval": {"normalised": [[0.95, 0.75, 0.4], [1.02, 0.85, 0.6]], "iis": [0.65, 0.75], "level": 0.95}}
+    plot_curves([("a", s), ("old", {"iis": 0.6, "ratios": ratios, "normalised": [0.9, 0.7, 0.3]})],
+                str(tmp_path / "curves.png"))
+    from PIL import Image
+    for name in ("scatter.png", "curves.png"):
+        img = np.asarray(Image.open(tmp_path / name).convert("RGB"))
+        assert img.shape[0] > 400 and len(np.unique(img.reshape(-1, 3), axis=0)) > 50   # drawn, not blank
+
+
+def test_table_leaves_missing_values_empty(tmp_path):
+    scored = [("a", {"meta": {"backbone": "x", "layer": "l", "concept_type": "prototype"}, "seeds": [0],
+                     "standard_accuracy": 70.0, "iis": 0.9, "iis_std": None, "ratios": [0.0, 0.5],
+                     "accuracies": [70.0, 60.0], "interval": None, "chance": None, "chance_level": None,
+                     "iis_chance_corrected": None})]
+    rows = table_rows(scored)
+    write_table(rows, str(tmp_path / "r.md"), str(tmp_path / "r.csv"))
+    out = list(csv.DictReader(open(tmp_path / "r.csv")))[0]
+    assert out["iis"] == "0.9" and out["iis_lo"] == "" and out["chance_level"] == "" and out["top1@0.5"] == "60.0"
+    md = open(tmp_path / "r.md").read().splitlines()
+    assert md[0].startswith("| backbone | weights | layer") and "| 0.9 | – |" in md[2]
