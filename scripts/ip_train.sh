@@ -12,7 +12,10 @@
 #   --clip_cutoff X / --interpretability_cutoff X   for text: override IP_Text_training's defaults
 #   --n_concepts N        [200]
 #   --epochs N            [30]
-#   --lrs "A B"           [0.001 0.01]
+#   --lrs "A B"           [the protocol's: 0.001 0.01, or 0.01 under reference]
+#   --seeds "0 1 2"       [0]  seeds stacked as extra heads of one sweep (their spread is reported with the IIS)
+#   --protocol P          [iis]  iis (ours) or reference (the original code's keep rule, schedule, batch and lr)
+#   --select_on S         [the protocol's]  val or holdout: what picks each head's epoch and each ratio's lr
 #   --device D            [auto]
 #   --out DIR             runs go to DIR/<concept_type>_<elements>/ (text: DIR/text/), the side-by-side plot to
 #                         DIR/iis_<elements>.png
@@ -20,12 +23,17 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
 PY=${PYTHON:-python}
-features=""; elements=segments; concept_types=prototype; n_concepts=200; epochs=30; lrs="0.001 0.01"; device=auto; out=""
+features=""; elements=segments; concept_types=prototype; n_concepts=200; epochs=30; lrs=""; device=auto; out=""
+seeds=0; protocol=iis; select_on=""
 clip=""; clip_cutoff=""; interpretability_cutoff=""
 parse_flags features elements concept_types n_concepts epochs lrs device out clip clip_cutoff interpretability_cutoff \
-  -- "$@"
+  seeds protocol select_on -- "$@"
 [ -n "$features" ] && [ -n "$out" ] || { echo "error: --features and --out are required (see --help)" >&2; exit 2; }
 
+# shellcheck disable=SC2206  # lrs and seeds are space-separated lists on purpose
+training=(--epochs "$epochs" --seeds $seeds --protocol "$protocol" --device "$device")
+[ -n "$lrs" ] && training+=(--lrs $lrs)
+[ -n "$select_on" ] && training+=(--select_on "$select_on")
 runs=()
 for ct in $concept_types; do
   case "$ct" in prototype|cluster|end2end|text) ;; *) echo "error: unknown concept type $ct" >&2; exit 2 ;; esac
@@ -35,16 +43,14 @@ for ct in $concept_types; do
     cut=()
     [ -n "$clip_cutoff" ] && cut+=(--clip_cutoff "$clip_cutoff")
     [ -n "$interpretability_cutoff" ] && cut+=(--interpretability_cutoff "$interpretability_cutoff")
-    # shellcheck disable=SC2086
     "$PY" -m IP_training.IP_Text_training --train_features "$features/train" --val_features "$features/val" \
-      --clip "$clip" "${cut[@]}" --epochs "$epochs" --lrs $lrs --device "$device" --out "$out/text"
+      --clip "$clip" "${cut[@]}" "${training[@]}" --out "$out/text"
     runs+=("$out/text")
     continue
   fi
-  # shellcheck disable=SC2086  # lrs is a space-separated list on purpose
   "$PY" -m IP_training.IP_Prototype_training --train_features "$features/train" --val_features "$features/val" \
-    --concepts "$features/elements_$elements" --concept_type "$ct" --n_concepts "$n_concepts" --epochs "$epochs" \
-    --lrs $lrs --device "$device" --out "$out/${ct}_$elements"
+    --concepts "$features/elements_$elements" --concept_type "$ct" --n_concepts "$n_concepts" "${training[@]}" \
+    --out "$out/${ct}_$elements"
   runs+=("$out/${ct}_$elements")
 done
 "$PY" iis_computing.py "${runs[@]}" --plot "$out/iis_$elements.png"

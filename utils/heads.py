@@ -52,18 +52,26 @@ def ranks(a):
     return torch.empty_like(order).scatter_(-1, order, torch.arange(a.shape[-1], device=a.device).expand_as(order))
 
 
-def _kth_smallest(mags, j):
-    """Per row of ``mags`` (H, N, K), the j[h]-th smallest value (0-based), as (H, N, 1).
-
-    On the CPU, NumPy's introselect (np.partition) is about ten times faster than torch.topk / kthvalue for K = 200
-    (bench/bench_topk.py); on a GPU one batched sort serves every head.
-    """
-    if mags.device.type == "cpu":
-        m = mags.numpy()
-        return torch.from_numpy(np.stack([np.partition(m[h], jh, axis=-1)[:, jh:jh + 1]
-                                          for h, jh in enumerate(j)]))
-    s = mags.sort(dim=-1).values
-    return s.gather(-1, torch.as_tensor(j, device=mags.device).view(-1, 1, 1).expand(-1, mags.shape[1], 1))
+def _np_masks(a, keep, rule):
+    """CPU masks with NumPy's introselect (np.partition): about ten times faster than torch.topk or a sort for
+    K = 200 (bench/bench_topk.py), and single-threaded, so it does not contend with torch's thread pool."""
+    out = np.empty(a.shape, dtype=bool)
+    k_all = a.shape[-1]
+    for h, k in enumerate(keep):
+        if k >= k_all or k <= 0:
+            out[h] = k > 0
+            continue
+        if rule == "reference":   # strictly above the (K - k - 1)-th smallest, as the original thresholds
+            j = k_all - k - 1
+            out[h] = a[h] > np.partition(a[h], j, axis=-1)[:, j:j + 1]
+            continue
+        j = k_all - k             # at or above the k-th largest: exactly k per row unless values tie there
+        m = a[h] >= np.partition(a[h], j, axis=-1)[:, j:j + 1]
+        for r in np.flatnonzero(m.sum(1) != k):   # ties: keep the lower indices, as a stable sort would
+            m[r] = False
+            m[r, np.argsort(-a[h, r], kind="stable")[:k]] = True
+        out[h] = m
+    return torch.from_numpy(out)
 
 
 def topk_mask(a, keep, rule="round"):
@@ -76,27 +84,15 @@ def topk_mask(a, keep, rule="round"):
     """
     if isinstance(keep, int):
         return topk_mask(a.unsqueeze(0), [keep], rule)[0]
+    keep = [int(k) for k in keep]
     with torch.no_grad():
+        if a.device.type == "cpu":
+            return _np_masks(np.abs(a.detach().float().numpy()), keep, rule)
         mags = a.detach().abs().float()
-        k_all = mags.shape[-1]
-        keep = [int(k) for k in keep]
-        if rule == "reference":
-            return mags > _kth_smallest(mags, [min(k_all - 1, k_all - k - 1) for k in keep])
-        want = torch.as_tensor(keep, device=mags.device).view(-1, 1, 1)
-        if mags.device.type != "cpu":   # one stable sort for every head, no host synchronisation
-            return ranks(mags) < want
-        part = [h for h, k in enumerate(keep) if k < k_all]
-        mask = torch.ones_like(mags, dtype=torch.bool)
-        if part:
-            sub = mags[part] if len(part) < len(keep) else mags
-            m = sub >= _kth_smallest(sub, [k_all - keep[h] for h in part])
-            want = want[part, 0]
-            tied = m.sum(-1) != want
-            if bool(tied.any()):   # values equal to the threshold: keep the lower indices, exactly k per row
-                hh, rr = torch.nonzero(tied, as_tuple=True)
-                m[hh, rr] = ranks(sub[hh, rr]) < want[hh]
-            mask[part] = m
-        return mask
+        if rule == "reference":   # one batched sort gives every head's threshold, no host synchronisation
+            j = torch.as_tensor([min(mags.shape[-1] - 1, mags.shape[-1] - k - 1) for k in keep], device=a.device)
+            return mags > mags.sort(dim=-1).values.gather(-1, j.view(-1, 1, 1).expand(-1, mags.shape[1], 1))
+        return ranks(mags) < torch.as_tensor(keep, device=a.device).view(-1, 1, 1)
 
 
 def with_ranks(a):

@@ -159,6 +159,8 @@ def load_predictions(results, folder):
             raise UserError(f"{path}: run {i} ({r['head']}, ratio {r.get('ratio')}, lr {r.get('lr')}) has no pred_row")
         if not 0 <= row < len(pred):
             raise UserError(f"{path}: run {i} points at prediction row {row}, the file has {len(pred)}")
+        if r["top1"] is None:   # a head that diverged before its first epoch ended: nothing was kept
+            continue
         if hits is None:
             hits = (pred == labels[None, :]).sum(1)
         top1 = 100.0 * hits[row] / len(labels)
