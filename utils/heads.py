@@ -193,7 +193,10 @@ class _SparseHeads(MaskedLinearHeads):
     def activations(self, x):
         """(H, N, K) concept activations after each head's LayerNorm, before masking."""
         c, x = self.concept_matrix(), x.float()
-        if c.ndim == 3:
+        shared = x.ndim == 2 or x.shape[0] == 1   # one input for every head: one GEMM, not a batch of H
+        if c.ndim == 3 and shared:
+            s = torch.einsum("nd,hkd->hnk", x.reshape(-1, x.shape[-1]), c)
+        elif c.ndim == 3:
             s = torch.einsum("hnd,hkd->hnk", self.per_head(x), c)
         elif x.ndim == 3 and x.shape[0] > 1:
             s = self.per_head(x) @ c.T
@@ -302,8 +305,10 @@ class End2EndConceptHeads(_SparseHeads):
         return F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
 
     def concept_matrix(self):
-        e = self.elements.expand(len(self.groups), -1, -1) if len(self.elements) == 1 else self.elements[self.groups]
-        return F.normalize(torch.einsum("hek,hed->hkd", self.assignment(), e), dim=-1)
+        a = self.assignment()
+        if len(self.elements) == 1:   # one pool for every head: one GEMM
+            return F.normalize(torch.einsum("hek,ed->hkd", a, self.elements[0]), dim=-1)
+        return F.normalize(torch.einsum("hek,hed->hkd", a, self.elements[self.groups]), dim=-1)
 
 
 class LinearProbes(_Grouped):
