@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils import cli, store
+from utils import cli, store, validate
 from utils.data import get_source, load_image
 from utils.explain import Run, contributions
 from utils.report import _pyplot, _save
@@ -40,6 +40,10 @@ def get_args_parser():
     p.add_argument("--concepts", type=int, default=12, help="gallery: concepts shown (the most used by the head)")
     p.add_argument("--per_concept", type=int, default=6, help="gallery: top-activating val images per concept")
     p.add_argument("--out", default=None, help="output folder (default: <run>/explanations)")
+    p.add_argument("--verify", action="store_true", default=None,
+                   help="also re-hash the val features and compare with the digest recorded when they were written "
+                        "(default: the IIS_VERIFY environment variable; structure, finite values, labels and indices "
+                        "are always checked)")
     return p
 
 
@@ -70,13 +74,23 @@ class Page:
         return os.path.abspath(path)
 
 
-def val_data(run):
+def val_data(run, verify=None):
+    """The run's val features, labels, dataset indices and image source, after the checks of utils/validate.py:
+    the entry's structure (and digests on request), finite features of the run's dimension, labels of the run's
+    classes, indices inside the dataset, all streamed over the memory map before anything is loaded."""
     entry = run.meta.get("inputs", {}).get("val")
     if not entry or not os.path.isdir(entry):
         raise cli.UserError(f"the run's val features ({entry}) are gone; re-extract them")
-    arrays, meta = store.read(entry)
+    arrays, meta = store.read(entry, verify=verify)
+    validate.require_arrays(entry, arrays, ("features", "labels", "indices"))
+    validate.check_split(entry, arrays, meta, dim=run.meta.get("feature_dim"), dim_of="the run's heads")
     info = meta["info"]
+    if info["classes"] != run.classes:
+        raise cli.UserError(f"{entry}: its class list differs from the run's ({len(info['classes'])} vs "
+                            f"{len(run.classes)} classes)")
     source = get_source(info["dataset"], "val", info.get("data_root", "data"))
+    validate.check_labels(entry, "indices", arrays["indices"], len(source),
+                          f"the {info['dataset']} val split has {len(source)} images")
     return np.asarray(arrays["features"]), np.asarray(arrays["labels"]), np.asarray(arrays["indices"]), source
 
 
@@ -140,8 +154,8 @@ def explain_one(run, h, x, img, label, name, args, out):
     return png, page.write(f"explain_{name}.html"), run.classes[pred]
 
 
-def gallery(run, h, args, out):
-    x, _, idx, source = val_data(run)
+def gallery(run, h, args, out, data):
+    x, _, idx, source = data
     a, _, _ = run.activations(h, x)
     used = run.t["concept.weight"][h].abs().sum(1)
     concepts = [int(k) for k in torch.argsort(used, descending=True)[:args.concepts]]
@@ -178,20 +192,23 @@ def main(args):
     run = Run(args.run)
     h = run.head(args.ratio, args.lr)
     out = args.out or os.path.join(args.run, "explanations")
-    os.makedirs(out, exist_ok=True)
-    if args.gallery:
-        png, page = gallery(run, h, args, out)
-        print(f"gallery: {png} and {page}")
-        return
     if args.image:
         if not os.path.isfile(args.image):
             raise cli.UserError(f"image {args.image} does not exist")
+    else:   # the val entry is checked before anything is written
+        data = val_data(run, args.verify)
+        if not args.gallery and not 0 <= args.index < len(data[0]):
+            raise cli.UserError(f"--index must be in [0, {len(data[0])})")
+    os.makedirs(out, exist_ok=True)
+    if args.gallery:
+        png, page = gallery(run, h, args, out, data)
+        print(f"gallery: {png} and {page}")
+        return
+    if args.image:
         x, img, label = embed_image(run, args.image), load_image(args.image), None
         name = os.path.splitext(os.path.basename(args.image))[0]
     else:
-        feats, labels, idx, source = val_data(run)
-        if not 0 <= args.index < len(feats):
-            raise cli.UserError(f"--index must be in [0, {len(feats)})")
+        feats, labels, idx, source = data
         x, label = feats[args.index], int(labels[args.index])
         img, name = source.image(int(idx[args.index])), f"val{args.index}"
     png, page, pred = explain_one(run, h, x, img, label, name, args, out)

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, store, sweep
+from utils import cli, store, sweep, validate
 from utils.heads import MaskedLinearHeads, with_ranks
 from utils.text import Standardiser, clip_activations, fit_projection, top5_mean
 
@@ -41,9 +41,10 @@ def get_args_parser():
     return p
 
 
-def load_aligned(backbone_path, clip_path):
-    x, y, meta = sweep.load_split(backbone_path)
-    arrays, cmeta = store.read(clip_path)
+def load_aligned(backbone_path, clip_path, verify=None):
+    x, y, meta = sweep.load_split(backbone_path, verify)
+    arrays, cmeta = store.read(clip_path, verify=verify)
+    validate.check_split(clip_path, arrays, cmeta)
     bb_idx = store.read(backbone_path)[0].get("indices")
     if len(arrays["features"]) != len(x) or (bb_idx is not None and not np.array_equal(arrays["indices"], bb_idx)) \
             or not np.array_equal(arrays["labels"], y):
@@ -54,9 +55,10 @@ def load_aligned(backbone_path, clip_path):
 
 def main(args):
     ratios, lrs, grid = sweep.grid_of(args)
-    xtr, ytr, mtr, ctr, cmtr = load_aligned(args.train_features, os.path.join(args.clip, "train"))
-    xva, yva, mva, cva, cmva = load_aligned(args.val_features, os.path.join(args.clip, "val"))
-    text, tmeta = store.read(os.path.join(args.clip, "text"))
+    xtr, ytr, mtr, ctr, cmtr = load_aligned(args.train_features, os.path.join(args.clip, "train"), args.verify)
+    xva, yva, mva, cva, cmva = load_aligned(args.val_features, os.path.join(args.clip, "val"), args.verify)
+    text, tmeta = store.read(os.path.join(args.clip, "text"), verify=args.verify)
+    validate.check_finite(os.path.join(args.clip, "text"), "features", text["features"])
     concepts = tmeta["info"]["concepts"]
     if mtr["key"]["backbone"] != mva["key"]["backbone"]:
         raise cli.UserError("train and val features come from different backbones/layers/preprocessing")

@@ -14,7 +14,8 @@ from dataclasses import asdict
 from utils import cli
 from utils.backbones import Backbone, extract_to_store
 from utils.data import load_image
-from utils.store import file_digest, read_json
+from utils.store import file_digest
+from utils.validate import check_element_index
 
 
 class ElementImages:
@@ -46,9 +47,7 @@ def main(args):
     if not os.path.isfile(index_path):
         raise cli.UserError(f"no element library at {args.elements} (no index.json): run segment_extractor or "
                             f"patch_extractor first")
-    index = read_json(index_path)
-    if not index["elements"]:
-        raise cli.UserError(f"{index_path} lists no elements")
+    index = check_element_index(index_path)
     bb = Backbone.from_args(args)
     data = ElementImages(args.elements, index["elements"], bb.preprocess.element_transform())
     extract_to_store(bb.extractor, bb.key(), data, {"elements": file_digest(index_path)}, args.out,

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from . import store
+from . import store, validate
 from .cli import UserError
 from .heads import LinearProbes, Split, fit, rows
 from .store import atomic_torch_save, atomic_write_bytes, atomic_write_json, key_hash
@@ -22,6 +22,10 @@ def add_io_args(parser, concepts_flag, concepts_help):
     parser.add_argument("--val_features", required=True, help="store entry of backbone val features")
     parser.add_argument(concepts_flag, required=True, help=concepts_help)
     parser.add_argument("--out", required=True, help="output folder for results.json and heads.pt")
+    parser.add_argument("--verify", action="store_true", default=None,
+                        help="also re-hash every input array and compare with the digest recorded when it was written "
+                             "(default: the IIS_VERIFY environment variable; structure, finite values and labels are "
+                             "always checked)")
 
 
 # What each protocol fixes unless a flag says otherwise. "iis" is this project's; "reference" is the original code's
@@ -112,13 +116,14 @@ def is_done(out, key):
     return False
 
 
-def load_split(path):
-    """(features, labels, meta) of a store entry, with the checks every later step relies on."""
-    arrays, meta = store.read(path)
-    feats, labels = arrays["features"], arrays["labels"]
-    if feats.ndim != 2 or labels.ndim != 1 or len(feats) != len(labels):
-        raise UserError(f"{path}: {feats.shape[0] if feats.ndim else 0} feature rows but {len(labels)} labels")
-    return feats, labels, meta
+def load_split(path, verify=None, dim=None):
+    """(features, labels, meta) of a store entry, with the checks every later step relies on (utils/validate.py):
+    the entry's structure (and, with ``verify`` or IIS_VERIFY=1, its recorded digests), at least one row, ``dim``
+    columns when given, finite features and labels in [0, n_classes), streamed over the memory map. Trainers call it
+    before deciding whether their output is up to date, so a damaged input never passes as current."""
+    arrays, meta = store.read(path, verify=verify)
+    validate.check_split(path, arrays, meta, dim=dim)
+    return arrays["features"], arrays["labels"], meta
 
 
 def tensor(a, device):

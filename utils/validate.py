@@ -1,0 +1,278 @@
+"""Checks that keep a damaged or poisoned store entry from ever reaching a score (README, "What is checked").
+
+Two kinds:
+
+* **structure** (:func:`check_structure`, run by every :func:`utils.store.read`): each array meta.json lists has its
+  ``<name>.npy``, a well-formed .npy header whose shape and dtype are the ones meta.json records, and exactly the file
+  size they imply. It reads only the headers, so it costs nothing whatever the entry's size.
+* **content**: the digest recorded at write time (:func:`check_digests`, on request: ``--verify`` or ``IIS_VERIFY=1``),
+  finite features, labels in [0, n_classes), no empty split (:func:`check_split`). These stream over the memory map in
+  blocks of about :data:`BLOCK_BYTES`, so a 10 GB entry is checked without being loaded.
+
+Every failure is one :class:`~utils.cli.UserError` whose message starts with the entry's path.
+"""
+import hashlib
+import os
+
+import numpy as np
+import numpy.lib.format as npy_format
+
+from .cli import UserError
+
+DIGEST = "sha256"            # hardware-accelerated on current x86 and ARM CPUs: faster here than blake2b (README)
+BLOCK_BYTES = 16 << 20       # rows per streamed block: about this many bytes
+
+
+def verify_requested(flag=None):
+    """``flag`` if given, else the IIS_VERIFY environment variable (1/true/yes)."""
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get("IIS_VERIFY", "").strip().lower() in ("1", "true", "yes")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# structure
+# --------------------------------------------------------------------------------------------------------------------
+def npy_header(path):
+    """(shape, fortran_order, dtype, data offset) of a .npy file; ValueError with the reason when malformed."""
+    with open(path, "rb") as f:
+        try:
+            version = npy_format.read_magic(f)
+        except ValueError as e:
+            raise ValueError(f"bad magic bytes ({one_line(e)})") from None
+        try:
+            if version == (1, 0):
+                shape, fortran, dtype = npy_format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = npy_format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except (ValueError, SyntaxError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"unreadable header ({one_line(e)})") from None
+        return tuple(shape), bool(fortran), dtype, f.tell()
+
+
+def one_line(e, limit=100):
+    """An exception's message as one short printable line (numpy quotes a damaged header's raw bytes)."""
+    msg = (str(e).splitlines() or [type(e).__name__])[0]
+    if msg.startswith("Cannot parse header"):
+        msg = "the header dictionary cannot be parsed"
+    return msg.encode("ascii", "backslashreplace").decode()[:limit]
+
+
+def _describe(shape, dtype):
+    return f"{list(shape)} {dtype}"
+
+
+def array_specs(entry, meta):
+    """{name: (shape, dtype)} as meta.json records them; UserError when meta.json is not a store entry's."""
+    arrays = meta.get("arrays") if isinstance(meta, dict) else None
+    if not isinstance(arrays, dict) or not arrays:
+        raise UserError(f"{entry}: meta.json lists no arrays; the entry is damaged, re-extract it")
+    specs = {}
+    for name, spec in arrays.items():
+        try:
+            shape, dtype = spec
+            specs[name] = (tuple(int(s) for s in shape), np.dtype(dtype))
+        except (TypeError, ValueError):
+            raise UserError(f"{entry}: meta.json records array '{name}' as {spec!r}, not [shape, dtype]; "
+                            f"the entry is damaged, re-extract it") from None
+    return specs
+
+
+def check_structure(entry, meta):
+    """Check every array file of ``entry`` against ``meta`` (headers and sizes only). Returns {name: data offset}."""
+    offsets = {}
+    for name, (shape, dtype) in array_specs(entry, meta).items():
+        path = os.path.join(entry, f"{name}.npy")
+        want = _describe(shape, dtype)
+        if not os.path.isfile(path):
+            raise UserError(f"{entry}: array '{name}': {name}.npy is missing (meta.json records {want})")
+        try:
+            found_shape, fortran, found_dtype, offset = npy_header(path)
+        except ValueError as e:
+            raise UserError(f"{entry}: array '{name}': {name}.npy is not a valid .npy file: {e}; "
+                            f"expected {want}") from None
+        if found_shape != shape or found_dtype != dtype:
+            raise UserError(f"{entry}: array '{name}': expected {want} (meta.json), found "
+                            f"{_describe(found_shape, found_dtype)} in {name}.npy")
+        if fortran and len(shape) > 1:
+            raise UserError(f"{entry}: array '{name}': {name}.npy is in Fortran order; the store writes C order")
+        size, expect = os.path.getsize(path), offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if size != expect:
+            raise UserError(f"{entry}: array '{name}': {name}.npy is {size} bytes, expected {expect} for {want} "
+                            f"({'truncated' if size < expect else 'trailing bytes'})")
+        offsets[name] = offset
+    return offsets
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# digests
+# --------------------------------------------------------------------------------------------------------------------
+class Digest:
+    """Running digest of an array's C-order data bytes, fed block by block (rows in order)."""
+
+    def __init__(self):
+        self.h = hashlib.new(DIGEST)
+
+    def update(self, block):
+        block = np.ascontiguousarray(block)
+        if block.size:
+            self.h.update(memoryview(block.reshape(-1)).cast("B"))
+        return self
+
+    def value(self):
+        return f"{DIGEST}:{self.h.hexdigest()}"
+
+
+def array_digest(a):
+    """Digest of a whole array, streamed in blocks (works on memory maps)."""
+    d = Digest()
+    for _, block in blocks(a):
+        d.update(block)
+    return d.value()
+
+
+def file_data_digest(path, offset, algorithm=DIGEST, chunk=BLOCK_BYTES):
+    """Digest of a .npy file's data bytes (everything after the header), read in chunks."""
+    h = hashlib.new(algorithm)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def check_digests(entry, meta, offsets):
+    """Re-hash every array of ``entry`` and compare with the digests meta.json recorded at write time. Returns the
+    names that had none (entries written before digests were recorded)."""
+    recorded = meta.get("digests") or {}
+    unrecorded = []
+    for name, offset in offsets.items():
+        want = recorded.get(name)
+        if not want:
+            unrecorded.append(name)
+            continue
+        algorithm = want.split(":", 1)[0]
+        if algorithm not in hashlib.algorithms_available:
+            raise UserError(f"{entry}: array '{name}': digest algorithm {algorithm!r} in meta.json is unknown")
+        found = file_data_digest(os.path.join(entry, f"{name}.npy"), offset, algorithm)
+        if found != want:
+            raise UserError(f"{entry}: array '{name}': content digest {found[:24]}... differs from the "
+                            f"{want[:24]}... recorded when it was written (its bytes changed); re-extract it")
+    return unrecorded
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# content
+# --------------------------------------------------------------------------------------------------------------------
+def blocks(a, block_bytes=None):
+    """(first row, rows) blocks of ``a`` of about ``block_bytes`` (default :data:`BLOCK_BYTES`) each; slices of a
+    memory map stay mapped, so only one block at a time is read."""
+    block_bytes = block_bytes or BLOCK_BYTES
+    n = len(a) if a.ndim else 1
+    row_bytes = max(1, a.itemsize * int(np.prod(a.shape[1:], dtype=np.int64)))
+    step = max(1, block_bytes // row_bytes)
+    if a.ndim == 0:
+        yield 0, a.reshape(1)
+        return
+    for i in range(0, n, step):
+        yield i, a[i:i + step]
+
+
+def check_finite(entry, name, a):
+    """Refuse the first row of ``a`` holding NaN or +-Inf. min/max propagate NaN and show Inf, so a clean block costs
+    two vectorised reductions and no temporary array."""
+    if not np.issubdtype(a.dtype, np.floating):
+        return
+    for start, block in blocks(a):
+        if block.size == 0 or (np.isfinite(block.min()) and np.isfinite(block.max())):
+            continue
+        bad = ~np.isfinite(block)
+        flat = bad.reshape(len(block), -1)
+        r = int(np.flatnonzero(flat.any(axis=1))[0])
+        c = int(np.flatnonzero(flat[r])[0])
+        value = block.reshape(len(block), -1)[r, c]
+        where = f"row {start + r}" + (f", column {c}" if block.ndim > 1 else "")
+        raise UserError(f"{entry}: array '{name}' {where} is {value}, the first non-finite value ({len(a)} rows); "
+                        f"re-extract this entry")
+
+
+def check_labels(entry, name, labels, n_classes, what=None):
+    """Refuse the first label outside [0, n_classes) (and non-integer label arrays); ``what`` says where n_classes
+    comes from (default: the entry's class list)."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{entry}: array '{name}' is {labels.dtype}, labels must be integers")
+    for start, block in blocks(labels):
+        if block.size == 0 or (block.min() >= 0 and block.max() < n_classes):
+            continue
+        r = int(np.flatnonzero((block < 0) | (block >= n_classes))[0])
+        raise UserError(f"{entry}: array '{name}' row {start + r} is {int(block[r])}, outside [0, {n_classes}) "
+                        f"({what or f'meta.json lists {n_classes} classes'})")
+
+
+def n_classes_of(entry, meta):
+    classes = (meta.get("info") or {}).get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise UserError(f"{entry}: meta.json records no class list (info.classes); its labels cannot be checked")
+    return len(classes)
+
+
+def check_split(entry, arrays, meta, dim=None, dim_of="the train features"):
+    """An entry's features and labels as training and explanations use them: both present, 2-D features with one
+    integer label per row, at least one row, ``dim`` columns when given, every value finite, every label in
+    [0, n_classes) of the entry's class list."""
+    require_arrays(entry, arrays, ("features", "labels"))
+    features, labels = arrays["features"], arrays["labels"]
+    if features.ndim != 2:
+        raise UserError(f"{entry}: array 'features' has shape {list(features.shape)}, expected (rows, dim)")
+    if labels.ndim != 1 or len(features) != len(labels):
+        raise UserError(f"{entry}: {features.shape[0]} feature rows but {len(labels)} labels")
+    if len(features) == 0:
+        raise UserError(f"{entry}: the split is empty (0 rows); nothing to train on or explain")
+    if dim is not None and features.shape[1] != dim:
+        raise UserError(f"{entry}: features are {features.shape[1]}-d, expected {dim}-d like {dim_of} "
+                        f"(another backbone or layer?)")
+    check_labels(entry, "labels", labels, n_classes_of(entry, meta))
+    check_finite(entry, "features", features)
+
+
+def require_arrays(entry, arrays, names):
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise UserError(f"{entry}: meta.json lists no {', '.join(repr(n) for n in missing)} array "
+                        f"(it has {', '.join(sorted(arrays))}); is this the right entry?")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# element library index (input of visual_element_emb_extractor)
+# --------------------------------------------------------------------------------------------------------------------
+def check_element_index(index_path):
+    """The parsed index.json of an element library, after checking that it is valid JSON with a class list and at
+    least one element, and that every element's file exists and its label is in [0, n_classes)."""
+    import json
+    try:
+        with open(index_path, "rb") as f:
+            index = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{index_path} is not valid JSON ({one_line(e)}); rebuild the element "
+                        f"library (segment_extractor or patch_extractor)") from None
+    classes = index.get("classes") if isinstance(index, dict) else None
+    elements = index.get("elements") if isinstance(index, dict) else None
+    if not isinstance(classes, list) or not classes or not isinstance(elements, list):
+        raise UserError(f"{index_path} has no class list or no element list; rebuild the element library")
+    if not elements:
+        raise UserError(f"{index_path} lists no elements")
+    root, n = os.path.dirname(index_path), len(classes)
+    for i, e in enumerate(elements):
+        label, file = (e.get("label"), e.get("file")) if isinstance(e, dict) else (None, None)
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < n:
+            raise UserError(f"{index_path}: element {i} has label {label!r}, outside [0, {n}) ({n} classes)")
+        if not isinstance(file, str) or not os.path.isfile(os.path.join(root, file)):
+            raise UserError(f"{index_path}: element {i}: its image {file!r} is missing; rebuild the element library")
+    return index
