@@ -10,8 +10,9 @@ Images are JPEGs held in memory (so disk speed is not measured): the ImageNet ph
 the foolbox wheel, if installed), else random-content 500 x 375 JPEGs, which are several times larger and slower to
 decode than photos; every image is decoded, none is reused. Random weights (no download), but each architecture's
 preprocessing is its default torchvision weights' (resize, crop, interpolation, mean, std). The forward is bf16
-autocast + channels-last on CUDA, float32 on CPU. Rates include the DataLoader's start, writing the chunks and merging
-them into the store entries, as a user gets them; the decoded copy's build is reported apart (done once per split).
+autocast + channels-last on CUDA, float32 on CPU. A pass's rate includes the DataLoader's start, writing the chunks and
+merging them into the store entries, as a user gets them; its steady state is the pace of the batches once the
+pipeline is full (the last 80 % of them). The decoded copy's build is reported apart (done once per split).
 """
 import argparse
 import contextlib
@@ -19,6 +20,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -101,8 +103,35 @@ def forward_rate(model, pre, batch_size, n_batches, device):
     return n_batches * batch_size / t.seconds
 
 
+class TimedFeed:
+    """A feed that notes when each batch is handed over: their pace, once the pipeline is full, is the steady rate."""
+
+    def __init__(self, feed):
+        self.feed, self.key, self.marks = feed, feed.key, []
+
+    def __len__(self):
+        return len(self.feed)
+
+    def describe(self, row):
+        return self.feed.describe(row)
+
+    def batches(self, batches, device):
+        for rows, item in zip(batches, self.feed.batches(batches, device)):
+            self.marks.append((time.perf_counter(), len(rows)))
+            yield item
+
+    def steady_rate(self):
+        """Images/s over the last 80 % of the batches (start-up, the last batch and the store merge excluded)."""
+        k = len(self.marks) // 5
+        if len(self.marks) - k < 3:
+            return float("nan")
+        (t0, _), (t1, _) = self.marks[k], self.marks[-1]
+        return sum(n for _, n in self.marks[k:-1]) / (t1 - t0)
+
+
 def run_pass(models, source, n, decode, args, device, tmp, cache=None):
-    """One extraction pass of every model over the first ``n`` images; returns images/s."""
+    """One extraction pass of every model over the first ``n`` images; returns (images/s of the whole pass, steady
+    images/s)."""
     passes = [Pass(make=lambda m=m: LayerTaps(m, [("pre_logits", "auto", "nchw")]),
                    outputs=[Output(os.path.join(tmp, f"{decode}-{n}", arch), {"arch": arch}, {}, arch)],
                    preprocess=pre) for arch, (m, pre) in models.items()]
@@ -115,10 +144,11 @@ def run_pass(models, source, n, decode, args, device, tmp, cache=None):
         feed = CacheFeed(images[:n], labels[:n], plan, groups, threads=args.workers)
     opts = SimpleNamespace(batch_size=args.batch_size, chunk_size=50000, dtype="float32", device=str(device),
                            amp=True)
+    feed = TimedFeed(feed)
     with Timer() as t, contextlib.redirect_stdout(io.StringIO()):
         extract_passes(passes, feed, {"bench": n, "decode": decode}, opts, desc=f"{decode} pass")
     shutil.rmtree(os.path.join(tmp, f"{decode}-{n}"), ignore_errors=True)
-    return n / t.seconds
+    return n / t.seconds, feed.steady_rate()
 
 
 def nvjpeg_rate(blobs, batch_size):
@@ -175,9 +205,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix="bench_extract_")
     try:
         if "pil" in args.decode:
-            rate = run_pass(models, source, n_pil, "pil", args, device, tmp)
+            rate, steady = run_pass(models, source, n_pil, "pil", args, device, tmp)
             print(f"pass, decode=pil ({n_pil} images, PIL decode + preprocess in {args.workers} workers): "
-                  f"{fmt(rate)} images/s = {100 * rate / pure:.0f} % of {what}")
+                  f"{fmt(rate)} images/s = {100 * rate / pure:.0f} % of {what}; steady state {fmt(steady)} "
+                  f"images/s = {100 * steady / pure:.0f} %")
         if "cache" in args.decode:
             plan = plan_cache([pre for _, pre in models.values()])
             path = os.path.join(tmp, "decoded")
@@ -187,9 +218,10 @@ def main():
             size = images.nbytes / 2 ** 20
             print(f"decoded copy, built once ({plan.resize}/{plan.crop} {plan.interpolation}, {size:.0f} MiB): "
                   f"{fmt(args.n_images / t.seconds)} images/s")
-            rate = run_pass(models, source, args.n_images, "cache", args, device, tmp, (images, labels, plan))
+            rate, steady = run_pass(models, source, args.n_images, "cache", args, device, tmp,
+                                    (images, labels, plan))
             print(f"pass, decode=cache ({args.n_images} images): {fmt(rate)} images/s = {100 * rate / pure:.0f} % "
-                  f"of {what}")
+                  f"of {what}; steady state {fmt(steady)} images/s = {100 * steady / pure:.0f} %")
         if device.type == "cuda" and len(archs) == 1:
             print(f"for reference, nvJPEG decoding alone on the GPU (no resize): "
                   f"{nvjpeg_rate(blobs[:min(len(blobs), 4096)], args.batch_size)}")
