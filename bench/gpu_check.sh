@@ -19,12 +19,9 @@ echo "== 1. ImageNet-shaped sweep: 1.28M x 2048, 1000 classes, 200 concepts, 8 r
   | tee "$OUT/heads_imagenet_bf16_8192.txt"
 echo "== 2. original-style vs ours, 20k x 2048, on the GPU"
 "$PY" -m bench.bench_heads --epochs 5 --workers 4 2>&1 | quiet | tee "$OUT/heads_20k.txt"
-echo "== 3. extraction vs pure forward"
+echo "== 3. extraction vs pure forward: 1 and 14 backbones per pass, PIL path and decoded copy (bench/extract_gpu.sh)"
 # PHOTOS: a folder of JPEG photos (e.g. foolbox's 20 ImageNet ones, carried along); else random-content JPEGs
-for arch in resnet50 vit_b_16; do
-  "$PY" -m bench.bench_extract --arch "$arch" --n_images 16384 --batch_size 256 --workers 14 \
-    ${PHOTOS:+--photos "$PHOTOS"} 2>&1 | quiet | tee "$OUT/extract_$arch.txt"
-done
+PYTHON="$PY" OUT="$OUT" PHOTOS="${PHOTOS:-.bench_photos}" bash bench/extract_gpu.sh
 echo "== 4. the pipeline on CUDA (random resnet18, synthetic ImageFolder)"
 "$PY" -c "import sys; sys.path.insert(0, 'tests'); from conftest import make_image_folder; \
 make_image_folder('/tmp/shapes', n_train=40, n_val=20)"

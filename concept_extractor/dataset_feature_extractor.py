@@ -1,11 +1,29 @@
-"""Extract the backbone's pooled features at one layer for a dataset split (a seeded subset if asked).
+"""Extract pooled features of one or several backbones, at one or several layers each, for a dataset split (a seeded
+subset if asked), decoding every image once and running every backbone once per batch.
 
     python -m concept_extractor.dataset_feature_extractor --model_config efficientnet_lite0 \
         --dataset fashion_mnist --split train --max_images 2000 \
         --out outputs/features/fashion_mnist/efficientnet_lite0/train
 
-Output: a store entry (utils/store.py) with features (N, D) float32, labels (N,) int64 and indices (N,) int64 (rows of
-the split), keyed by backbone, weights, layer, pooling, preprocessing, dataset, split and subset.
+    # three backbones, two layers of one of them, in one pass: one entry per (backbone, layer)
+    python -m concept_extractor.dataset_feature_extractor \
+        --model_config resnet50 resnet50:layer3 vit_b_16 --dataset /data/imagenet --split val \
+        --out 'outputs/features/imagenet/{model}/{split}'
+
+Backbones: each --model_config is a model_configs/ name (or YAML path), optionally with :LAYER; --layer x y z reads
+those layers of every backbone given without one. Backbones with the same architecture and weights run once with all
+their layers hooked; backbones with the same preprocessing share one transformed batch.
+
+Output: a store entry (utils/store.py) per (backbone, layer) with features (N, D) float32, labels (N,) int64 and
+indices (N,) int64 (rows of the split), keyed by backbone, weights, layer, pooling, preprocessing, dataset, split and
+subset — the same bytes a separate run of each writes. --out is the entry for one (backbone, layer); for several, a
+parent folder (entries at <out>/<model>[@<layer>]/<split>, run_pipeline.sh's layout under outputs/features/<dataset>)
+or a template with {model}, {split} and {dataset}. <model> is the config's name (the --backbone name with ':' as '_'),
+with @<layer> when a layer was named.
+
+--decode cache (the fast path for GPUs) first writes a one-time uint8 copy of the split, decoded and resized once at
+the largest size the backbones need, under --decode_cache; batches are then cut and normalised on the device. See
+README, "At ImageNet scale", for its numerical difference; its entries are keyed apart from the default PIL path's.
 """
 import argparse
 import os
@@ -13,33 +31,116 @@ from dataclasses import asdict
 
 import numpy as np
 
-from utils import cli
-from utils.backbones import Backbone, extract_to_store
-from utils.data import TransformedImages, get_source, subset_indices, subset_key
+from utils import cli, store
+from utils.backbones import CONFIG_DIR, load_spec
+from utils.data import get_source, subset_indices, subset_key
+from utils.extraction import (CacheFeed, GroupedImages, ImageFeed, backbone_passes, build_decoded_cache, cache_key,
+                              describe_row, extract_passes, plan_cache)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_backbone_args(p)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                conflict_handler="resolve")
+    g = cli.add_backbone_args(p)
+    g.add_argument("--model_config", nargs="+", default=["efficientnet_lite0"], metavar="CONFIG[:LAYER]",
+                   help="one or more YAMLs in model_configs/ (names without .yaml) or paths, each optionally with "
+                        ":LAYER; --backbone, --weights and --pooling override every one of them")
+    g.add_argument("--layer", nargs="+", default=None,
+                   help="module name(s) whose output is the feature, read in one forward (see the error message for "
+                        "valid names); 'pre_logits' = the input of the classifier. Applies to every --model_config "
+                        "given without :LAYER")
     cli.add_dataset_args(p)
     p.add_argument("--split", default="train", choices=["train", "val"], help="which split")
     p.add_argument("--max_images", type=int, default=None, help="a seeded random subset of this many images")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset")
-    p.add_argument("--out", required=True, help="store entry folder to write")
+    p.add_argument("--out", required=True,
+                   help="one (backbone, layer): the store entry folder; several: a parent folder (entries at "
+                        "<out>/<model>[@<layer>]/<split>) or a template with {model}, {split}, {dataset}")
+    p.add_argument("--decode", default="pil", choices=["pil", "cache"],
+                   help="pil: decode and preprocess in loader workers, exactly the weights' transform; cache: a "
+                        "one-time resized uint8 copy of the split, cut and normalised on the device (fast on GPUs; "
+                        "see README)")
+    p.add_argument("--decode_cache", default=os.path.join("outputs", "decoded"),
+                   help="where --decode cache keeps its decoded copies (one keyed entry per split and size)")
     cli.add_loader_args(p)
     return p
 
 
+def _is_config(name):
+    return os.path.isfile(name) or os.path.isfile(os.path.join(CONFIG_DIR, f"{name}.yaml"))
+
+
+def model_tag(name, layer):
+    """The folder name run_pipeline.sh gives a backbone: the config's (or --backbone's) base name, ':' and '/' as '_',
+    then @<layer> when a layer was named."""
+    base = os.path.basename(name.rstrip("/"))
+    if base.endswith(".yaml") and base != ".yaml":
+        base = base[:-5]
+    return base.replace(":", "_").replace("/", "_") + (f"@{layer}" if layer else "")
+
+
+def targets(args):
+    """[(tag, spec)] for every (backbone, layer) asked for, in order; names are checked before any data is touched."""
+    items = []
+    for mc in args.model_config:
+        name, layer = mc, None
+        if ":" in mc and not _is_config(mc):
+            name, layer = mc.split(":", 1)
+            if not layer:
+                raise cli.UserError(f"--model_config {mc!r}: no layer after ':'")
+        for lay in ([layer] if layer else (args.layer or [None])):
+            items.append((name, lay))
+    if args.backbone and len({n for n, _ in items}) > 1:
+        raise cli.UserError("--backbone replaces the architecture of one model config; with several, put each "
+                            "architecture in its own model config")
+    out = [(model_tag(args.backbone or name, lay), load_spec(name, args.backbone, args.weights, lay, args.pooling))
+           for name, lay in items]
+    tags = [t for t, _ in out]
+    dup = sorted({t for t in tags if tags.count(t) > 1})
+    if dup:
+        raise cli.UserError(f"{dup[0]} is asked for twice")
+    return out
+
+
+def out_paths(out, tags, split, dataset):
+    """Entry folder of each tag: ``out`` itself for one tag, else a template's fill or <out>/<tag>/<split>."""
+    if "{" in out:
+        try:
+            paths = [out.format(model=t, split=split, dataset=dataset) for t in tags]
+        except (KeyError, IndexError, ValueError, AttributeError):
+            raise cli.UserError(f"--out {out!r}: a template may use {{model}}, {{split}} and {{dataset}} only") \
+                from None
+        if len(set(paths)) < len(paths):
+            raise cli.UserError(f"--out {out!r} gives several entries one folder: put {{model}} in it")
+        return paths
+    if len(tags) == 1:
+        return [out]
+    return [os.path.join(out, t, split) for t in tags]
+
+
 def main(args):
-    bb = Backbone.from_args(args)  # names are checked before any data is touched
+    chosen = targets(args)
     source = get_source(args.dataset, args.split, args.data_root)
     idx = subset_indices(len(source), args.max_images, args.seed)
     data_key = subset_key(source, idx)
-    data = TransformedImages(source, idx, bb.preprocess.image_transform())
+    tag_data = os.path.basename(args.dataset.rstrip("/"))
+    outs = out_paths(args.out, [t for t, _ in chosen], args.split, tag_data)
     info = {"classes": source.classes, "dataset": source.name, "split": args.split,
-            "data_root": os.path.abspath(args.data_root), "backbone": asdict(bb.spec)}
-    extract_to_store(bb.extractor, bb.key(), data, data_key, args.out, info, args, desc=f"{args.split} features",
-                     extra_arrays={"indices": np.asarray(idx, np.int64)})
+            "data_root": os.path.abspath(args.data_root)}
+    passes, groups = backbone_passes([(spec, out, dict(info, backbone=asdict(spec)), tag)
+                                      for (tag, spec), out in zip(chosen, outs)])
+    if args.decode == "pil":
+        feed = ImageFeed(GroupedImages(source, idx, [g.image_transform() for g in groups]), args.workers)
+    else:
+        plan = plan_cache([p.preprocess for p in passes])
+        path = os.path.join(args.decode_cache, tag_data,
+                            f"{args.split}-{plan.resize}-{plan.crop}-{plan.interpolation}-"
+                            f"{store.key_hash(cache_key(data_key, plan))[:8]}")
+        images, labels = build_decoded_cache(path, source, idx, data_key, plan, args.workers)
+        probe = GroupedImages(source, idx, [])
+        feed = CacheFeed(images, labels, plan, groups, lambda r: describe_row(probe, r), threads=args.workers)
+    extract_passes(passes, feed, data_key, args, desc=f"{args.split} features",
+                   extra_arrays={"indices": np.asarray(idx, np.int64)})
 
 
 if __name__ == "__main__":

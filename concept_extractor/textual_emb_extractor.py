@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from utils import cli, store
-from utils.backbones import extract_to_store
+from utils.extraction import extract_to_store
 from utils.data import TransformedImages, get_source, subset_indices, subset_key
 from utils.text import CLIP, read_concepts
 

@@ -12,8 +12,9 @@ import os
 from dataclasses import asdict
 
 from utils import cli
-from utils.backbones import Backbone, extract_to_store
+from utils.backbones import Backbone
 from utils.data import load_image
+from utils.extraction import extract_to_store
 from utils.store import file_digest
 from utils.validate import check_element_index
 
@@ -30,6 +31,10 @@ class ElementImages:
     def __getitem__(self, i):
         r = self.rows[i]
         return self.transform(load_image(os.path.join(self.root, r["file"]))), r["label"]
+
+    def ident(self, i):
+        """How messages name element ``i``."""
+        return f"element {i} ({self.rows[i]['file']})"
 
 
 def get_args_parser():

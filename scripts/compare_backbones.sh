@@ -32,6 +32,22 @@ done
 tag_data=$(basename "$dataset")
 report=${report:-$out/reports/$tag_data}
 
+# Dataset features first, one pass per split for every model/layer at once (each image decoded once, each backbone run
+# once per batch with all its layers); the per-model pipelines below find them up to date.
+flag() { local i; for ((i = 0; i < ${#pass[@]}; i += 2)); do
+  [ "${pass[i]}" = "--$1" ] && { printf '%s' "${pass[i+1]}"; return 0; }; done; return 0; }
+extract=(--dataset "$dataset" --out "$out/features/$tag_data/{model}/{split}")
+for f in data_root backbone weights workers batch_size device; do
+  v=$(flag "$f"); if [ -n "$v" ]; then extract+=("--$f" "$v"); fi
+done
+for split in train val; do
+  echo "=== $split features of every model in one pass"
+  n=$(flag "${split}_size")
+  # shellcheck disable=SC2086  # one word per model
+  "$PY" -m concept_extractor.dataset_feature_extractor --model_config $models "${extract[@]}" --split "$split" \
+    --max_images "${n:-0}"
+done
+
 runs=()
 for m in $models; do
   config=${m%%:*}; layer=""; [ "$m" != "$config" ] && layer=${m#*:}

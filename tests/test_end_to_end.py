@@ -84,8 +84,18 @@ def test_report_table_matches_the_results(pipeline):
 def test_second_run_reuses_every_stage(pipeline):
     out = pipeline["second"]
     assert out.returncode == 0
-    # per layer: elements, element embeddings, CLIP text/train/val, train and val features, four trainings
-    assert out.stdout.count("up to date") == len(LAYERS) * (2 + 3 + 2 + 4), out.stdout
+    # per layer: elements, element embeddings, CLIP text/train/val, train and val features (by the one-pass
+    # extraction and again by the per-model pipeline), four trainings
+    assert out.stdout.count("up to date") == len(LAYERS) * (2 + 3 + 2 * 2 + 4), out.stdout
+
+
+@pytest.mark.slow
+def test_one_pass_extraction_feeds_every_pipeline(pipeline):
+    first = pipeline["first"].stdout
+    assert first.count("features of every model in one pass") == 2
+    for layer in LAYERS:
+        for split in ("train", "val"):
+            assert f"{pipeline['tmp'] / 'out' / 'features' / 'shapes' / layer / split} is up to date" in first
 
 
 @pytest.mark.slow

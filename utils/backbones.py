@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import yaml
-from tqdm import tqdm
 
 from .cli import UserError
 from .store import file_digest
@@ -197,12 +196,15 @@ def _read_checkpoint(path):
 
 
 def build_model(spec):
-    """The architecture with random weights (cheap; never downloads)."""
-    if spec.source == "torchvision":
-        import torchvision.models as tvm
-        return tvm.get_model(spec.arch, weights=None)
-    import timm
-    return timm.create_model(spec.arch, pretrained=False)
+    """The architecture with random weights (cheap; never downloads). The initialisation is seeded (0), so weights
+    'none' are the same weights in every run, as their cache key says."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if spec.source == "torchvision":
+            import torchvision.models as tvm
+            return tvm.get_model(spec.arch, weights=None)
+        import timm
+        return timm.create_model(spec.arch, pretrained=False)
 
 
 def load_weights(model, spec):
@@ -252,7 +254,7 @@ def preprocess_for(spec, model):
 
 
 class _Stop(Exception):
-    """Raised by the capture hook so the network stops right after the chosen layer."""
+    """Raised by a capture hook so the network stops right after the deepest layer asked for."""
 
 
 def pool(t, pooling="auto", layout="nchw"):
@@ -277,51 +279,98 @@ def pool(t, pooling="auto", layout="nchw"):
     raise UserError(f"cannot pool a {t.ndim}-D output of shape {tuple(t.shape)} with {pooling!r}")
 
 
-class FeatureExtractor(nn.Module):
-    """``model`` cut at ``layer``: forward(x) returns the pooled (N, D) feature and skips the rest of the network.
+class LayerTaps(nn.Module):
+    """``model`` read at several layers in one forward: forward(x) returns one pooled (N, D) tensor per tap, in order.
 
-    The capture hook lives only for the duration of one forward, so several extractors can share one model.
+    ``taps`` is a list of (layer, pooling, layout). Each layer's output is pooled the moment it is produced (the first
+    time its module runs), and the network stops right after the last tapped module has run, so a tap gives exactly
+    what a forward cut at that layer gives. A timm model's 'pre_logits' runs ``forward_features`` +
+    ``forward_head(pre_logits=True)`` instead (the other taps are read on the way). Hooks live only for the duration of
+    one forward, so several tap sets can share one model.
     """
 
-    def __init__(self, model, layer="pre_logits", pooling="auto", layout="nchw"):
+    def __init__(self, model, taps):
         super().__init__()
-        self.model, self.pooling, self.layout = model.eval(), pooling, layout
-        self._out = None
-        self._timm_head = layer == "pre_logits" and all(hasattr(model, a) for a in ("forward_head", "forward_features"))
-        if self._timm_head:
-            return
+        self.model, self.taps = model.eval(), [tuple(t) for t in taps]
+        if not self.taps:
+            raise ValueError("LayerTaps needs at least one layer")
+        has_timm_head = all(hasattr(model, a) for a in ("forward_head", "forward_features"))
         modules = dict(model.named_modules())
-        if layer == "pre_logits":
-            linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
-            if not linears:
-                raise UserError("this model has no Linear classifier; name a layer with --layer")
-            self._target, self._on_input = linears[-1], True
-        elif layer not in modules or layer == "":
-            names = [n for n in modules if n]
-            raise UserError(f"no layer {layer!r} in {type(model).__name__}; valid: pre_logits, {', '.join(names)}")
-        else:
-            self._target, self._on_input = modules[layer], False
+        self._timm_head = []            # tap indices read by forward_head
+        self._hooked = {}               # (module name, on_input) -> tap indices
+        for i, (layer, _, _) in enumerate(self.taps):
+            if layer == "pre_logits" and has_timm_head:
+                self._timm_head.append(i)
+                continue
+            if layer == "pre_logits":
+                linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+                if not linears:
+                    raise UserError("this model has no Linear classifier; name a layer with --layer")
+                target = (linears[-1], True)
+            elif layer not in modules or layer == "":
+                names = [n for n in modules if n]
+                raise UserError(f"no layer {layer!r} in {type(model).__name__}; valid: pre_logits, {', '.join(names)}")
+            else:
+                target = (layer, False)
+            self._hooked.setdefault(target, []).append(i)
+        self._modules_by_name = modules
+        self._out = None
 
-    def _capture(self, module, inputs, output=None):
-        self._out = inputs[0] if self._on_input else output
-        raise _Stop
+    def _pooled(self, i, t):
+        _, pooling, layout = self.taps[i]
+        v = pool(t, pooling, layout)
+        src = t[0] if isinstance(t, (tuple, list)) else t
+        if v.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+            v = v.clone()               # a view: the rest of the forward may overwrite it in place
+        return v
+
+    def _hook(self, target):
+        _, on_input = target
+
+        def capture(module, inputs, output=None):
+            t = inputs[0] if on_input else output
+            for i in self._hooked[target]:
+                if self._out[i] is None:
+                    self._out[i] = self._pooled(i, t)
+            if not self._timm_head and all(self._out[i] is not None for ids in self._hooked.values() for i in ids):
+                raise _Stop
+        return capture
 
     def forward(self, x):
-        if self._timm_head:
-            return self.model.forward_head(self.model.forward_features(x), pre_logits=True).flatten(1)
-        self._out = None
-        handle = (self._target.register_forward_pre_hook(self._capture) if self._on_input
-                  else self._target.register_forward_hook(self._capture))
+        self._out = [None] * len(self.taps)
+        handles = []
         try:
-            self.model(x)
-        except _Stop:
-            pass
+            for target in self._hooked:
+                module = self._modules_by_name[target[0]]
+                handles.append(module.register_forward_pre_hook(self._hook(target)) if target[1]
+                               else module.register_forward_hook(self._hook(target)))
+            try:
+                if self._timm_head:
+                    head = self.model.forward_head(self.model.forward_features(x), pre_logits=True).flatten(1)
+                    for i in self._timm_head:
+                        self._out[i] = head
+                else:
+                    self.model(x)
+            except _Stop:
+                pass
         finally:
-            handle.remove()
-        if self._out is None:
-            raise UserError("the chosen layer was never reached in the forward pass")
+            for h in handles:
+                h.remove()
         out, self._out = self._out, None
-        return pool(out, self.pooling, self.layout)
+        if any(o is None for o in out):
+            missing = [self.taps[i][0] for i, o in enumerate(out) if o is None]
+            raise UserError(f"layer {missing[0]} was never reached in the forward pass")
+        return out
+
+
+class FeatureExtractor(LayerTaps):
+    """``model`` cut at ``layer``: forward(x) returns the pooled (N, D) feature and skips the rest of the network."""
+
+    def __init__(self, model, layer="pre_logits", pooling="auto", layout="nchw"):
+        super().__init__(model, [(layer, pooling, layout)])
+
+    def forward(self, x):
+        return super().forward(x)[0]
 
 
 class Backbone:
@@ -337,113 +386,34 @@ class Backbone:
     def from_args(cls, args):
         return cls(load_spec(args.model_config, args.backbone, args.weights, args.layer, args.pooling))
 
-    def key(self):
-        d = asdict(self.spec)
+    def key(self, spec=None):
+        """Cache key of the features of ``spec`` (default: this backbone's own; another layer/pooling of the same
+        architecture and weights may be given)."""
+        d = asdict(spec or self.spec)
         d["weights"] = weights_id(self.spec)
         d.update(preprocess=asdict(self.preprocess))
         return d
 
-    def extractor(self):
+    def _load(self):
         if not self._loaded:
             load_weights(self.model, self.spec)
             self._loaded = True
-        return FeatureExtractor(self.model, self.spec.layer, self.spec.pooling, self.spec.layout)
+        return self.model
+
+    def extractor(self):
+        return FeatureExtractor(self._load(), self.spec.layer, self.spec.pooling, self.spec.layout)
+
+    def taps(self, specs):
+        """One module reading every spec's layer (same architecture and weights) in one forward: a list per batch."""
+        return LayerTaps(self._load(), [(s.layer, s.pooling, s.layout) for s in specs])
 
 
-def distributed():
-    """(rank, world size) under torchrun (the process group is set up on first call), else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
+_MOVED = ("distributed", "iter_features", "extract", "extract_to_store")
 
 
-def _barrier(world):
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-
-def iter_features(extractor, dataset, batches, workers=2, device="cpu", amp=True, bar=None):
-    """Yield (features float32 ndarray, labels ndarray) for each list of indices in ``batches``, in order."""
-    from torch.utils.data import DataLoader
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    # channels-last lets conv kernels (oneDNN on CPU, cuDNN on GPU) skip layout conversions
-    extractor = extractor.to(device).to(memory_format=torch.channels_last)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=cuda,
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
-    with torch.inference_mode():
-        for x, y in loader:
-            x = x.to(device, non_blocking=True).to(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and amp):
-                f = extractor(x)
-            if bar is not None:
-                bar.update(len(y))
-            yield f.float().cpu().numpy(), y.numpy().astype(np.int64)
-
-
-def extract(extractor, dataset, batch_size=64, workers=2, device="cpu", amp=True, desc="features"):
-    """Run ``extractor`` over a map-style ``dataset`` of (image tensor, label); return float32 features and labels."""
-    if len(dataset) == 0:
-        raise UserError(f"{desc}: nothing to extract (empty dataset)")
-    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
-    with tqdm(total=len(dataset), desc=desc, unit="img", dynamic_ncols=True) as bar:
-        out = list(iter_features(extractor, dataset, batches, workers, device, amp, bar))
-    return np.concatenate([f for f, _ in out]), np.concatenate([y for _, y in out])
-
-
-def extract_to_store(make_extractor, model_key, dataset, data_key, out, info, args, desc, extra_arrays=None):
-    """Extract ``dataset`` features with ``make_extractor()`` into the store entry ``out`` unless an entry with the
-    same key is there.
-
-    The key is ``model_key`` (a backbone's: architecture, weights content, layer, pooling, preprocessing; or CLIP's),
-    the stored dtype and ``data_key``. Rows are written in chunks of ``args.chunk_size``, each atomically, so a killed
-    run resumes at its first unfinished chunk; under torchrun every rank extracts chunks rank, rank + world, ... and
-    rank 0 merges them.
-    """
-    from . import store
-    from .cli import resolve_device
-    key = {"schema": 1, "backbone": model_key, "data": data_key, "dtype": args.dtype}
-    if store.is_current(out, key):
-        print(f"{out} is up to date")
-        return out
-    if len(dataset) == 0:
-        raise UserError(f"{desc}: nothing to extract (empty dataset)")
-    rank, world = distributed()
-    n, size = len(dataset), args.chunk_size
-    n_chunks = -(-n // size)
-    partial = store.partial_dir(out, key)
-    done = sum(store.chunk_done(partial, c) for c in range(n_chunks))
-    if done and rank == 0:
-        print(f"resuming {out}: {done} of {n_chunks} chunks already extracted")
-    todo = [c for c in range(rank, n_chunks, world) if not store.chunk_done(partial, c)]
-    bs = args.batch_size
-    batches = [list(range(i, min(i + bs, (c + 1) * size, n)))   # batches never straddle a chunk
-               for c in todo for i in range(c * size, min((c + 1) * size, n), bs)]
-    if todo:
-        ext = make_extractor()
-        bar = tqdm(total=sum(len(b) for b in batches), desc=desc + (f" [rank {rank}/{world}]" if world > 1 else ""),
-                   unit="img", dynamic_ncols=True, position=rank)
-        stream = iter_features(ext, dataset, batches, args.workers, resolve_device(args.device), args.amp, bar)
-        feats, labels, got = [], [], 0
-        for c in todo:
-            want = min(size, n - c * size)
-            while got < want:
-                f, y = next(stream)
-                feats.append(f.astype(args.dtype))
-                labels.append(y)
-                got += len(y)
-            store.write_chunk(partial, c, {"features": np.concatenate(feats), "labels": np.concatenate(labels)})
-            feats, labels, got = [], [], 0
-        bar.close()
-    _barrier(world)
-    if rank == 0:
-        store.merge_chunks(partial, out, n_chunks, key, info, extra_arrays)
-        arrays, _ = store.read(out)
-        print(f"{arrays['features'].shape[0]} x {arrays['features'].shape[1]} {args.dtype} features -> {out}")
-    _barrier(world)
-    return out
+def __getattr__(name):
+    # the extraction half of this module moved to utils/extraction.py; old imports keep working
+    if name in _MOVED:
+        from . import extraction
+        return getattr(extraction, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -101,7 +101,7 @@ class CLIP:
         return torch.cat(out).numpy()
 
     def image_encoder(self):
-        """A module mapping preprocessed images to unit-norm CLIP image features (for utils.backbones.extract)."""
+        """A module mapping preprocessed images to unit-norm CLIP image features (for utils.extraction.extract)."""
         return _ImageEncoder(self.model)
 
 
