@@ -407,13 +407,3 @@ class Backbone:
         """One module reading every spec's layer (same architecture and weights) in one forward: a list per batch."""
         return LayerTaps(self._load(), [(s.layer, s.pooling, s.layout) for s in specs])
 
-
-_MOVED = ("distributed", "iter_features", "extract", "extract_to_store")
-
-
-def __getattr__(name):
-    # the extraction half of this module moved to utils/extraction.py; old imports keep working
-    if name in _MOVED:
-        from . import extraction
-        return getattr(extraction, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
