@@ -193,6 +193,8 @@ def train(args, module, grid, probe_data, head_data, n_classes, device, splits):
     Returns (results rows, probes, predictions (R, N_val): row r = the val predictions of results row r).
     """
     seeds, lrs = args.seeds, sorted(set(args.lrs))
+    if device.type == "cuda":   # TF32 tensor cores for the heads' matmuls: linear heads do not need full fp32
+        torch.backends.cuda.matmul.allow_tf32 = True
     std_grid = [(s, lr) for s in seeds for lr in lrs]
     common = dict(epochs=args.epochs, batch_size=args.batch_size, weight_decay=args.weight_decay,
                   lr_decay=args.lr_decay, splits=splits)
