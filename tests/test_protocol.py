@@ -143,8 +143,8 @@ def test_held_out_selection_chooses_on_dev_and_reports_val():
     splits = make_splits(y, [0, 1], "holdout", 0.2)
     for s in splits:
         assert len(np.intersect1d(s.train.numpy(), s.dev.numpy())) == 0 and len(s.train) + len(s.dev) == 900
-        assert [int(np.sum(y[s.dev.numpy()] == c)) for c in range(5)] == [round(0.2 * np.sum(y == c))
-                                                                            for c in range(5)]
+        counts = [int(np.sum(y == c)) for c in range(5)]
+        assert [int(np.sum(y[s.dev.numpy()] == c)) for c in range(5)] == [round(0.2 * n) for n in counts]
     assert not torch.equal(splits[0].dev, splits[1].dev)                     # seeded per group
     x, y, xv, yv = map(torch.as_tensor, (x, y, xv, yv))
     probes = LinearProbes(24, 5, 4, seed=[0, 0, 1, 1], groups=[0, 0, 1, 1])
@@ -153,6 +153,13 @@ def test_held_out_selection_chooses_on_dev_and_reports_val():
     np.testing.assert_allclose(dev_top1, res["select_top1"])           # the module ends at the dev-chosen epoch
     np.testing.assert_allclose(evaluate(probes, xv, yv)[0], res["top1"])  # and reports its val accuracy
     assert not np.allclose(res["select_top1"], res["top1"])
+
+
+def test_dev_split_sizes_by_hand():
+    labels = np.repeat([0, 1, 2], [10, 5, 1])          # 20 % of 10, of 5 (at least one), of a lone sample
+    (split,) = make_splits(labels, [0], "holdout", 0.2)
+    assert np.bincount(labels[split.dev.numpy()], minlength=3).tolist() == [2, 1, 0]
+    assert len(split.train) == 13
 
 
 def test_a_diverging_head_is_stopped_and_marked_while_the_others_train():

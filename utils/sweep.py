@@ -31,7 +31,7 @@ def add_io_args(parser, concepts_flag, concepts_help):
 # What each protocol fixes unless a flag says otherwise. "iis" is this project's; "reference" is the original code's
 # (its keep rule, ExponentialLR(0.99) per epoch, batch 1024 and its single lr), for comparing with numbers it made.
 PROTOCOLS = {
-    "iis": dict(batch_size=256, lrs=[1e-3, 1e-2], lr_decay=1.0, keep_rule="round", select_on="val"),
+    "iis": dict(batch_size=256, lrs=[1e-3, 1e-2], lr_decay=1.0, keep_rule="round", select_on="holdout"),
     "reference": dict(batch_size=1024, lrs=[1e-2], lr_decay=0.99, keep_rule="reference", select_on="val"),
 }
 
@@ -54,9 +54,10 @@ def add_training_args(parser):
                         "(prototype/end2end pool and seeds, KMeans init), initialisation and batch order")
     g.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)   # older single-seed spelling
     g.add_argument("--select_on", default=None, choices=["val", "holdout"],
-                   help="what picks each head's epoch and each ratio's lr: val (as linear-probe papers and the "
-                        "original do; optimistic) or holdout (a seeded class-balanced dev split carved out of train; "
-                        "val accuracy of the chosen head is reported). Default: the protocol's")
+                   help="what picks each head's epoch and each ratio's lr: holdout (a seeded class-balanced dev "
+                        "split carved out of train; the val accuracy of the chosen head is reported; the default of "
+                        "the iis protocol) or val (as linear-probe papers and the original do: optimistic; the "
+                        "reference protocol's)")
     g.add_argument("--holdout_fraction", type=float, default=0.1, help="share of each class's train rows held out")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
     g.add_argument("--features_on", default="auto", choices=["auto", "device", "stream"],
@@ -151,10 +152,15 @@ def features(a, device, placement="auto", dtype="float32", chunk=65536):
     return out
 
 
+def dev_size(n, fraction):
+    """Rows of a class of n held out: round(fraction * n), but at least one when the class has two or more."""
+    return max(int(round(fraction * n)), 1 if n >= 2 else 0)
+
+
 def make_splits(labels, seeds, select_on="val", fraction=0.1):
     """One :class:`utils.heads.Split` per seed. With ``select_on='holdout'`` each seed holds out its own seeded,
-    class-balanced dev split (round(fraction * n_c) rows of every class c), so every seed has as many rows as the
-    others; with 'val' every seed trains on all rows."""
+    class-balanced dev split (:func:`dev_size` rows of every class), so every seed has as many rows as the others;
+    with 'val' every seed trains on all rows."""
     labels = np.asarray(labels)
     n = len(labels)
     if select_on == "val":
@@ -162,8 +168,8 @@ def make_splits(labels, seeds, select_on="val", fraction=0.1):
     out = []
     for s in seeds:
         rng = np.random.default_rng([int(s), 1])   # not the subset or concept seed stream
-        dev = np.concatenate([rng.choice(np.flatnonzero(labels == c), int(round(fraction * np.sum(labels == c))),
-                                         replace=False) for c in np.unique(labels)])
+        dev = np.concatenate([rng.choice(idx, dev_size(len(idx), fraction), replace=False)
+                              for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))])
         if len(dev) == 0 or len(dev) == n:
             raise UserError(f"--holdout_fraction {fraction} leaves {len(dev)} of {n} train rows for the dev split")
         train_rows = np.setdiff1d(np.arange(n), dev)
