@@ -20,15 +20,15 @@ _install() {  # _install <stamp-name> <pip args...>: pip install once per distin
 }
 _install base -r requirements.txt
 # The project itself, editable, so the stage scripts also run as files from any folder
-# (python concept_extractor/segment_extractor.py). Checked by importing, not by a stamp: a copied or moved .venv
-# points at another checkout. First with the venv's own setuptools (no network); where that one is too old to build
-# an editable wheel, pip takes a newer one from the index.
+# (python concept_extractor/segment_extractor.py). Its build backend is installed first, so the editable install
+# needs no network (a fresh venv's bundled setuptools is too old to build editable wheels). Checked by importing, not
+# by a stamp: a copied or moved .venv points at another checkout.
+_install build "setuptools>=70.1"
 if ! (cd / && "$ROOT/.venv/bin/python" -I -c 'import os, sys, utils, concept_extractor, IP_training as t
 sys.exit(any(os.path.dirname(os.path.dirname(m.__file__)) != sys.argv[1] for m in (utils, concept_extractor, t)))' \
       "$ROOT") 2>/dev/null; then
   echo "[env] pip install -e . (editable)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT" \
-    >/dev/null 2>&1 || .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e "$ROOT"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
 export PYTHONUNBUFFERED=1
