@@ -81,6 +81,11 @@ def case(flag, name, tmp):
         "--data-path": (["--data-path", "lib/segments"], {"elements": "lib/segments"}),
         "--batch-size": (["--batch-size", "8"], {"batch_size": 8}),
         "-j": (["-j", "0"], {"workers": 0}),
+        "--resume": (["--resume", "ckpt.pth"], {"weights": "ckpt.pth"}),
+        "--val-resize-size": (["--val-resize-size", "256"], UserError),
+        "--lam": (["--lam", "0.0007"], UserError),
+        "--proj_steps": (["--proj_steps", "1000"], UserError),
+        "--print": (["--print"], {"out": "o"}),
         "--concept_set": (["--concept_set", "c/mine.txt"], {"concepts": "c/mine.txt"})
         if name == "textual_emb_extractor" else (activation + ["--concept_set", "c/mine.txt"],
                                                  {"clip": "a/imagenet_clip_mine"}),

@@ -297,6 +297,12 @@ ALIASES = [
     Alias(("--data-path",), EMB, "`--elements`", rename("--elements")),
     Alias(("--batch-size", "-b"), EMB, "`--batch_size`", rename("--batch_size")),
     Alias(("-j",), EMB, "`--workers`", rename("--workers")),
+    Alias(("--resume",), EMB, "`--weights FILE` (a checkpoint's `model` state dict, read as tensors only)",
+          rename("--weights")),
+    Alias(("--val-resize-size", "--val-crop-size", "--interpolation", "--backend"), EMB,
+          "refused: the preprocessing is the weights' own evaluation transform",
+          _refuse("--val-resize-size/--val-crop-size/--interpolation/--backend: here the preprocessing is the "
+                  "evaluation transform that comes with the weights (see the backbone's key in the store entry)")),
     Alias(("--concept_set",), TEXT, "`--concepts`", rename("--concepts")),
     Alias(("--clip_name",), TEXT, "`--clip_model` (`ViT-B/16` → `ViT-B-16`)",
           lambda v, ctx: ["--clip_model", v.replace("/", "-")]),
@@ -325,6 +331,15 @@ ALIASES = [
     Alias(("--sparsity_ratio_value",), TXT_TRAIN, "refused: one ratio makes no IIS (`--ratios` sets the grid)",
           _refuse("--sparsity_ratio_value trains one sparsity ratio in the original; here every ratio of --ratios "
                   "is trained (an IIS needs at least two)")),
+    Alias(("--lam", "--n_iters", "--saga_batch_size"), TXT_TRAIN, "refused: no glm-saga solver here (the top-k mask "
+          "makes each ratio sparse; `--lrs`, `--epochs`, `--batch_size` train the heads)",
+          _refuse("--lam/--n_iters/--saga_batch_size set the original's glm-saga solver; here each ratio keeps its "
+                  "top-k concepts per sample and the heads train with Adam (--lrs, --epochs, --batch_size)")),
+    Alias(("--proj_steps",), TXT_TRAIN, "refused: the projection trains by epochs (`--proj_epochs`, "
+          "`--proj_patience`)", _refuse("--proj_steps: the projection trains by epochs here, early-stopped on val "
+                                        "(--proj_epochs, --proj_patience)")),
+    Alias(("--print",), TXT_TRAIN, "nothing: results.json lists every dropped concept and why", _always,
+          takes_value=False),
     Alias(("--model_root",), ("iis_computing",), "the results folder, as an argument", lambda v, ctx: [v]),
 ]
 
