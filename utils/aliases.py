@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .cli import UserError
+from .data import BUILTIN, IMAGE_EXTS
 
 ELEMENTS = ("segment_extractor", "patch_extractor")
 DATA_SCRIPTS = ELEMENTS + ("dataset_feature_extractor", "textual_emb_extractor")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-BUILTIN = ("fashion_mnist", "cifar10", "cifar100")
 # ${name} left unexpanded by single quotes in the original README, and the flag of the same command that names it
 SHELL_VARS = {"target_dataset": ("--dataset",), "model_name": ("--backbone", "--model_name", "--model"),
               "model": ("--model", "--backbone", "--model_name"),
