@@ -24,6 +24,7 @@ each row against the next), DIR/curves.png (every curve overlaid, with bands) an
 standard top-1 with error bars, chance-level runs hollow and left out of the Pearson and Spearman correlations).
 """
 import argparse
+import glob
 import os
 
 import numpy as np
@@ -34,9 +35,20 @@ from utils.report import plot_curves, plot_scatter, table_rows, write_table
 from utils.store import atomic_write_json, read_json
 
 
+def default_results():
+    """Without arguments (as the original's iis_computing.py is run): the runs of the default output folders, or
+    outputs/runs itself when there are none, so the error names where runs were looked for."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    found = [f for d in ("outputs/runs", "IP_training")
+             for f in sorted(glob.glob(os.path.join(root, d, "**", "results.json"), recursive=True))]
+    return [os.path.dirname(f) for f in found] or [os.path.join(root, "outputs", "runs")]
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="+", help="results.json files or the folders holding them")
+    p.add_argument("results", nargs="*", default=default_results(),
+                   help="results.json files or the folders holding them (default: every run under outputs/runs/, "
+                        "where the runners put them, and under IP_training/, where the original README's commands do)")
     p.add_argument("--metric", default="top1", choices=["top1", "top5"], help="accuracy used for the curve")
     p.add_argument("--plot", default=None,
                    help="PNG path of the combined plot (default: iis_curve.png beside a single results file, "

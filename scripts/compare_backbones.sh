@@ -14,7 +14,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
-PY=${PYTHON:-python}
 
 models=efficientnet_lite0; report=""; out=outputs; dataset=fashion_mnist; elements=segments; concept_types=prototype
 pass=()

@@ -1,6 +1,18 @@
 #!/usr/bin/env bash
 # Train the standard probe and sparse heads for each concept type on extracted features, then score them side by side.
 #
+# Without arguments, or with only the original script's variables as flags, it does what the original code's
+# ip_train.sh did (paths from the repository root): Prototype heads on the features scripts/emb_extractor.sh wrote to
+# concept_extractor/embs/<model_name>/ into IP_training/IP_Prototype/<model_name>/, text heads into IP_training/output/
+# when CLIP features are there, then the IIS of both.
+#   bash scripts/ip_train.sh
+#   bash scripts/ip_train.sh --model_name resnet18 --target_dataset cub --n_epoch 10
+# Its flags (defaults in brackets): --model_name [resnet50] --target_dataset [imagenet] --target_layer_name [layer4]
+#   --num_concepts [200] --n_epoch [30] --device [auto] --text_concept_path [concept_library/textual/<D>_filtered.txt]
+#   --clip_cutoff / --interpretability_cutoff [IP_Text_training's]
+#   --protocol [iis]  reference: the original code's keep rule, lr schedule, batch, lr and val selection
+#
+# With this project's flags:
 #   bash scripts/ip_train.sh --features outputs/features/fashion_mnist/efficientnet_lite0 --elements segments \
 #        --concept_types "prototype cluster end2end" --out outputs/runs/fashion_mnist/efficientnet_lite0
 #
@@ -22,10 +34,42 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
-PY=${PYTHON:-python}
 features=""; elements=segments; concept_types=prototype; n_concepts=200; epochs=30; lrs=""; device=auto; out=""
 seeds=0; protocol=iis; select_on=""
 clip=""; clip_cutoff=""; interpretability_cutoff=""
+ORIGINAL=" model_name target_dataset target_layer_name num_concepts n_epoch text_concept_path "
+original=$(( $# == 0 ))
+for a in "$@"; do [[ "$ORIGINAL" == *" ${a#--} "* ]] && original=1; done
+if [ "$original" = 1 ]; then   # the original's step
+  model_name=resnet50; target_dataset=imagenet; target_layer_name=layer4; num_concepts=200; n_epoch=30
+  text_concept_path=""
+  parse_flags model_name target_dataset target_layer_name num_concepts n_epoch device text_concept_path clip_cutoff \
+    interpretability_cutoff protocol -- "$@"
+  embs=concept_extractor/embs/$model_name; tag=$(basename "$target_dataset")
+  text_concept_path=${text_concept_path:-concept_library/textual/${tag}_filtered.txt}
+  echo "-- prototype concepts"
+  "$PY" IP_training/IP_Prototype_training.py --model_name "$model_name" \
+    --concept_path "$embs/visual_element_emb.pkl" --num_concepts "$num_concepts" --n_epoch "$n_epoch" \
+    --train_pt "$embs/${tag}_train_${model_name}_${target_layer_name}.pt" \
+    --val_pt "$embs/${tag}_val_${model_name}_${target_layer_name}.pt" --device "$device" --protocol "$protocol" \
+    --save_dir "IP_training/IP_Prototype/$model_name"
+  runs=("IP_training/IP_Prototype/$model_name")
+  clip="$embs/${tag}_clip_$(basename "${text_concept_path%.*}")"
+  if [ -f "$clip/text/meta.json" ]; then
+    echo "-- text concepts"
+    cut=()
+    [ -n "$clip_cutoff" ] && cut+=(--clip_cutoff "$clip_cutoff")
+    [ -n "$interpretability_cutoff" ] && cut+=(--interpretability_cutoff "$interpretability_cutoff")
+    "$PY" IP_training/IP_Text_training.py --dataset "$target_dataset" --backbone "$model_name" \
+      --concept_set "$text_concept_path" --feature_layer "$target_layer_name" --sparsity_ratio --save_dir IP_training/output \
+      --activation_dir "$embs" --epochs "$n_epoch" --device "$device" --protocol "$protocol" "${cut[@]}"
+    runs+=(IP_training/output)
+  else
+    echo "-- text concepts skipped: no CLIP features at $clip (emb_extractor.sh's text step needs CLIP weights)"
+  fi
+  "$PY" iis_computing.py "${runs[@]}"
+  exit 0
+fi
 parse_flags features elements concept_types n_concepts epochs lrs device out clip clip_cutoff interpretability_cutoff \
   seeds protocol select_on -- "$@"
 [ -n "$features" ] && [ -n "$out" ] || { echo "error: --features and --out are required (see --help)" >&2; exit 2; }

@@ -32,7 +32,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
-PY=${PYTHON:-python}
 
 model_config=efficientnet_lite0; backbone=""; weights=""; layer=""; dataset=fashion_mnist; data_root=data
 train_size=0; val_size=0; images_per_class=10; elements=segments; element_workers=1

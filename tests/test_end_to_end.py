@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def pipeline(tmp_path_factory):
            "--clip_cutoff", "-1", "--interpretability_cutoff", "-1", "--text_concepts", str(concepts),
            "--epochs", "15", "--lrs", "0.01 0.1", "--workers", "0", "--batch_size", "16",
            "--library", str(tmp / "lib"), "--out", str(tmp / "out"), "--report", str(tmp / "report")]
-    env = dict(os.environ, PYTHON=os.environ.get("PYTHON", "python"))
+    env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable))
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)

@@ -9,9 +9,18 @@ class UserError(Exception):
 
 
 def run(main, parser):
-    """Parse flags, call ``main(args)`` and turn a :class:`UserError` into a one-line message and exit code 2."""
-    args = parser.parse_args()
+    """Parse flags, call ``main(args)`` and turn a :class:`UserError` into a one-line message and exit code 2.
+
+    The original code's flags are translated first (utils/aliases.py), keyed by the script's file name.
+    """
+    from . import aliases
+    script = main.__code__.co_filename
+    parser.epilog = parser.epilog or aliases.help_text(os.path.splitext(os.path.basename(script))[0])
     try:
+        argv, checks = aliases.translate(script, sys.argv[1:])
+        args = parser.parse_args(argv)
+        for check in checks:
+            check(args)
         main(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -154,6 +154,15 @@ def get_source(dataset, split, data_root="data"):
     return _image_folder(dataset, split)
 
 
+def class_folder_source(path):
+    """An :class:`ImageSource` of one folder of class folders (``path/<class>/*.jpg``), named by its parent and its
+    own name (``datasets/imagenet/val`` reads as split ``val`` of ``datasets/imagenet``)."""
+    path = os.path.normpath(path)
+    if not os.path.isdir(path):
+        raise UserError(f"{path} is not a folder (expected {path}/<class>/<images>)")
+    return _image_folder(os.path.dirname(path) or ".", os.path.basename(path))
+
+
 def subset_indices(n_total, n, seed=0):
     """``n`` indices drawn without replacement by ``seed``, sorted; all of them when ``n`` is None or too large."""
     if n is None or n <= 0 or n >= n_total:

@@ -3,6 +3,7 @@ reproduce those scores from the backbone's features; concepts CLIP cannot see or
 dropped; the rest are standardised and feed the same sparse heads as the visual path.
 """
 import json
+import logging
 import os
 
 import numpy as np
@@ -79,12 +80,19 @@ class CLIP:
             if pretrained not in tags:
                 raise UserError(f"unknown pretrained tag {pretrained!r} for {name}; known: {', '.join(tags)}, "
                                 f"'none', or a local checkpoint file")
+        random_init = pretrained in ("none", "")
+        # open_clip logs a warning for random weights; here they are asked for (--clip_pretrained none), not an accident
+        before = logging.root.manager.disable
+        if random_init:
+            logging.disable(logging.WARNING)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=None if pretrained in ("none", "") else pretrained, device=device)
+                name, pretrained=None if random_init else pretrained, device=device)
         except (RuntimeError, OSError, ValueError) as e:
             raise UserError(f"could not load CLIP {name} / {pretrained} ({type(e).__name__}: {str(e)[:150]}); "
                             f"connect once to download it, or pass a local checkpoint with --clip_pretrained") from None
+        finally:
+            logging.disable(before)
         self.model, self.preprocess, self.tokenizer = model.eval(), preprocess, open_clip.get_tokenizer(name)
         self.device = torch.device(device)
         cfg = open_clip.get_model_config(name)
