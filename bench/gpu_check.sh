@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for a lent GPU machine (python3 there holds torch, torchvision, timm, scikit-*):
-# the ImageNet-shaped head sweep, the original-vs-ours sweep, extraction vs pure forward, and the pipeline on CUDA.
+# The GPU checks, as one script for a lent GPU machine (python3 there holds torch, torchvision, timm, scikit-*).
+# Sections (all by default): heads (top-k masks; the ImageNet-shaped sweep, fp32 and bf16 features), pipeline (the
+# whole pipeline on CUDA, random resnet18 on a synthetic ImageFolder), finetune (bench/finetune_gpu.sh), extract
+# (bench/extract_gpu.sh: 1 and 14 backbones per pass, PIL path and decoded copy). Output goes to $OUT.
 #
-#   OUT=/tmp/gpu bash bench/gpu_check.sh
+#   OUT=/tmp/gpu bash bench/gpu_check.sh                 # everything
+#   OUT=/tmp/gpu bash bench/gpu_check.sh heads pipeline  # some sections
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -10,21 +13,31 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 quiet() { grep -v -e 'epoch/s' -e 'epoch]' -e 'img/s' -e 'it/s'; }
+sections=${*:-heads pipeline finetune extract}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-"$PY" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
+"$PY" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
+'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
 
-echo "== 1. ImageNet-shaped sweep: 1.28M x 2048, 1000 classes, 200 concepts, 8 ratios + probe, 30 epochs"
-"$PY" -m bench.bench_heads --imagenet 2>&1 | quiet | tee "$OUT/heads_imagenet.txt"
-"$PY" -m bench.bench_heads --imagenet --feature_dtype bfloat16 --batch_size 8192 2>&1 | quiet \
-  | tee "$OUT/heads_imagenet_bf16_8192.txt"
-echo "== 2. original-style vs ours, 20k x 2048, on the GPU"
-"$PY" -m bench.bench_heads --epochs 5 --workers 4 2>&1 | quiet | tee "$OUT/heads_20k.txt"
-echo "== 3. extraction vs pure forward: 1 and 14 backbones per pass, PIL path and decoded copy (bench/extract_gpu.sh)"
-# PHOTOS: a folder of JPEG photos (e.g. foolbox's 20 ImageNet ones, carried along); else random-content JPEGs
-PYTHON="$PY" OUT="$OUT" PHOTOS="${PHOTOS:-.bench_photos}" bash bench/extract_gpu.sh
-echo "== 4. the pipeline on CUDA (random resnet18, synthetic ImageFolder)"
-"$PY" -c "import sys; sys.path.insert(0, 'tests'); from conftest import make_image_folder; \
+for s in $sections; do case $s in
+heads)
+  echo "== top-k masks, K = 200, 8 heads"
+  timeout 60 "$PY" -m bench.bench_topk --batch 8192 65536 2>&1 | tee "$OUT/topk.txt"
+  echo "== ImageNet-shaped sweep: 1.28M x 2048, 1000 classes, 200 concepts, 8 ratios + probe, 30 epochs, batch 8192"
+  timeout 150 "$PY" -m bench.bench_heads --imagenet --batch_size 8192 2>&1 | quiet | tee "$OUT/heads_imagenet.txt"
+  timeout 150 "$PY" -m bench.bench_heads --imagenet --batch_size 8192 --feature_dtype bfloat16 2>&1 | quiet \
+    | tee "$OUT/heads_imagenet_bf16.txt" ;;
+pipeline)
+  echo "== the pipeline on CUDA (random resnet18, synthetic ImageFolder, 2 seeds)"
+  "$PY" -c "import sys; sys.path.insert(0, 'tests'); from conftest import make_image_folder; \
 make_image_folder('/tmp/shapes', n_train=40, n_val=20)"
-PYTHON="$PY" bash scripts/run_pipeline.sh --dataset /tmp/shapes --backbone resnet18 --weights none \
-  --images_per_class 3 --elements patches --n_concepts 20 --concept_types "prototype cluster end2end" \
-  --epochs 5 --library /tmp/lib --out /tmp/out --device cuda --workers 4 2>&1 | quiet | tee "$OUT/pipeline_cuda.txt"
+  PYTHON="$PY" timeout 240 bash scripts/run_pipeline.sh --dataset /tmp/shapes --backbone resnet18 --weights none \
+    --images_per_class 3 --elements patches --n_concepts 20 --concept_types "prototype cluster end2end" \
+    --epochs 5 --seeds "0 1" --library /tmp/lib --out /tmp/out --device cuda --workers 4 2>&1 | quiet \
+    | tee "$OUT/pipeline_cuda.txt" ;;
+finetune)
+  PYTHON="$PY" OUT="$OUT" timeout 240 bash bench/finetune_gpu.sh ;;
+extract)
+  echo "== extraction vs pure forward (bench/extract_gpu.sh)"
+  PYTHON="$PY" OUT="$OUT" PHOTOS="${PHOTOS:-.bench_photos}" bash bench/extract_gpu.sh ;;
+*) echo "unknown section $s" >&2 ;;
+esac; done

@@ -72,8 +72,9 @@ def case(flag, name, tmp):
         "--save_root": (["--save_root", f"lib/{method}"], {"out_dir": "lib"}),
         "--image_per_class": (["--image_per_class", "3"], {"images_per_class": 3}),
         "--dataset": (["--dataset", "imagenet"], {"dataset": os.path.join(".", "datasets", "imagenet")}),
-        "--model_config": (["--model_config", "resnet50_IMAGENET1K_V1"], {"model_config": "resnet50",
-                                                                        "weights": "IMAGENET1K_V1"}),
+        "--model_config": (["--model_config", "resnet50_IMAGENET1K_V1"], {   # the dataset extractor takes several
+            "model_config": ["resnet50"] if name == "dataset_feature_extractor" else "resnet50",
+            "weights": "IMAGENET1K_V1"}),
         "--config_yaml": (["--config_yaml", "../model_configs/resnet50_IMAGENET1K_V1.yaml"],
                           {"model_config": "resnet50", "weights": "IMAGENET1K_V1"}),
         "--model": (["--model", "resnet18"], {"model_config": "resnet18", "backbone": None}),
@@ -200,7 +201,7 @@ def test_runners_use_the_venv_without_activation(tmp_path):
     env = plain_shell_env()
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r"^IIS = \d\.\d{4}$", r.stdout, re.M) and (tmp_path / "runs" / "prototype_segments" /
+    assert re.search(r"^IIS = \d\.\d{4}\b", r.stdout, re.M) and (tmp_path / "runs" / "prototype_segments" /
                                                                 "iis.json").is_file()
     assert no_warning(r.stderr)
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60,

@@ -10,6 +10,7 @@ Files: the original wrote pickles and torch tensors (``embs/<model>/visual_eleme
 ``<dataset>_train_<model>_<layer>.pt``). Here the same paths, less the extension, are store entries (folders), so the
 next command of the original sequence finds what the previous one wrote, and no pickle is ever loaded.
 """
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -358,6 +359,13 @@ def _expand(value, given):
     return re.sub(r"\$\{(\w+)\}", sub, value)
 
 
+def _our_config(v, script):
+    """A --model_config value this project reads as it is: a model_configs/ name or a YAML path, optionally :LAYER."""
+    name = v.split(":", 1)[0]
+    return os.path.isfile(name) or os.path.isfile(os.path.join(Context(script, {}, []).root(), "model_configs",
+                                                              f"{name}.yaml"))
+
+
 def translate(script, argv):
     """(our argv, checks) for ``argv`` given to ``script`` (its file path). Our own flags pass unchanged."""
     name = os.path.splitext(os.path.basename(script))[0]
@@ -371,6 +379,14 @@ def translate(script, argv):
             i += 1
             continue
         key = alias.flags[0] if alias.apply else flag   # spellings of one flag share a key; a composer reads each
+        if flag == "--model_config" and not eq:
+            vals = list(itertools.takewhile(lambda t: not t.startswith("-"), argv[i + 1:]))
+            if all(_our_config(v, script) for v in vals):   # our own flag (several CONFIG[:LAYER] in one pass)
+                rest += [flag] + vals
+                i += 1 + len(vals)
+                continue
+            if len(vals) > 1:
+                raise UserError(f"--model_config: give one of the original's config names at a time, not {vals}")
         if not alias.takes_value or eq:
             given[key] = val if eq else None
         elif i + 1 < len(argv):

@@ -87,7 +87,7 @@ def curve_statistics(acc_heads, rows, ratios, chance=None):
     sel = np.asarray(acc_heads, dtype=float)[..., rows]          # (..., S, 1 + R)
     std, acc = sel[..., 0], sel[..., 1:]
     with np.errstate(divide="ignore", invalid="ignore"):          # a resample whose standard accuracy is 0: NaN
-        norm = acc / std[..., None]
+        norm = np.where(std[..., None] > 0, acc / std[..., None], np.nan)
     out = {"standard": std, "accuracies": acc, "normalised": norm, "iis": trapezoid(ratios, norm)}
     if chance is not None:
         c = np.broadcast_to(np.asarray(chance, dtype=float)[..., None], std.shape)
@@ -150,7 +150,8 @@ def bootstrap_accuracies(correct, labels=None, n_boot=N_BOOT, seed=0):
 def interval(samples, level=LEVEL, axis=0):
     """Percentile interval (lo, hi) of bootstrap ``samples`` along ``axis`` (NaN resamples ignored)."""
     tail = 100.0 * (1.0 - level) / 2.0
-    lo, hi = np.nanpercentile(np.asarray(samples, dtype=float), [tail, 100.0 - tail], axis=axis)
+    s = np.asarray(samples, dtype=float)
+    lo, hi = np.nanpercentile(np.where(np.isfinite(s), s, np.nan), [tail, 100.0 - tail], axis=axis)
     return lo, hi
 
 
