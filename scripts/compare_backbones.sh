@@ -16,11 +16,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
 
 models=efficientnet_lite0; report=""; out=outputs; dataset=fashion_mnist; elements=segments; concept_types=prototype
+element_seed=0
 pass=()
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
-    --models|--report|--out|--dataset|--elements|--concept_types)
+    --models|--report|--out|--dataset|--elements|--concept_types|--element_seed)
       [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }
       printf -v "${1#--}" '%s' "$2"; shift 2 ;;
     --*) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }
@@ -30,6 +31,7 @@ while [ $# -gt 0 ]; do
 done
 tag_data=$(basename "$dataset")
 report=${report:-$out/reports/$tag_data}
+tag_el=$elements; [ "$element_seed" != 0 ] && tag_el="${elements}_seed$element_seed"   # as run_pipeline.sh names it
 
 # Dataset features first, one pass per split for every model/layer at once (each image decoded once, each backbone run
 # once per batch with all its layers); the per-model pipelines below find them up to date.
@@ -52,11 +54,11 @@ for m in $models; do
   config=${m%%:*}; layer=""; [ "$m" != "$config" ] && layer=${m#*:}
   echo "=== $config${layer:+ at $layer}"
   bash scripts/run_pipeline.sh --model_config "$config" ${layer:+--layer "$layer"} --dataset "$dataset" \
-    --elements "$elements" --concept_types "$concept_types" --out "$out" "${pass[@]}"
+    --elements "$elements" --element_seed "$element_seed" --concept_types "$concept_types" --out "$out" "${pass[@]}"
   tag_model=$(basename "$config" .yaml)${layer:+@$layer}
   for ct in $concept_types; do
     if [ "$ct" = text ]; then runs+=("$out/runs/$tag_data/$tag_model/text")
-    else runs+=("$out/runs/$tag_data/$tag_model/${ct}_$elements"); fi
+    else runs+=("$out/runs/$tag_data/$tag_model/${ct}_$tag_el"); fi
   done
 done
 "$PY" iis_computing.py "${runs[@]}" --report "$report" --plot "$report/curves.png"

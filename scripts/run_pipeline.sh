@@ -16,6 +16,9 @@
 #   --elements segments|patches [segments]
 #   --element_workers N        [1]  processes cutting elements
 #   --library DIR              [concept_library/prototype]  where element images go
+#   --element_seed N           [0]  seed of the images elements are cut from; another seed builds its own library
+#                              (DIR/seedN), embeddings (elements_<elements>_seedN) and runs (<type>_<elements>_seedN),
+#                              so the IIS spread over element choices can be seen beside the default
 #   --concept_types "..."      [prototype]  any of prototype cluster end2end text
 #   --text_concepts FILE       [concept_library/textual/<dataset>.json]  for text: the concept list
 #   --clip_model NAME          [ViT-B-16]  for text: open_clip model (or a model-config JSON)
@@ -34,13 +37,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
 
 model_config=efficientnet_lite0; backbone=""; weights=""; layer=""; dataset=fashion_mnist; data_root=data
-train_size=0; val_size=0; images_per_class=10; elements=segments; element_workers=1
+train_size=0; val_size=0; images_per_class=10; elements=segments; element_workers=1; element_seed=0
 library=concept_library/prototype; concept_types=prototype; n_concepts=200; epochs=30; lrs=""
 seeds=0; protocol=iis; select_on=""
 out=outputs; workers=""; batch_size=""; device=auto
 text_concepts=""; clip_model=ViT-B-16; clip_pretrained=openai; clip_cutoff=""; interpretability_cutoff=""
 parse_flags model_config backbone weights layer dataset data_root train_size val_size images_per_class elements \
-  element_workers library concept_types n_concepts epochs lrs out workers batch_size device text_concepts clip_model \
+  element_workers element_seed library concept_types n_concepts epochs lrs out workers batch_size device text_concepts clip_model \
   clip_pretrained clip_cutoff interpretability_cutoff seeds protocol select_on -- "$@"
 case "$elements" in segments|patches) ;; *) echo "error: --elements must be segments or patches" >&2; exit 2 ;; esac
 
@@ -57,6 +60,8 @@ tag_model=$(basename "${backbone:-$model_config}" .yaml | tr ':/' '__')${layer:+
 tag_data=$(basename "$dataset")
 feat="$out/features/$tag_data/$tag_model"
 extractor=segment_extractor; [ "$elements" = patches ] && extractor=patch_extractor
+tag_el=$elements   # the element set's name in the features and runs folders
+if [ "$element_seed" != 0 ]; then library="$library/seed$element_seed"; tag_el="${elements}_seed$element_seed"; fi
 visual=""; text=""
 for ct in $concept_types; do
   case "$ct" in prototype|cluster|end2end) visual+="$ct " ;; text) text=1 ;;
@@ -66,10 +71,10 @@ done
 if [ -n "$visual" ]; then
   echo "== visual elements ($elements)"
   "$PY" -m "concept_extractor.$extractor" "${data[@]}" --images_per_class "$images_per_class" --out_dir "$library" \
-    --workers "$element_workers"
+    --seed "$element_seed" --workers "$element_workers"
   echo "== element embeddings"
   "$PY" -m concept_extractor.visual_element_emb_extractor "${bb[@]}" "${loader[@]}" \
-    --elements "$library/$elements" --out "$feat/elements_$elements"
+    --elements "$library/$elements" --out "$feat/elements_$tag_el"
 fi
 clip_dir="$out/features/$tag_data/clip_$(basename "$clip_model" .json)_$(basename "$clip_pretrained")"
 if [ -n "$text" ]; then
@@ -84,7 +89,7 @@ echo "== dataset features"
 "$PY" -m concept_extractor.dataset_feature_extractor "${bb[@]}" "${data[@]}" "${loader[@]}" \
   --split val --max_images "$val_size" --out "$feat/val"
 echo "== standard probe + sparse concept heads, IIS"
-bash scripts/ip_train.sh --features "$feat" --elements "$elements" --concept_types "$concept_types" \
+bash scripts/ip_train.sh --features "$feat" --elements "$tag_el" --concept_types "$concept_types" \
   --n_concepts "$n_concepts" --epochs "$epochs" --lrs "$lrs" --device "$device" \
   --seeds "$seeds" --protocol "$protocol" --select_on "$select_on" --out "$out/runs/$tag_data/$tag_model" \
   --clip "$clip_dir" --clip_cutoff "$clip_cutoff" --interpretability_cutoff "$interpretability_cutoff"
