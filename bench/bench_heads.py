@@ -3,6 +3,7 @@
     python -m bench.bench_heads                     # CPU: 20 000 x 2048 train, 5 000 val, 100 classes, ~10 min
     python -m bench.bench_heads --skip_shipped      # without the 4-worker baseline (the slowest part)
     python -m bench.bench_heads --imagenet          # GPU: 1.28 M x 2048, 1 000 classes, ours only
+    python -m bench.bench_heads --imagenet --seeds 3  # the same with three seeds stacked as extra heads
 
 Workload: 100 classes whose features overlap (standard top-1 between 60 and 85 %, so a wrong head shows), non-negative
 like post-ReLU features (a ReLU of a random 2048-d mixing of 64-d latent class centres plus noise), and 200 concepts
@@ -20,7 +21,7 @@ import torch
 
 from bench import original_loop
 from bench.common import Timer, hardware
-from utils.heads import SPARSITY_GRID, LinearProbes, SparseConceptHeads, fit
+from utils.heads import SPARSITY_GRID, LinearProbes, SparseConceptHeads, Split, fit
 from utils.iis import iis
 from utils.sweep import concept_scores
 
@@ -43,17 +44,24 @@ def synthetic(n_train, n_val, dim=2048, n_classes=100, n_concepts=200, latent=64
     return x, y, xv, yv, concepts
 
 
-def ours(x, y, xv, yv, concepts, n_classes, epochs, batch_size, lr, feature_dtype=torch.float32):
-    """The trainer's path under --protocol reference: (standard top-1, [top-1 per ratio])."""
+def ours(x, y, xv, yv, concepts, n_classes, epochs, batch_size, lr, feature_dtype=torch.float32, seeds=1):
+    """The trainer's path under --protocol reference: (standard top-1, [top-1 per ratio]) of the first seed.
+
+    ``concepts`` is (K, D), or (S, K, D) for ``seeds`` > 1: each seed its own concepts, initialisation and batch
+    order, stacked as extra heads of the one sweep (as ``--seeds`` does)."""
     device = x.device
     x, xv = x.to(feature_dtype), xv.to(feature_dtype)
-    common = dict(epochs=epochs, batch_size=batch_size, lr_decay=0.99)
-    std = fit(LinearProbes(x.shape[1], n_classes, 1).to(device), [lr], x, y, xv, yv, desc="ours: probe",
-              **common)["top1"][0]
-    heads = SparseConceptHeads(concepts, n_classes, SPARSITY_GRID, keep_rule="reference").to(device)
+    seed_list = list(range(seeds))
+    splits = [Split(torch.arange(len(y)), None, s) for s in seed_list]
+    common = dict(epochs=epochs, batch_size=batch_size, lr_decay=0.99, splits=splits)
+    probes = LinearProbes(x.shape[1], n_classes, seeds, seed_list, groups=seed_list).to(device)
+    std = fit(probes, [lr] * seeds, x, y, xv, yv, desc="ours: probe", **common)["top1"][0]
+    grid = [(s, r) for s in seed_list for r in SPARSITY_GRID]
+    heads = SparseConceptHeads(concepts, n_classes, [r for _, r in grid], [s for s, _ in grid],
+                               keep_rule="reference", groups=[s for s, _ in grid]).to(device)
     z, zv = concept_scores(heads, x, device), concept_scores(heads, xv, device)
-    accs = fit(heads.on_scores(), [lr] * len(SPARSITY_GRID), z, y, zv, yv, desc="ours: 8 heads", **common)["top1"]
-    return std, list(accs)
+    accs = fit(heads.on_scores(), [lr] * len(grid), z, y, zv, yv, desc=f"ours: {len(grid)} heads", **common)["top1"]
+    return std, list(accs[:len(SPARSITY_GRID)])
 
 
 def main():
@@ -71,6 +79,8 @@ def main():
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--feature_dtype", default="float32", choices=["float32", "bfloat16"],
                    help="precision of our resident features")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="ours: this many seeds stacked as extra heads (each its own concepts, init and order)")
     p.add_argument("--skip_shipped", action="store_true", help="skip the 4-worker baseline")
     p.add_argument("--skip_baseline", action="store_true", help="ours only")
     args = p.parse_args()
@@ -79,16 +89,20 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, y, xv, yv, concepts = synthetic(args.n_train, args.n_val, args.dim, args.n_classes, args.n_concepts,
                                        sigma=args.sigma, device=device)
+    if args.seeds > 1:   # further seeds draw their own noisy copies of other train rows
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(7))[:(args.seeds - 1) * args.n_concepts]
+        more = torch.relu(x[pick.to(device)] + 0.3 * torch.randn(len(pick), x.shape[1], device=device))
+        concepts = torch.cat([concepts, more]).view(args.seeds, args.n_concepts, -1)
     print(f"{args.n_train} x {args.dim} train, {args.n_val} val, {args.n_classes} classes, {args.n_concepts} "
           f"concepts, {len(SPARSITY_GRID)} ratios + standard probe, {args.epochs} epochs, batch {args.batch_size}, "
-          f"lr {args.lr} x0.99/epoch, on {device}")
+          f"lr {args.lr} x0.99/epoch, {args.seeds} seed(s) (ours), on {device}")
     print(f"hardware: {hardware()}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     results = {}
     with Timer() as t:
         results["ours"] = ours(x, y, xv, yv, concepts, args.n_classes, args.epochs, args.batch_size, args.lr,
-                               getattr(torch, args.feature_dtype))
+                               getattr(torch, args.feature_dtype), args.seeds)
     times = {"ours": t.seconds}
     print(f"ours: {t.seconds:.1f} s ({t.seconds / args.epochs:.2f} s/epoch, all ratios + probe)")
     if not args.skip_baseline:

@@ -25,7 +25,9 @@ heads)
   echo "== ImageNet-shaped sweep: 1.28M x 2048, 1000 classes, 200 concepts, 8 ratios + probe, 30 epochs, batch 8192"
   timeout 150 "$PY" -m bench.bench_heads --imagenet --batch_size 8192 2>&1 | quiet | tee "$OUT/heads_imagenet.txt"
   timeout 150 "$PY" -m bench.bench_heads --imagenet --batch_size 8192 --feature_dtype bfloat16 2>&1 | quiet \
-    | tee "$OUT/heads_imagenet_bf16.txt" ;;
+    | tee "$OUT/heads_imagenet_bf16.txt"
+  timeout 150 "$PY" -m bench.bench_heads --imagenet --batch_size 8192 --seeds 3 2>&1 | quiet \
+    | tee "$OUT/heads_imagenet_3seeds.txt" ;;
 pipeline)
   echo "== the pipeline on CUDA (random resnet18, synthetic ImageFolder, 2 seeds)"
   "$PY" -c "import sys; sys.path.insert(0, 'tests'); from conftest import make_image_folder; \

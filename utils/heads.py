@@ -188,7 +188,7 @@ class _SparseHeads(MaskedLinearHeads):
 
     def affine(self, z):
         """Each head's LayerNorm gain and bias on normalised scores z (H or 1, N, K)."""
-        return z * self.ln_weight.unsqueeze(1) + self.ln_bias.unsqueeze(1)
+        return torch.addcmul(self.ln_bias.unsqueeze(1), z, self.ln_weight.unsqueeze(1))   # one pass, not two
 
     def activations(self, x):
         """(H, N, K) concept activations after each head's LayerNorm, before masking."""
