@@ -16,7 +16,7 @@ PHOTOS=${PHOTOS:-.bench_photos}
 WORKERS=${WORKERS:-14}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-quiet() { grep -v -e 'img/s' -e 'it/s'; }
+quiet() { tr '\r' '\n' | grep -v -e 'img/s' -e 'it/s' -e '^$'; }
 echo "== extraction, one backbone per pass (PIL path on 4096 images, decoded copy on 16384)"
 for arch in resnet50 vit_b_16; do
   timeout 120 "$PY" -m bench.bench_extract --arch "$arch" --decode pil cache --n_images 16384 --pil_images 4096 \

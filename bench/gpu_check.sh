@@ -12,7 +12,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-quiet() { grep -v -e 'epoch/s' -e 'epoch]' -e 'img/s' -e 'it/s'; }
+quiet() { tr '\r' '\n' | grep -v -e 'epoch/s' -e 'epoch]' -e 'img/s' -e 'it/s' -e '^$'; }
 sections=${*:-heads pipeline finetune extract}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
