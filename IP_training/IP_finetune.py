@@ -8,8 +8,8 @@
 Objective: CE of a linear classifier on the pooled feature + lambda x CE of a sparse concept head on the same feature
 (the sweep's head: LayerNorm(feature . unit concepts), each sample keeps its top round((1 - ratio) K) activations by
 absolute value, linear). Concepts are the element library's embeddings through the current backbone (--refresh:
-recomputed every epoch by default, every step with gradient, or frozen at the pretrained backbone). Both terms train
-the chosen layers; lambda = 0 is plain fine-tuning (the concept head then only watches). Light augmentation (random
+recomputed at every step with gradient into the backbone, the default; every epoch; or frozen at the pretrained
+backbone — README: what each measured). Both terms train the chosen layers; lambda = 0 is plain fine-tuning (the concept head then only watches). Light augmentation (random
 resized crop of 50-100 % of the area, aspect 3/4-4/3, horizontal flip), identical in both arms; the backbone runs in
 eval mode (BatchNorm statistics stay as pretrained). With --train_layers N or module names, the input of the first
 trained module is computed once per image view and cached (--cache_views views per train image, default one per
@@ -42,9 +42,10 @@ def get_args_parser():
     g.add_argument("--n_concepts", type=int, default=200, help="concepts K")
     g.add_argument("--concept_seed", type=int, default=0,
                    help="seed of the prototype choice / KMeans (0 = the concepts the scoring sweep uses by default)")
-    g.add_argument("--refresh", default="epoch", choices=finetune.REFRESH,
-                   help="how often concept vectors are recomputed through the current backbone: every step (with "
-                        "gradient into the backbone), every epoch (default), or frozen at the pretrained backbone's")
+    g.add_argument("--refresh", default="step", choices=finetune.REFRESH,
+                   help="how often concept vectors are recomputed through the current backbone: every step, with "
+                        "gradient into the backbone (default; costs a forward/backward of the K concept elements per "
+                        "step), every epoch (no gradient through them), or frozen at the pretrained backbone's")
     g = p.add_argument_group("objective")
     g.add_argument("--lambda_interp", type=float, default=1.0,
                    help="weight of the sparse concept head's CE (0 = plain fine-tuning, the baseline arm)")

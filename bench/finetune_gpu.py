@@ -3,7 +3,7 @@ flags (element library, element embeddings, train/val features, the scoring swee
 table), called through each stage's own ``get_args_parser()`` and ``main(args)``. On a GPU, starting ~70 Python
 processes (5-6 stages per scored backbone) would cost more than the work; here torch, timm and CUDA start once.
 
-    python3 -m bench.finetune_gpu --train_size 10000 --val_size 5000 --train_layers all --epochs 3 \\
+    python3 -m bench.finetune_gpu --train_size 4000 --val_size 2000 --train_layers all --epochs 3 \\
         --out /tmp/ftgpu --report /tmp/ftgpu/report
 
 Every stage keeps its own caching, so a second call reuses what the first finished.
@@ -20,8 +20,8 @@ def get_args_parser():
     p.add_argument("--model_config", default="efficientnet_lite0")
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--data_root", default="data")
-    p.add_argument("--train_size", type=int, default=10000)
-    p.add_argument("--val_size", type=int, default=5000)
+    p.add_argument("--train_size", type=int, default=4000)
+    p.add_argument("--val_size", type=int, default=2000)
     p.add_argument("--images_per_class", type=int, default=4)
     p.add_argument("--library", default="concept_library/prototype")
     p.add_argument("--concept_type", default="prototype", choices=finetune.CONCEPT_TYPES)
@@ -30,7 +30,7 @@ def get_args_parser():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0])
     p.add_argument("--train_layers", nargs="+", default=["all"])
-    p.add_argument("--refresh", default="epoch", choices=finetune.REFRESH)
+    p.add_argument("--refresh", default="step", choices=finetune.REFRESH)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--head_lr", type=float, default=1e-3)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Plain vs interpretability-maximising fine-tuning on one GPU: EfficientNet-Lite0 (real weights), Fashion-MNIST,
-# every layer trained, 6 000 train / 3 000 val images (6x the CPU run), seeds 0 1 2, lambda 0 / 0.5 / 1, each backbone
-# scored by the pipeline's stages (bench/finetune_gpu.py: scripts/finetune_compare.sh in one process). Expected about
-# 3 minutes on one H100/H200 with 16 CPU cores (never measured: give it a 7-minute limit); writes finetune_compare.md
-# and .csv, report.csv, curves.png and the log (with seconds per fine-tuning and per scoring) to $OUT.
+# every layer trained, 4 000 train / 2 000 val images (4x the CPU run), seeds 0 1 2, lambda 0 / 0.5 / 1, each backbone
+# scored by the pipeline's stages (bench/finetune_gpu.py: scripts/finetune_compare.sh in one process), concepts
+# refreshed every step (the default). Expected about 3 minutes on one H100/H200 with 16 CPU cores (never measured: give
+# it a 7-minute limit); writes finetune_compare.md/.csv, report.csv, curves.png and the log (seconds per fine-tuning and
+# per scoring) to $OUT.
 #
 #   bash bench/finetune_gpu.sh --prepare       here, once: puts what the GPU machine lacks into data/finetune_gpu/
 #                                              (Fashion-MNIST's four .gz files and the efficientnet_lite0 weights
@@ -50,7 +51,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 'timm', timm.__version__, 'cpus', __import__('os').cpu_count())" | tee -a "$OUT/finetune_gpu.txt"
 start=$SECONDS
 rc=0
-"$PY" -m bench.finetune_gpu --train_size 6000 --val_size 3000 --images_per_class 4 --train_layers all \
+"$PY" -m bench.finetune_gpu --train_size 4000 --val_size 2000 --images_per_class 4 --train_layers all \
   --epochs 3 --batch_size 128 --lr 2e-4 --head_lr 1e-2 --seeds 0 1 2 --lambdas 0.5 1 --device cuda \
   --out /tmp/finetune_gpu_work --report /tmp/finetune_gpu_work/report "$@" 2>&1 \
   | tr '\r' '\n' | grep -v -e 'img/s' -e 'step/s' -e 's/step' -e 'epoch/s' -e 's/epoch' -e '^$' | tee -a "$OUT/finetune_gpu.txt" || rc=$?

@@ -19,7 +19,7 @@
 #   --seeds "..."             [0 1 2]
 #   --lambdas "..."           [0.5 1]  interpretability weights (the plain arm, lambda 0, always runs)
 #   --train_layers "..."      [all]  all, N (last N blocks), or module names
-#   --refresh step|epoch|frozen [epoch]   --epochs N [4]   --lr X [1e-4]   --head_lr X [1e-3]
+#   --refresh step|epoch|frozen [step]   --epochs N [4]   --lr X [1e-4]   --head_lr X [1e-3]
 #   --weight_decay X [0.01]   --batch_size N [64]   --cache_views N [0 = one per epoch]
 #   --score_epochs N [30]   --score_lrs "A B" [0.001 0.01]   the scoring sweep's epochs and lr grid
 #   --workers N [2]   --device D [auto]
@@ -35,7 +35,7 @@ export PYTHON="$PY"
 model_config=efficientnet_lite0; backbone=""; weights=""; layer=""; dataset=fashion_mnist; data_root=data
 train_size=0; val_size=0; images_per_class=10; elements=segments; library=concept_library/prototype
 concept_type=prototype; n_concepts=200; ratio=0.1; seeds="0 1 2"; lambdas="0.5 1"; train_layers=all
-refresh=epoch; epochs=4; lr=1e-4; head_lr=1e-3; weight_decay=0.01; batch_size=64; cache_views=0
+refresh=step; epochs=4; lr=1e-4; head_lr=1e-3; weight_decay=0.01; batch_size=64; cache_views=0
 score_epochs=30; score_lrs="0.001 0.01"; workers=2; device=auto; out=outputs; report=""
 parse_flags model_config backbone weights layer dataset data_root train_size val_size images_per_class elements \
   library concept_type n_concepts ratio seeds lambdas train_layers refresh epochs lr head_lr weight_decay batch_size \

@@ -35,7 +35,8 @@ def world(tmp_path_factory):
 def argv_for(world, out, *extra):
     return [*TINY, "--dataset", world["folder"], "--elements", world["elements"], "--n_concepts", "12",
             "--train_layers", "2", "--epochs", "2", "--batch_size", "8", "--workers", "0", "--lr", "1e-3",
-            "--head_lr", "1e-2", "--cache_dir", world["cache"], "--out", str(world["tmp"] / out), *extra]
+            "--head_lr", "1e-2", "--refresh", "epoch", "--cache_dir", world["cache"], "--out", str(world["tmp"] / out),
+            *extra]
 
 
 def args_for(world, out, *extra):

@@ -811,17 +811,21 @@ def run(args, on_step=None):
                 device=str(device), epochs=history,
                 cache_seconds=round(getattr(tuner, "cache_seconds", 0.0), 1))
     stream = tuner.train_stream(start)
-    for epoch in range(start, args.epochs):
-        t0 = time.time()
-        row = tuner.epoch(epoch, stream, steps, steps * args.epochs)
-        row = dict(epoch=epoch + 1, **row, seconds=round(time.time() - t0, 2))
-        history.append(row)
-        print(f"epoch {epoch + 1}: train CE {row['train_loss_linear']:.4f} (linear) "
-              f"{row['train_loss_concept']:.4f} (concepts); val top-1 {row['val_top1_linear']:.2f}% (linear) "
-              f"{row['val_top1_concept']:.2f}% (concept head, s={args.ratio:g}); {row['seconds']:.1f} s")
-        store.atomic_torch_save(state_path, {"key_hash": store.key_hash(key),
-                                             "state": tuner.state(epoch + 1, history)})
-        store.atomic_write_json(info_path, dict(info, epochs=history))
+    try:
+        for epoch in range(start, args.epochs):
+            t0 = time.time()
+            row = tuner.epoch(epoch, stream, steps, steps * args.epochs)
+            row = dict(epoch=epoch + 1, **row, seconds=round(time.time() - t0, 2))
+            history.append(row)
+            print(f"epoch {epoch + 1}: train CE {row['train_loss_linear']:.4f} (linear) "
+                  f"{row['train_loss_concept']:.4f} (concepts); val top-1 {row['val_top1_linear']:.2f}% (linear) "
+                  f"{row['val_top1_concept']:.2f}% (concept head, s={args.ratio:g}); {row['seconds']:.1f} s")
+            store.atomic_torch_save(state_path, {"key_hash": store.key_hash(key),
+                                                 "state": tuner.state(epoch + 1, history)})
+            store.atomic_write_json(info_path, dict(info, epochs=history))
+    finally:
+        stream.close()                  # a train DataLoader's workers stop here, the val loader's just below
+        tuner._val_loader = None
     save_checkpoint(ckpt, tuner.model)
     probe = torch.stack([EvalImages(tuner.val_src, tuner.val_idx, tuner.pre)[i][0]
                          for i in range(min(8, len(tuner.val_idx)))])
