@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Plain fine-tuning against fine-tuning with interpretability maximisation, for one backbone on one dataset: fine-tunes
+# every (seed, lambda) with IP_training.IP_finetune (lambda 0 = plain), scores the pretrained and every fine-tuned
+# backbone with the normal pipeline (scripts/run_pipeline.sh --weights <checkpoint>: same element library, same
+# subsets), then writes one comparison report (iis_computing.py --report) and a table of mean ± std over seeds.
+#
+#   bash scripts/finetune_compare.sh --model_config efficientnet_lite0 --dataset fashion_mnist \
+#        --train_size 1000 --val_size 500 --images_per_class 2 --seeds "0 1 2" --lambdas "0.5 1" \
+#        --train_layers 2 --epochs 3 --lr 3e-4 --head_lr 1e-2 --batch_size 32
+#
+# Flags (defaults in brackets):
+#   --model_config NAME|PATH  [efficientnet_lite0]   --backbone NAME  --weights W (the starting weights)  --layer NAME
+#   --dataset NAME|PATH       [fashion_mnist]        --data_root DIR [data]
+#   --train_size N / --val_size N   [0 = all]  seeded subsets: fine-tuning and scoring use the same rows
+#   --images_per_class N      [10]  images per class cut into visual elements (one library for every run)
+#   --elements segments|patches [segments]   --library DIR [concept_library/prototype]
+#   --concept_type prototype|cluster [prototype]  concepts of the interpretability term and of the scoring heads
+#   --n_concepts N [200]   --ratio S [0.1]  sparsity of the fine-tuning concept head
+#   --seeds "..."             [0 1 2]
+#   --lambdas "..."           [0.5 1]  interpretability weights (the plain arm, lambda 0, always runs)
+#   --train_layers "..."      [all]  all, N (last N blocks), or module names
+#   --refresh step|epoch|frozen [step]   --epochs N [4]   --lr X [1e-4]   --head_lr X [1e-3]
+#   --weight_decay X [0.01]   --batch_size N [64]   --cache_views N [0 = one per epoch]
+#   --score_epochs N [30]   --score_lrs "A B" [0.001 0.01]   the scoring sweep's epochs and lr grid
+#   --workers N [2]   --device D [auto]
+#   --out DIR [outputs]  fine-tuning in DIR/finetune/<dataset>/<model>/, scoring in .../score/<arm>/
+#   --report DIR [DIR/reports/finetune_<dataset>_<model>]  report.md/csv, curves, scatter, finetune_compare.md/csv
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/_flags.sh
+# the interpreter, chosen in one place: $PYTHON, else the project's .venv, else python on PATH
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+export PYTHON="$PY"
+
+model_config=efficientnet_lite0; backbone=""; weights=""; layer=""; dataset=fashion_mnist; data_root=data
+train_size=0; val_size=0; images_per_class=10; elements=segments; library=concept_library/prototype
+concept_type=prototype; n_concepts=200; ratio=0.1; seeds="0 1 2"; lambdas="0.5 1"; train_layers=all
+refresh=step; epochs=4; lr=1e-4; head_lr=1e-3; weight_decay=0.01; batch_size=64; cache_views=0
+score_epochs=30; score_lrs="0.001 0.01"; workers=2; device=auto; out=outputs; report=""
+parse_flags model_config backbone weights layer dataset data_root train_size val_size images_per_class elements \
+  library concept_type n_concepts ratio seeds lambdas train_layers refresh epochs lr head_lr weight_decay batch_size \
+  cache_views score_epochs score_lrs workers device out report -- "$@"
+case "$concept_type" in prototype|cluster) ;; *) echo "error: --concept_type must be prototype or cluster" >&2; exit 2 ;; esac
+case "$elements" in segments|patches) ;; *) echo "error: --elements must be segments or patches" >&2; exit 2 ;; esac
+[ -n "$seeds" ] || { echo "error: --seeds is empty" >&2; exit 2; }
+for l in $lambdas; do
+  "$PY" -c "import sys; v = float(sys.argv[1]); sys.exit(0 if v > 0 else 1)" "$l" 2>/dev/null || \
+    { echo "error: --lambdas takes positive numbers (lambda 0, the plain arm, always runs), got '$l'" >&2; exit 2; }
+done
+
+bb=(--model_config "$model_config")
+[ -n "$backbone" ] && bb+=(--backbone "$backbone")
+[ -n "$layer" ] && bb+=(--layer "$layer")
+start_weights=(); [ -n "$weights" ] && start_weights=(--weights "$weights")
+tag_model=$(basename "${backbone:-$model_config}" .yaml | tr ':/' '__')${layer:+@$layer}
+tag_data=$(basename "$dataset")
+base="$out/finetune/$tag_data/$tag_model"
+report=${report:-$out/reports/finetune_${tag_data}_$tag_model}
+sizes=(--train_size "$train_size" --val_size "$val_size")
+# every scoring run: same dataset, subsets, element library, concept type and sweep
+score() {  # score TAG [--weights FILE]
+  local tag=$1; shift
+  echo "=== scoring $tag"
+  bash scripts/run_pipeline.sh "${bb[@]}" "$@" --dataset "$dataset" --data_root "$data_root" "${sizes[@]}" \
+    --images_per_class "$images_per_class" --elements "$elements" --library "$library" \
+    --concept_types "$concept_type" --n_concepts "$n_concepts" --epochs "$score_epochs" --lrs "$score_lrs" \
+    --workers "$workers" --device "$device" --out "$base/score/$tag"
+  runs+=("$base/score/$tag/runs/$tag_data/$tag_model/${concept_type}_$elements")
+}
+
+mkdir -p "$base"
+manifest="$base/manifest.tsv.partial"
+: > "$manifest"
+runs=()
+score pretrained "${start_weights[@]}"        # also cuts the element library every fine-tuning run uses
+printf 'pretrained\t\t-\t%s\n' "${runs[-1]}" >> "$manifest"
+for seed in $seeds; do
+  for lam in 0 $lambdas; do
+    if [ "$lam" = 0 ]; then arm=plain; tag="plain_seed$seed"; else arm=interp; tag="interp${lam}_seed$seed"; fi
+    echo "=== fine-tuning $tag"
+    # shellcheck disable=SC2086  # train_layers is a list on purpose
+    "$PY" -m IP_training.IP_finetune "${bb[@]}" "${start_weights[@]}" --dataset "$dataset" --data_root "$data_root" \
+      "${sizes[@]}" --elements "$library/$elements" --concept_type "$concept_type" --n_concepts "$n_concepts" \
+      --ratio "$ratio" --lambda_interp "$lam" --train_layers $train_layers --refresh "$refresh" --epochs "$epochs" \
+      --lr "$lr" --head_lr "$head_lr" --weight_decay "$weight_decay" --batch_size "$batch_size" --seed "$seed" \
+      --cache_views "$cache_views" --cache_dir "$base/cache" --workers "$workers" --device "$device" \
+      --out "$base/ft/$tag"
+    score "$tag" --weights "$base/ft/$tag/backbone.safetensors"
+    printf '%s\t%s\t%s\t%s\n' "$arm" "$lam" "$seed" "${runs[-1]}" >> "$manifest"
+  done
+done
+mv "$manifest" "$base/manifest.tsv"
+"$PY" iis_computing.py "${runs[@]}" --report "$report" --plot "$report/curves.png"
+"$PY" -c "import sys; from utils.finetune import write_comparison; write_comparison(sys.argv[1], sys.argv[2])" \
+  "$base/manifest.tsv" "$report"
+echo "table: $report/finetune_compare.md (and .csv); fine-tuning logs: $base/ft/*/finetune.json"

@@ -1,0 +1,323 @@
+"""Fine-tuning with interpretability maximisation (IP_training/IP_finetune.py, utils/finetune.py), on timm's tiny
+random-init test_efficientnet and the planted-colour ImageFolder: lambda = 0 is plain fine-tuning, the concept term's
+gradient reaches exactly the trained parameters, the cached partial forward is the full forward, the checkpoint is
+what the pipeline's --weights loads, a killed run resumes to the same weights, bad flags are refused."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import REPO, make_image_folder
+from IP_training.IP_finetune import get_args_parser
+from utils import finetune as ft
+from utils import store
+
+TINY = ["--backbone", "timm:test_efficientnet", "--weights", "none"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft")
+    folder = make_image_folder(str(tmp / "shapes"))
+    r = subprocess.run([sys.executable, "-m", "concept_extractor.patch_extractor", "--dataset", folder,
+                        "--images_per_class", "2", "--out_dir", str(tmp / "lib")], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return dict(tmp=tmp, folder=folder, elements=str(tmp / "lib" / "patches"), cache=str(tmp / "cache"))
+
+
+def argv_for(world, out, *extra):
+    return [*TINY, "--dataset", world["folder"], "--elements", world["elements"], "--n_concepts", "12",
+            "--train_layers", "2", "--epochs", "2", "--batch_size", "8", "--workers", "0", "--lr", "1e-3",
+            "--head_lr", "1e-2", "--refresh", "epoch", "--cache_dir", world["cache"], "--out", str(world["tmp"] / out),
+            *extra]
+
+
+def args_for(world, out, *extra):
+    return get_args_parser().parse_args(argv_for(world, out, *extra))
+
+
+def checkpoint(world, out):
+    from safetensors.torch import load_file
+    return load_file(str(world["tmp"] / out / ft.CHECKPOINT))
+
+
+def same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(world):
+    """Three finished runs: plain (lambda 0), plain with other concept settings, interpretability (lambda 1)."""
+    out = {}
+    out["plain"] = ft.run(args_for(world, "plain", "--lambda_interp", "0"))
+    out["plain_other"] = ft.run(args_for(world, "plain_other", "--lambda_interp", "0", "--concept_type", "cluster",
+                                         "--n_concepts", "5", "--ratio", "0.6", "--refresh", "step"))
+    out["interp"] = ft.run(args_for(world, "interp", "--lambda_interp", "1"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def test_block_names_and_last_blocks():
+    import timm
+    import torchvision
+    m = timm.create_model("test_efficientnet", pretrained=False).eval()
+    blocks = ft.block_names(m)
+    assert blocks == [f"blocks.{i}.{j}" for i, n in enumerate(len(s) for s in m.blocks) for j in range(n)]
+    r = torchvision.models.resnet18(weights=None).eval()
+    assert ft.block_names(r) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    ext = ft.FeatureExtractor(r, "pre_logits")
+    got = ft.resolve_trained(r, ext, ["2"], torch.zeros(2, 3, 64, 64))
+    assert got["cut"] == "layer4.0" and got["modules"] == ["layer4.0", "layer4.1"]
+    assert set(got["params"]) == {n for n, _ in r.named_parameters() if n.startswith("layer4.")}
+    every = ft.resolve_trained(r, ext, ["all"], torch.zeros(2, 3, 64, 64))
+    assert set(every["params"]) == {n for n, _ in r.named_parameters() if not n.startswith("fc.")}   # fc: after
+    e = ft.resolve_trained(m, ft.FeatureExtractor(m, "pre_logits"), ["1"], torch.zeros(2, 3, 64, 64))
+    assert e["modules"] == [blocks[-1], "conv_head", "bn2"]
+
+
+def _loss_and_grads(fn, params):
+    loss = fn()
+    return [None if g is None else g.clone() for g in torch.autograd.grad(loss, params, allow_unused=True)]
+
+
+@pytest.mark.parametrize("arch,layers", [("test_efficientnet", "2"), ("test_vit", "1")])
+def test_cached_partial_forward_gives_the_full_forward_gradients(arch, layers):
+    import timm
+    torch.manual_seed(0)
+    m = timm.create_model(arch, pretrained=False).eval()
+    ext = ft.FeatureExtractor(m, "pre_logits")
+    x = torch.randn(4, 3, 160, 160)
+    tr = ft.resolve_trained(m, ext, [layers], x[:2])
+    for n, p in m.named_parameters():
+        p.requires_grad_(n in set(tr["params"]))
+    top = ft.TopForward(m, ext, tr["cut"], tr["calls"], tr["outputs"], x.shape)
+    assert top.matches(x)
+    params = [p for p in m.parameters() if p.requires_grad]
+    w = torch.randn(ext(x).shape[1], 3)
+    y = torch.tensor([0, 1, 2, 1])
+    full = _loss_and_grads(lambda: F.cross_entropy(ext(x) @ w, y), params)
+    with torch.no_grad():
+        cached = top.trunk(x)
+    part = _loss_and_grads(lambda: F.cross_entropy(top(cached) @ w, y), params)
+    assert all(g is not None for g in full)
+    for a, b in zip(full, part):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_cached_path_is_refused_where_it_would_change_the_network():
+    class Skip(nn.Module):            # the output adds the stem's output back: resuming at block2 would drop it
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block1, self.block2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            s = self.stem(x)
+            return self.fc((self.block2(self.block1(s)) + s).mean((2, 3)))
+    torch.manual_seed(0)
+    m = Skip().eval()
+    ext = ft.FeatureExtractor(m, "pre_logits")
+    x = torch.randn(2, 3, 8, 8)
+    tr = ft.resolve_trained(m, ext, ["block2"], x)
+    assert tr["cut"] == "block2" and tr["params"] == ["block2.weight", "block2.bias"]
+    assert not ft.TopForward(m, ext, tr["cut"], tr["calls"], tr["outputs"], x.shape).matches(x)
+
+
+def test_interp_gradient_reaches_every_trained_parameter_and_no_frozen_one(world):
+    args = args_for(world, "grad", "--refresh", "step", "--lambda_interp", "1")
+    tuner = ft.prepare(args)
+    ctx = tuner.ctx
+    tuner.build(tuner.backbone_key)
+    tuner.build_caches()
+    tuner.init_concepts()
+    x, y, cached = next(tuner.train_stream(0))
+    assert cached
+    trained = dict((n, p) for n, p in tuner.model.named_parameters() if p.requires_grad)
+    frozen = [p for p in tuner.model.parameters() if not p.requires_grad]
+    assert trained and frozen and set(trained) == set(ctx["trained"]["params"])
+
+    def concept_grads(lam):
+        for p in tuner.model.parameters():
+            p.grad = None
+        f = tuner.features_of(x, True)
+        tuner.head.set_concepts(ft.grad_scale(tuner.concept_vectors(grad=True), lam))
+        F.cross_entropy(tuner.head(ft.grad_scale(f, lam))[0], y).backward()
+        return {n: None if p.grad is None else p.grad.clone() for n, p in trained.items()}
+    g1 = concept_grads(1.0)
+    assert all(g is not None and g.abs().sum() > 0 for g in g1.values()), [n for n, g in g1.items() if g is None]
+    assert all(p.grad is None for p in frozen)
+    half = concept_grads(0.5)                       # lambda scales what reaches the backbone, exactly
+    for n in g1:
+        torch.testing.assert_close(half[n], 0.5 * g1[n], rtol=1e-5, atol=1e-8)
+    assert all(g is None for g in concept_grads(0.0).values())
+
+
+@pytest.mark.slow
+def test_lambda_zero_is_plain_finetuning(world, runs):
+    plain, other, interp = (checkpoint(world, k) for k in ("plain", "plain_other", "interp"))
+    # the concept settings (type, K, ratio, refresh policy) cannot touch the backbone when lambda = 0
+    assert same_tensors(plain, other)
+    a, b = runs["plain"].info["epochs"], runs["plain_other"].info["epochs"]
+    assert [r["train_loss_linear"] for r in a] == [r["train_loss_linear"] for r in b]
+    assert [r["val_top1_linear"] for r in a] == [r["val_top1_linear"] for r in b]
+    # ... and they do when lambda > 0, only in the trained part
+    trained = set(runs["plain"].info["key"]["train_params"])
+    changed = {k for k in plain if not torch.equal(plain[k], interp[k])}
+    assert changed and changed <= trained
+    # the pretrained (here: random-init, seed-independent) frozen part is untouched by either arm
+    fresh = ft.new_model(ft.load_spec("efficientnet_lite0", "timm:test_efficientnet", "none")).state_dict()
+    assert {k for k in plain if not torch.equal(plain[k], fresh[k])} <= trained
+
+
+@pytest.mark.slow
+def test_checkpoint_reloads_through_weights_with_the_same_features(world, runs):
+    from utils.backbones import extract
+    from utils.data import TransformedImages, get_source, subset_indices
+    ckpt = str(world["tmp"] / "interp" / ft.CHECKPOINT)
+    out = str(world["tmp"] / "val_features")
+    r = subprocess.run([sys.executable, "-m", "concept_extractor.dataset_feature_extractor", *TINY[:2], "--weights",
+                        ckpt, "--dataset", world["folder"], "--split", "val", "--workers", "0", "--out", out],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    arrays, meta = store.read(out)
+    tuner = runs["interp"]
+    src = get_source(world["folder"], "val")
+    mine, labels = extract(tuner.ext, TransformedImages(src, subset_indices(len(src), None),
+                                                        tuner.pre.image_transform()), workers=0)
+    assert np.array_equal(labels, arrays["labels"])
+    np.testing.assert_allclose(arrays["features"], mine, rtol=0, atol=1e-5)
+    assert np.abs(mine).max() > 1e-3                                  # not trivially equal
+    assert tuner.info["reload_check"]["max_abs_diff"] <= 1e-5
+    info = json.load(open(world["tmp"] / "interp" / "finetune.json"))
+    assert info["finished"] and len(info["epochs"]) == 2
+    assert {"train_loss_linear", "train_loss_concept", "val_top1_linear", "val_top1_concept"} <= set(info["epochs"][0])
+    assert not os.path.exists(world["tmp"] / "interp" / ft.STATE)
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_gives_the_uninterrupted_weights(world, runs):
+    # SIGKILL (no clean-up of any kind) in the middle of the second epoch, from inside the training loop
+    kill = ("import os, sys; from IP_training.IP_finetune import get_args_parser; from utils import finetune as ft; "
+            "ft.run(get_args_parser().parse_args(sys.argv[1:]), "
+            "on_step=lambda e, s: os.kill(os.getpid(), 9) if (e, s) == (1, 1) else None)")
+    argv = argv_for(world, "resumed", "--lambda_interp", "1")
+    r = subprocess.run([sys.executable, "-c", kill, *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == -9, r.stderr[-2000:]
+    out = world["tmp"] / "resumed"
+    assert (out / ft.STATE).exists() and not (out / ft.CHECKPOINT).exists()
+    log = json.load(open(out / "finetune.json"))
+    assert not log["finished"] and [e["epoch"] for e in log["epochs"]] == [1]
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    steps = []
+    resumed = ft.run(get_args_parser().parse_args(argv), on_step=lambda e, s: steps.append((e, s)))
+    assert steps and {e for e, _ in steps} == {1}                       # only the unfinished epoch ran again
+    assert resumed.info["epochs"][0] == log["epochs"][0]                 # epoch 1 (its timing too) came from state.pt
+    assert [r["epoch"] for r in resumed.info["epochs"]] == [1, 2]
+    assert same_tensors(checkpoint(world, "resumed"), checkpoint(world, "interp"))
+
+    def no_times(rows):
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+    assert no_times(resumed.info["epochs"]) == no_times(runs["interp"].info["epochs"])
+    again = ft.run(get_args_parser().parse_args(argv))                         # finished: nothing to do
+    assert again.info["key_hash"] == resumed.info["key_hash"] and not (out / ft.STATE).exists()
+
+
+@pytest.mark.slow
+def test_uncached_partial_run_matches_the_cached_one_and_all_layers_train(world, runs):
+    off = ft.run(args_for(world, "interp_nocache", "--lambda_interp", "1", "--cache", "off"))
+    assert off.info["trained"]["cache"].startswith("off")
+    assert runs["interp"].info["trained"]["cache"].startswith("inputs")
+    for a, b in zip(off.info["epochs"], runs["interp"].info["epochs"]):      # caching changes the time, not the run
+        for k in ("train_loss_linear", "train_loss_concept"):
+            assert a[k] == pytest.approx(b[k], rel=1e-3)
+    every = ft.run(args_for(world, "all_layers", "--lambda_interp", "1", "--train_layers", "all", "--epochs", "1"))
+    assert every.info["trained"]["cut"] is None and every.info["reload_check"]["max_abs_diff"] <= 1e-5
+    ckpt, fresh = checkpoint(world, "all_layers"), ft.new_model(
+        ft.load_spec("efficientnet_lite0", "timm:test_efficientnet", "none")).state_dict()
+    assert not torch.equal(ckpt["conv_stem.weight"], fresh["conv_stem.weight"])       # the stem trained too
+    assert torch.equal(ckpt["classifier.weight"], fresh["classifier.weight"])          # past the feature: untouched
+
+
+def one_line_error(r, *words):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--train_layers", "blocks.9", "conv_head"], ["unknown module 'blocks.9'", "--train_layers"]),
+    (["--train_layers", "99"], ["--train_layers 99"]),
+    (["--lambda_interp", "-0.5"], ["--lambda_interp", "-0.5"]),
+    (["--ratio", "1"], ["--ratio must be in [0, 1)"]),
+    (["--ratio", "-0.1"], ["--ratio must be in [0, 1)"]),
+])
+def test_bad_flags_one_error_line_and_nothing_written(world, flags, words):
+    out = world["tmp"] / "bad"
+    r = subprocess.run([sys.executable, "-m", "IP_training.IP_finetune", *TINY, "--dataset", world["folder"],
+                        "--elements", world["elements"], "--cache_dir", str(world["tmp"] / "bad_cache"),
+                        "--out", str(out), *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+    one_line_error(r, *words)
+    assert not out.exists() and not (world["tmp"] / "bad_cache").exists()
+
+
+def test_help():
+    r = subprocess.run([sys.executable, "-m", "IP_training.IP_finetune", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "python -m IP_training.IP_finetune" in r.stdout and "--lambda_interp" in r.stdout
+    r = subprocess.run(["bash", "scripts/finetune_compare.sh", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "--lambdas" in r.stdout and "bash scripts/finetune_compare.sh" in r.stdout
+    r = subprocess.run(["bash", "scripts/finetune_compare.sh", "--nope", "1"], cwd=REPO, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ")
+
+
+def test_augmented_views_are_deterministic_and_differ_by_view(tmp_path):
+    from utils.data import get_source
+    from utils.backbones import Preprocess
+    folder = make_image_folder(str(tmp_path / "s"), n_train=2, n_val=1)
+    src = get_source(folder, "train")
+    pre = Preprocess(40, 32, "bilinear", (0.5,) * 3, (0.5,) * 3)
+    a = ft.AugmentedImages(src, [0, 3], pre, [0, 1], aug_seed=7)
+    b = ft.AugmentedImages(src, [0, 3], pre, [1], aug_seed=7)
+    assert len(a) == 4 and a[0][0].shape == (3, 32, 32)
+    assert torch.equal(a[2][0], b[0][0]) and torch.equal(a[3][0], b[1][0])     # view 1 is view 1 wherever drawn
+    assert not torch.equal(a[0][0], a[2][0])
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = ft.crop_params(40, 30, rng)
+        assert 0 <= top and top + h <= 30 and 0 <= left and left + w <= 40
+        assert 0.5 * 1200 * 0.9 <= h * w <= 1200 and 0.7 <= w / h <= 1.4
+
+
+def test_comparison_table_known_answer(tmp_path):
+    rows = []
+    vals = {("pretrained", "", 0): (80.0, 0.70), ("plain", "0", 0): (85.0, 0.80), ("plain", "0", 1): (87.0, 0.84),
+            ("interp", "1", 0): (86.0, 0.83), ("interp", "1", 1): (86.0, 0.86)}
+    for (arm, lam, seed), (top1, iis) in vals.items():
+        d = tmp_path / f"{arm}{lam}_{seed}"
+        d.mkdir()
+        (d / "iis.json").write_text(json.dumps({"iis": iis, "standard_accuracy": top1, "ratios": [0.0, 0.1, 0.9],
+                                                "accuracies": [top1, top1 - 1, top1 - 10]}))
+        rows.append("\t".join([arm, lam, str(seed), str(d)]))
+    (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
+    table = ft.write_comparison(str(tmp_path / "m.tsv"), str(tmp_path / "report"))
+    by = {r["arm"]: r for r in table}
+    assert [r["arm"] for r in table] == ["pretrained", "plain", "interp"]
+    assert by["plain"]["top1"] == pytest.approx((86.0, np.sqrt(2.0)))
+    assert by["interp"]["iis"] == pytest.approx((0.845, np.std([0.83, 0.86], ddof=1)))
+    assert by["interp"]["d_top1"] == pytest.approx((0.0, np.sqrt(2.0)))          # +1 and -1
+    assert by["interp"]["d_iis"] == pytest.approx((0.025, np.std([0.03, 0.02], ddof=1)))
+    assert by["interp"]["s09"][0] == pytest.approx(76.0) and by["interp"]["wins"] == "1/2, 2/2"
+    md = (tmp_path / "report" / "finetune_compare.md").read_text()
+    assert "| interp | 1 | 2 | 86.00 ± 0.00 | 0.8450 ± 0.0212 |" in md
+    csv = (tmp_path / "report" / "finetune_compare.csv").read_text().splitlines()
+    assert csv[0].startswith("arm,lambda,n_seeds,top1_mean") and len(csv) == 4
