@@ -178,7 +178,7 @@ def test_lambda_zero_is_plain_finetuning(world, runs):
 
 @pytest.mark.slow
 def test_checkpoint_reloads_through_weights_with_the_same_features(world, runs):
-    from utils.backbones import extract
+    from utils.extraction import extract
     from utils.data import TransformedImages, get_source, subset_indices
     ckpt = str(world["tmp"] / "interp" / ft.CHECKPOINT)
     out = str(world["tmp"] / "val_features")
