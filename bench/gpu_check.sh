@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent GPU machine (python3 there holds torch, torchvision, timm, scikit-*).
-# Sections (all by default): heads (top-k masks; the ImageNet-shaped sweep, fp32 and bf16 features), pipeline (the
-# whole pipeline on CUDA, random resnet18 on a synthetic ImageFolder), finetune (bench/finetune_gpu.sh), extract
-# (bench/extract_gpu.sh: 1 and 14 backbones per pass, PIL path and decoded copy). Output goes to $OUT.
+# Sections (all by default): topk (mask methods), heads / heads_bf16 / heads_seeds (the ImageNet-shaped sweep: fp32,
+# bf16 features, 3 seeds stacked), pipeline (the whole pipeline on CUDA, random resnet18 on a synthetic ImageFolder),
+# finetune (bench/finetune_gpu.sh; carry data/finetune_gpu from its --prepare), extract (bench/extract_gpu.sh: 1 and
+# 14 backbones per pass, PIL path and decoded copy; carry .bench_photos). Output goes to $OUT.
 #
 #   OUT=/tmp/gpu bash bench/gpu_check.sh                 # everything
 #   OUT=/tmp/gpu bash bench/gpu_check.sh heads pipeline  # some sections
@@ -13,19 +14,22 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 quiet() { tr '\r' '\n' | grep -v -e 'epoch/s' -e 'epoch]' -e 'img/s' -e 'it/s' -e '^$'; }
-sections=${*:-heads pipeline finetune extract}
+sections=${*:-topk heads heads_bf16 heads_seeds pipeline finetune extract}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
 
 for s in $sections; do case $s in
-heads)
+topk)
   echo "== top-k masks, K = 200, 8 heads"
-  timeout 60 "$PY" -m bench.bench_topk --batch 8192 65536 2>&1 | tee "$OUT/topk.txt"
+  timeout 60 "$PY" -m bench.bench_topk --batch 8192 65536 2>&1 | tee "$OUT/topk.txt" ;;
+heads)
   echo "== ImageNet-shaped sweep: 1.28M x 2048, 1000 classes, 200 concepts, 8 ratios + probe, 30 epochs, batch 8192"
-  timeout 150 "$PY" -m bench.bench_heads --imagenet --batch_size 8192 2>&1 | quiet | tee "$OUT/heads_imagenet.txt"
+  timeout 150 "$PY" -m bench.bench_heads --imagenet --batch_size 8192 2>&1 | quiet | tee "$OUT/heads_imagenet.txt" ;;
+heads_bf16)
   timeout 150 "$PY" -m bench.bench_heads --imagenet --batch_size 8192 --feature_dtype bfloat16 2>&1 | quiet \
-    | tee "$OUT/heads_imagenet_bf16.txt"
+    | tee "$OUT/heads_imagenet_bf16.txt" ;;
+heads_seeds)
   timeout 150 "$PY" -m bench.bench_heads --imagenet --batch_size 8192 --seeds 3 2>&1 | quiet \
     | tee "$OUT/heads_imagenet_3seeds.txt" ;;
 pipeline)
