@@ -5,7 +5,7 @@
 Candidates: torch.topk + scatter per head (small side: the k largest or the K - k smallest), one stable argsort
 turned into ranks for every head, one sort + threshold per row, NumPy's introselect (np.partition) + threshold per
 head, and utils.heads.topk_mask (what the sweep uses: np.partition on the CPU, ranks on a GPU). Every candidate must
-give the same mask as the stable sort on tie-free data; prints ms per call of an (8, batch, 200) activation block.
+give the same mask as the stable sort on tie-free data (a permutation of 0..199 per row); prints ms per call of an (8, batch, 200) activation block.
 """
 import argparse
 
@@ -58,7 +58,8 @@ def main():
                "np.partition": by_partition, "utils.heads.topk_mask": lambda m, k: topk_mask(m, k)}
     for dev in devices:
         for b in args.batch:
-            m = torch.randn(8, b, 200, device=dev).abs()
+            # a permutation per row: no ties, so every exact method must agree with the stable sort
+            m = torch.rand(8 * b, 200, device=dev).argsort(-1).float().view(8, b, 200)
             truth = by_ranks(m, keep)
             line = []
             for name, f in methods.items():

@@ -52,25 +52,45 @@ def ranks(a):
     return torch.empty_like(order).scatter_(-1, order, torch.arange(a.shape[-1], device=a.device).expand_as(order))
 
 
-def _np_masks(a, keep, rule):
-    """CPU masks with NumPy's introselect (np.partition): about ten times faster than torch.topk or a sort for
-    K = 200 (bench/bench_topk.py), and single-threaded, so it does not contend with torch's thread pool."""
-    out = np.empty(a.shape, dtype=bool)
+_POOL = {}
+
+
+def _np_mask(a, k, rule):
+    """One head's mask of rows ``a`` (N, K), by absolute value."""
+    a = np.abs(a)
     k_all = a.shape[-1]
-    for h, k in enumerate(keep):
-        if k >= k_all or k <= 0:
-            out[h] = k > 0
-            continue
-        if rule == "reference":   # strictly above the (K - k - 1)-th smallest, as the original thresholds
-            j = k_all - k - 1
-            out[h] = a[h] > np.partition(a[h], j, axis=-1)[:, j:j + 1]
-            continue
-        j = k_all - k             # at or above the k-th largest: exactly k per row unless values tie there
-        m = a[h] >= np.partition(a[h], j, axis=-1)[:, j:j + 1]
-        for r in np.flatnonzero(m.sum(1) != k):   # ties: keep the lower indices, as a stable sort would
-            m[r] = False
-            m[r, np.argsort(-a[h, r], kind="stable")[:k]] = True
-        out[h] = m
+    if k >= k_all or k <= 0:
+        return np.full(a.shape, k > 0)
+    if rule == "reference":   # strictly above the (K - k - 1)-th smallest, as the original thresholds
+        j = k_all - k - 1
+        return a > np.partition(a, j, axis=-1)[:, j:j + 1]
+    j = k_all - k             # at or above the k-th largest: exactly k per row unless values tie there
+    m = a >= np.partition(a, j, axis=-1)[:, j:j + 1]
+    for r in np.flatnonzero(m.sum(1) != k):   # ties: keep the lower indices, as a stable sort would
+        m[r] = False
+        m[r, np.argsort(-a[r], kind="stable")[:k]] = True
+    return m
+
+
+def _np_masks(a, keep, rule):
+    """CPU masks with NumPy's introselect (np.partition): for K = 200 several times faster per row than torch.topk or
+    a sort (bench/bench_topk.py). NumPy releases the GIL while it partitions, so large blocks are split over torch's
+    number of threads (heads x row blocks); each piece is computed alone, so the result is the same for any count."""
+    threads = torch.get_num_threads()
+    n = a.shape[1]
+    step = max(1024, -(-n * len(keep) // threads))   # rows per piece: threads pieces in all, none tiny
+    pieces = [(h, i) for h in range(len(keep)) for i in range(0, n, step)]
+    if threads == 1 or len(pieces) == 1:
+        return torch.from_numpy(np.stack([_np_mask(a[h], k, rule) for h, k in enumerate(keep)]))
+    if threads not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="topk")
+    out = np.empty(a.shape, dtype=bool)
+
+    def work(piece):
+        h, i = piece
+        out[h, i:i + step] = _np_mask(a[h, i:i + step], keep[h], rule)
+    list(_POOL[threads].map(work, pieces))
     return torch.from_numpy(out)
 
 
@@ -87,7 +107,7 @@ def topk_mask(a, keep, rule="round"):
     keep = [int(k) for k in keep]
     with torch.no_grad():
         if a.device.type == "cpu":
-            return _np_masks(np.abs(a.detach().float().numpy()), keep, rule)
+            return _np_masks(a.detach().float().numpy(), keep, rule)
         mags = a.detach().abs().float()
         if rule == "reference":   # one batched sort gives every head's threshold, no host synchronisation
             j = torch.as_tensor([min(mags.shape[-1] - 1, mags.shape[-1] - k - 1) for k in keep], device=a.device)
@@ -326,8 +346,8 @@ class LinearProbes(_Grouped):
 class _Adam:
     """Adam over head-stacked parameters with one learning rate per head (torch's Adam takes one per tensor).
 
-    ``step(grads, active)`` leaves heads with ``active`` False untouched (moments included), so a diverged head keeps
-    its last finite parameters.
+    ``step(grads, active)`` leaves the parameters of heads with ``active`` False untouched, so a diverged head keeps its
+    last finite parameters.
     """
 
     def __init__(self, params, lrs, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -344,15 +364,12 @@ class _Adam:
         for p, g, m, v in zip(self.params, grads, self.m, self.v):
             shape = (-1,) + (1,) * (p.ndim - 1)
             lr = self.lrs.view(shape)
-            if active is not None:
+            if active is not None:   # a stopped head's NaN gradient never enters its moments, and its lr is 0
                 on = active.view(shape)
                 g = torch.where(on, g, 0.0)
                 lr = lr * on
-                m.mul_(torch.where(on, b1, 1.0)).add_(g, alpha=1 - b1)
-                v.mul_(torch.where(on, b2, 1.0)).addcmul_(g, g, value=1 - b2)
-            else:
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
             if self.wd:
                 p.mul_(1 - lr * self.wd)
             p.sub_(lr * (m / c1) / ((v / c2).sqrt() + self.eps))
@@ -479,7 +496,10 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True)
     for epoch in bar:
         module.train()
-        perms = [s.train[torch.randperm(n_train, generator=g)] for s, g in zip(splits, gens)]
+        # the epoch's order goes to the device once: indexing resident features with host indices would copy and
+        # synchronise at every step
+        on = device if torch.is_tensor(x_train) and x_train.device == device else torch.device("cpu")
+        perms = [s.train[torch.randperm(n_train, generator=g)].to(on) for s, g in zip(splits, gens)]
         loss_sum = torch.zeros(n_heads, device=device, dtype=torch.float64)
         for i in range(0, n_train, batch_size):
             idx = [p[i:i + batch_size].sort().values for p in perms]
