@@ -44,7 +44,8 @@ def synthetic(n_train, n_val, dim=2048, n_classes=100, n_concepts=200, latent=64
     return x, y, xv, yv, concepts
 
 
-def ours(x, y, xv, yv, concepts, n_classes, epochs, batch_size, lr, feature_dtype=torch.float32, seeds=1):
+def ours(x, y, xv, yv, concepts, n_classes, epochs, batch_size, lr, feature_dtype=torch.float32, seeds=1,
+         precision="float32"):
     """The trainer's path under --protocol reference: (standard top-1, [top-1 per ratio]) of the first seed.
 
     ``concepts`` is (K, D), or (S, K, D) for ``seeds`` > 1: each seed its own concepts, initialisation and batch
@@ -53,7 +54,7 @@ def ours(x, y, xv, yv, concepts, n_classes, epochs, batch_size, lr, feature_dtyp
     x, xv = x.to(feature_dtype), xv.to(feature_dtype)
     seed_list = list(range(seeds))
     splits = [Split(torch.arange(len(y)), None, s) for s in seed_list]
-    common = dict(epochs=epochs, batch_size=batch_size, lr_decay=0.99, splits=splits)
+    common = dict(epochs=epochs, batch_size=batch_size, lr_decay=0.99, splits=splits, precision=precision)
     probes = LinearProbes(x.shape[1], n_classes, seeds, seed_list, groups=seed_list).to(device)
     std = fit(probes, [lr] * seeds, x, y, xv, yv, desc="ours: probe", **common)["top1"][0]
     grid = [(s, r) for s in seed_list for r in SPARSITY_GRID]
@@ -79,6 +80,8 @@ def main():
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--feature_dtype", default="float32", choices=["float32", "bfloat16"],
                    help="precision of our resident features")
+    p.add_argument("--precision", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                   help="ours: the heads' matmul precision(s) to time (each is one run of ours)")
     p.add_argument("--seeds", type=int, default=1,
                    help="ours: this many seeds stacked as extra heads (each its own concepts, init and order)")
     p.add_argument("--skip_shipped", action="store_true", help="skip the 4-worker baseline")
@@ -99,12 +102,15 @@ def main():
     print(f"hardware: {hardware()}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    results = {}
-    with Timer() as t:
-        results["ours"] = ours(x, y, xv, yv, concepts, args.n_classes, args.epochs, args.batch_size, args.lr,
-                               getattr(torch, args.feature_dtype), args.seeds)
-    times = {"ours": t.seconds}
-    print(f"ours: {t.seconds:.1f} s ({t.seconds / args.epochs:.2f} s/epoch, all ratios + probe)")
+    results, times = {}, {}
+    for prec in args.precision:
+        name = f"ours, {prec} matmuls"
+        with Timer() as t:
+            results[name] = ours(x, y, xv, yv, concepts, args.n_classes, args.epochs, args.batch_size, args.lr,
+                                 getattr(torch, args.feature_dtype), args.seeds, prec)
+        times[name] = t.seconds
+        print(f"{name}: {t.seconds:.1f} s ({t.seconds / args.epochs:.2f} s/epoch, all ratios + probe)")
+    mine = list(results)
     if not args.skip_baseline:
         xn, yn, xvn, yvn, cn = (a.cpu().numpy() for a in (x, y, xv, yv, concepts))
         for name, workers in (("original, 0 workers", 0), ("original as shipped, 4 workers", 4)):
@@ -117,16 +123,16 @@ def main():
             times[name] = t.seconds
             print(f"{name}: {t.seconds:.1f} s")
     names = list(results)
-    print(f"\n{'':>8}" + "".join(f"{n[:24]:>26}" for n in names))
-    print(f"{'standard':>8}" + "".join(f"{results[n][0]:>26.2f}" for n in names))
+    print(f"\n{'':>8}" + "".join(f"{n[:26]:>28}" for n in names))
+    print(f"{'standard':>8}" + "".join(f"{results[n][0]:>28.2f}" for n in names))
     for i, r in enumerate(SPARSITY_GRID):
-        print(f"{'s=' + format(r, 'g'):>8}" + "".join(f"{results[n][1][i]:>26.2f}" for n in names))
+        print(f"{'s=' + format(r, 'g'):>8}" + "".join(f"{results[n][1][i]:>28.2f}" for n in names))
     scores = {n: iis(SPARSITY_GRID, results[n][1], results[n][0]) for n in names}
-    print(f"{'IIS':>8}" + "".join(f"{scores[n]:>26.4f}" for n in names))
-    print(f"{'seconds':>8}" + "".join(f"{times[n]:>26.1f}" for n in names))
-    for n in names[1:]:
-        print(f"speed-up against {n}: {times[n] / times['ours']:.1f}x; IIS difference "
-              f"{scores['ours'] - scores[n]:+.4f}")
+    print(f"{'IIS':>8}" + "".join(f"{scores[n]:>28.4f}" for n in names))
+    print(f"{'seconds':>8}" + "".join(f"{times[n]:>28.1f}" for n in names))
+    for m in mine:
+        for n in names[len(mine):]:
+            print(f"{m} against {n}: {times[n] / times[m]:.1f}x faster; IIS difference {scores[m] - scores[n]:+.4f}")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,10 @@ def add_training_args(parser):
                         "mapped store; auto: on the device when they fit in 60%% of its free memory")
     g.add_argument("--feature_dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="precision of resident features (halves their memory; heads compute in float32)")
+    g.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the training steps' matrix products: bfloat16 (bf16 inputs, fp32 "
+                        "accumulation) is about 1.5x faster end to end on CPUs with AVX512-BF16/AMX; evaluation is "
+                        "always float32")
     return g
 
 
@@ -105,7 +109,7 @@ def training_key(args, **inputs):
     return dict(schema=RESULTS_SCHEMA, protocol=args.protocol, keep_rule=PROTOCOLS[args.protocol]["keep_rule"],
                 ratios=sorted(set(args.ratios)), lrs=sorted(set(args.lrs)), epochs=args.epochs,
                 feature_dtype=args.feature_dtype, batch_size=args.batch_size, lr_decay=args.lr_decay,
-                weight_decay=args.weight_decay, seeds=args.seeds, select_on=args.select_on,
+                weight_decay=args.weight_decay, precision=args.precision, seeds=args.seeds, select_on=args.select_on,
                 holdout_fraction=args.holdout_fraction if args.select_on == "holdout" else None, **inputs)
 
 
@@ -203,7 +207,7 @@ def train(args, module, grid, probe_data, head_data, n_classes, device, splits):
         torch.backends.cuda.matmul.allow_tf32 = True
     std_grid = [(s, lr) for s in seeds for lr in lrs]
     common = dict(epochs=args.epochs, batch_size=args.batch_size, weight_decay=args.weight_decay,
-                  lr_decay=args.lr_decay, splits=splits)
+                  lr_decay=args.lr_decay, splits=splits, precision=args.precision)
     probes = LinearProbes(probe_data[0].shape[1], n_classes, len(std_grid), [s for s, _ in std_grid],
                           groups_of(std_grid, seeds)).to(device)
     std = fit(probes, [lr for _, lr in std_grid], *probe_data, desc="standard probe", **common)
