@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import store
+from . import iis, store
 from .cli import UserError
 from .heads import MaskedLinearHeads, SparseConceptHeads
 
@@ -33,13 +33,12 @@ class Run:
         """Index of the head at ``ratio`` (its best lr by the run's selection accuracy unless ``lr`` is given) of
         ``seed`` (default: the run's first seed)."""
         seed = self.results.get("seeds", [0])[0] if seed is None else seed
-        rows = [r for r in self.results["runs"] if r["head"] == "concept" and abs(r["ratio"] - ratio) < 1e-9
-                and (lr is None or abs(r["lr"] - lr) < 1e-12) and r.get("seed", 0) == seed
-                and not r.get("diverged") and r["top1"] is not None]
+        rows = [r for r in iis.runs_of(self.results) if r["head"] == "concept" and abs(r["ratio"] - ratio) < 1e-9
+                and (lr is None or abs(r["lr"] - lr) < 1e-12) and r["seed"] == seed]
         if not rows:
             raise UserError(f"no trained head at sparsity {ratio}" + (f", lr {lr}" if lr else "") +
                             f", seed {seed} in {self.dir}; ratios: {sorted({g[0] for g in self.grid})}")
-        best = max(rows, key=lambda r: r.get("select_top1", r["top1"]))
+        best = iis.pick(rows, f"sparsity {ratio:g}", seed)     # the head that scored: the same rule as the IIS
         if "index" in best:
             return best["index"]
         return next(i for i, (r, lr) in enumerate(self.grid)

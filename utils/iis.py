@@ -51,7 +51,7 @@ def runs_of(results):
     return out
 
 
-def _pick(rows, what, seed):
+def pick(rows, what, seed):
     """The row that scores among ``rows`` (one seed, one ratio or the standard probe)."""
     ok = [r for r in rows if r["diverged"] is None or r["diverged"] is False]   # 0 may be a (0-based) epoch
     if not ok:
@@ -80,8 +80,8 @@ def select(runs):
             rows = [r for r in mine if r["head"] == "concept" and r["ratio"] == s]
             if not rows:
                 raise UserError(f"seed {seed} has no concept head at sparsity {s:g} (other seeds do)")
-            per_ratio[s] = _pick(rows, f"sparsity {s:g}", seed)
-        chosen[seed] = {"standard": _pick(std, "the standard probe", seed), "ratios": per_ratio}
+            per_ratio[s] = pick(rows, f"sparsity {s:g}", seed)
+        chosen[seed] = {"standard": pick(std, "the standard probe", seed), "ratios": per_ratio}
     return chosen
 
 
