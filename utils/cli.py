@@ -9,7 +9,8 @@ class UserError(Exception):
 
 
 def run(main, parser):
-    """Parse flags, call ``main(args)`` and turn a :class:`UserError` into a one-line message and exit code 2.
+    """Parse flags, call ``main(args)`` and turn a :class:`UserError`, or an operating-system error (a missing or
+    unreadable path, a full disk), into a one-line message and exit code 2.
 
     The original code's flags are translated first (utils/aliases.py), keyed by the script's file name.
     """
@@ -22,7 +23,7 @@ def run(main, parser):
         for check in checks:
             check(args)
         main(args)
-    except UserError as e:
+    except (UserError, OSError) as e:     # OSError: "[Errno 2] No such file or directory: 'x'" says it all
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
