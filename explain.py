@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils import cli, store, validate
+from utils import cli, store, sweep, validate
 from utils.data import get_source, load_image
 from utils.explain import Run, contributions
 from utils.report import _pyplot, _save
@@ -81,9 +81,8 @@ def val_data(run, verify=None):
     entry = run.meta.get("inputs", {}).get("val")
     if not entry or not os.path.isdir(entry):
         raise cli.UserError(f"the run's val features ({entry}) are gone; re-extract them")
-    arrays, meta = store.read(entry, verify=verify)
-    validate.require_arrays(entry, arrays, ("features", "labels", "indices"))
-    validate.check_split(entry, arrays, meta, dim=run.meta.get("feature_dim"), dim_of="the run's heads")
+    arrays, meta = sweep.load_split(entry, verify, dim=run.meta.get("feature_dim"), dim_of="the run's heads")
+    validate.require_arrays(entry, arrays, ("indices",))
     info = meta["info"]
     if info["classes"] != run.classes:
         raise cli.UserError(f"{entry}: its class list differs from the run's ({len(info['classes'])} vs "

@@ -46,7 +46,7 @@ def default_results():
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="*", default=default_results(),
+    p.add_argument("results", nargs="*",
                    help="results.json files or the folders holding them (default: every run under outputs/runs/, "
                         "where the runners put them, and under IP_training/, where the original README's commands do)")
     p.add_argument("--metric", default="top1", choices=["top1", "top5"], help="accuracy used for the curve")
@@ -165,6 +165,7 @@ def print_table(scored, metric):
 
 
 def main(args):
+    args.results = args.results or default_results()
     if args.compare and len(args.results) != 2:
         raise cli.UserError(f"--compare takes exactly two runs (A B), got {len(args.results)}; "
                             f"--report gives the paired verdicts between neighbouring rows of many")

@@ -95,9 +95,11 @@ def main(args):
     keep_rule = sweep.PROTOCOLS[args.protocol]["keep_rule"]
     if args.n_concepts < 0 or (args.concept_type != "prototype" and args.n_concepts < 1):
         raise cli.UserError(f"--n_concepts must be positive for {args.concept_type} concepts")
-    xtr, ytr, mtr = sweep.load_split(args.train_features, args.verify)
-    xva, yva, mva = sweep.load_split(args.val_features, args.verify, dim=xtr.shape[1])
-    emb, emb_labels, mco = sweep.load_split(args.concepts, args.verify, dim=xtr.shape[1])
+    tr, mtr = sweep.load_split(args.train_features, args.verify)
+    dim = tr["features"].shape[1]
+    (va, mva), (co, mco) = (sweep.load_split(p, args.verify, dim=dim) for p in (args.val_features, args.concepts))
+    xtr, ytr, xva, yva = tr["features"], tr["labels"], va["features"], va["labels"]
+    emb, emb_labels = co["features"], co["labels"]
     check_compatible(mtr, mva, mco, (xtr.shape[1], xva.shape[1], emb.shape[1]))
     key = sweep.training_key(args, train=mtr["key_hash"], val=mva["key_hash"], concepts=mco["key_hash"],
                              concept_type=args.concept_type, n_concepts=args.n_concepts,

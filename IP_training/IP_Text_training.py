@@ -42,10 +42,9 @@ def get_args_parser():
 
 
 def load_aligned(backbone_path, clip_path, verify=None):
-    x, y, meta = sweep.load_split(backbone_path, verify)
-    arrays, cmeta = store.read(clip_path, verify=verify)
-    validate.check_split(clip_path, arrays, cmeta)
-    bb_idx = store.read(backbone_path)[0].get("indices")
+    backbone, meta = sweep.load_split(backbone_path, verify)
+    x, y, bb_idx = backbone["features"], backbone["labels"], backbone.get("indices")
+    arrays, cmeta = sweep.load_split(clip_path, verify)
     if len(arrays["features"]) != len(x) or (bb_idx is not None and not np.array_equal(arrays["indices"], bb_idx)) \
             or not np.array_equal(arrays["labels"], y):
         raise cli.UserError(f"{clip_path} and {backbone_path} hold different images; extract both with the same "

@@ -13,28 +13,10 @@ from dataclasses import asdict
 
 from utils import cli
 from utils.backbones import Backbone
-from utils.data import load_image
+from utils.data import ElementImages
 from utils.extraction import extract_to_store
 from utils.store import file_digest
 from utils.validate import check_element_index
-
-
-class ElementImages:
-    """Element image files as a map-style dataset of (tensor, label)."""
-
-    def __init__(self, root, rows, transform):
-        self.root, self.rows, self.transform = root, rows, transform
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        r = self.rows[i]
-        return self.transform(load_image(os.path.join(self.root, r["file"]))), r["label"]
-
-    def ident(self, i):
-        """How messages name element ``i``."""
-        return f"element {i} ({self.rows[i]['file']})"
 
 
 def get_args_parser():

@@ -28,9 +28,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
-# the interpreter, chosen in one place: $PYTHON, else the project's .venv, else python on PATH
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-export PYTHON="$PY"
+export PYTHON="$PY"      # the runners it calls use the same interpreter
 
 model_config=efficientnet_lite0; backbone=""; weights=""; layer=""; dataset=fashion_mnist; data_root=data
 train_size=0; val_size=0; images_per_class=10; elements=segments; library=concept_library/prototype

@@ -172,7 +172,7 @@ def test_lambda_zero_is_plain_finetuning(world, runs):
     changed = {k for k in plain if not torch.equal(plain[k], interp[k])}
     assert changed and changed <= trained
     # the pretrained (here: random-init, seed-independent) frozen part is untouched by either arm
-    fresh = ft.new_model(ft.load_spec("efficientnet_lite0", "timm:test_efficientnet", "none")).state_dict()
+    fresh = ft.build_model(ft.load_spec("efficientnet_lite0", "timm:test_efficientnet", "none")).state_dict()
     assert {k for k in plain if not torch.equal(plain[k], fresh[k])} <= trained
 
 
@@ -239,7 +239,7 @@ def test_uncached_partial_run_matches_the_cached_one_and_all_layers_train(world,
             assert a[k] == pytest.approx(b[k], rel=1e-3)
     every = ft.run(args_for(world, "all_layers", "--lambda_interp", "1", "--train_layers", "all", "--epochs", "1"))
     assert every.info["trained"]["cut"] is None and every.info["reload_check"]["max_abs_diff"] <= 1e-5
-    ckpt, fresh = checkpoint(world, "all_layers"), ft.new_model(
+    ckpt, fresh = checkpoint(world, "all_layers"), ft.build_model(
         ft.load_spec("efficientnet_lite0", "timm:test_efficientnet", "none")).state_dict()
     assert not torch.equal(ckpt["conv_stem.weight"], fresh["conv_stem.weight"])       # the stem trained too
     assert torch.equal(ckpt["classifier.weight"], fresh["classifier.weight"])          # past the feature: untouched

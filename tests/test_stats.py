@@ -312,7 +312,7 @@ def test_iis_json_and_report_carry_what_stats_computes(scored_runs):
 
 def test_report_gives_paired_verdicts_between_neighbouring_rows(scored_runs):
     rows = list(csv.DictReader(open(scored_runs["tmp"] / "report" / "report.csv")))
-    labels, (a, b, a3, _) = scored_runs["labels"], scored_runs["heads"]
+    labels, (a, b, _, _) = scored_runs["labels"], scored_runs["heads"]
     assert rows[0]["vs_next"] == "> next"
     (ca, ra), (cb, rb) = selection(a), selection(b)
     c = stats.paired_bootstrap(ca, ra, GRID, cb, rb, GRID, labels, n_boot=400, seed=2)

@@ -185,6 +185,24 @@ def per_class_indices(targets, per_class, seed=0):
     return out
 
 
+class ElementImages:
+    """An element library's image files (index.json rows) as a map-style dataset of (tensor, label)."""
+
+    def __init__(self, root, rows, transform):
+        self.root, self.rows, self.transform = root, rows, transform
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        return self.transform(load_image(os.path.join(self.root, r["file"]))), r["label"]
+
+    def ident(self, i):
+        """How messages name element ``i``."""
+        return f"element {i} ({self.rows[i]['file']})"
+
+
 class TransformedImages:
     """A map-style dataset (for torch's DataLoader) of ``source`` images at ``indices`` through ``transform``."""
 

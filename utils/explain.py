@@ -50,7 +50,7 @@ class Run:
     def head_module(self, h):
         """Head ``h`` rebuilt from heads.pt as the module that was trained (a sweep of one head)."""
         ratios, n_classes = [self.grid[h][0]], len(self.classes)
-        rule = "reference" if self.results["meta"].get("protocol") == "reference" else "round"
+        rule = self.results["key"].get("keep_rule", "round")     # recorded by the trainer (utils/sweep.py)
         if self.text:
             module = MaskedLinearHeads(self.n_concepts, n_classes, ratios, keep_rule=rule)
         else:

@@ -496,7 +496,7 @@ def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
     if rank == 0:
         for t in todo:
             store.merge_chunks(t.partial, t.output.out, n_chunks, t.key, t.output.info, extra_arrays)
-            arrays, _ = store.read(t.output.out)
+            arrays, _ = store.read(t.output.out, verify=False)   # its digest was just computed
             print(f"{arrays['features'].shape[0]} x {arrays['features'].shape[1]} {args.dtype} features "
                   f"-> {t.output.out}")
     _barrier(world)

@@ -37,8 +37,9 @@ from . import store
 from .backbones import FeatureExtractor, build_model, load_spec, load_weights, preprocess_for, weights_id
 from .cli import UserError, resolve_device
 from .concepts import cluster_centres, select_prototypes
-from .data import get_source, load_image, subset_indices, subset_key
+from .data import ElementImages, TransformedImages, get_source, subset_indices, subset_key
 from .heads import LinearProbes, _SparseHeads, n_keep
+from .validate import check_element_index
 
 SCHEMA = "iis.finetune/1"
 REFRESH = ("step", "epoch", "frozen")
@@ -296,28 +297,8 @@ class AugmentedImages:
         return self.tail(img), int(self.source.targets[j])
 
 
-class EvalImages:
-    def __init__(self, source, indices, preprocess):
-        self.source, self.indices, self.t = source, np.asarray(indices), preprocess.image_transform()
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        j = int(self.indices[i])
-        return self.t(self.source.image(j)), int(self.source.targets[j])
-
-
-class ElementImages:
-    def __init__(self, root, rows, preprocess):
-        self.root, self.rows, self.t = root, rows, preprocess.element_transform()
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        r = self.rows[i]
-        return self.t(load_image(os.path.join(self.root, r["file"]))), int(r["label"])
+def eval_images(source, indices, preprocess):
+    return TransformedImages(source, indices, preprocess.image_transform())
 
 
 def _loader(dataset, batches, workers, device, persistent=False):
@@ -398,24 +379,14 @@ def setup(args):
     if not os.path.isfile(index_path):
         raise UserError(f"no element library at {args.elements} (no index.json): run concept_extractor."
                         f"segment_extractor or patch_extractor first")
-    index = store.read_json(index_path)
-    if not index.get("elements"):
-        raise UserError(f"{index_path} lists no elements")
-    model = new_model(spec)
+    index = check_element_index(index_path)
+    model = build_model(spec).eval()
     pre = preprocess_for(spec, model)
     ext = FeatureExtractor(model, spec.layer, spec.pooling, spec.layout)
     example = torch.zeros(2, 3, pre.crop, pre.crop)
     trained = resolve_trained(model, ext, list(args.train_layers), example)
     return dict(spec=spec, model=model, extractor=ext, preprocess=pre, trained=trained, index=index,
                 index_path=index_path, example_shape=tuple(example.shape))
-
-
-def new_model(spec):
-    """The architecture, randomly initialised from a fixed seed (so ``--weights none`` is the same network in every
-    run; any other weights overwrite every tensor)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build_model(spec).eval()
 
 
 def _cosine(base, step, total):
@@ -479,7 +450,7 @@ class FineTuner:
                 raise UserError(f"cannot make {a.n_concepts} cluster concepts from {len(rows)} elements; lower "
                                 f"--n_concepts")
             self.element_rows = np.arange(len(rows))
-        self.elements = ElementImages(a.elements, [rows[i] for i in self.element_rows], self.pre)
+        self.elements = ElementImages(a.elements, [rows[i] for i in self.element_rows], self.pre.element_transform())
         self.views = a.cache_views or a.epochs
 
     def data_key(self):
@@ -537,7 +508,7 @@ class FineTuner:
             try:
                 top = TopForward(self.model, self.ext, tr["cut"], tr["calls"], tr["outputs"],
                                  self.ctx["example_shape"])
-                probe = torch.stack([EvalImages(self.val_src, self.val_idx[:4], self.pre)[i][0]
+                probe = torch.stack([eval_images(self.val_src, self.val_idx[:4], self.pre)[i][0]
                                      for i in range(min(4, len(self.val_idx)))]).to(dev)
                 ok = top.matches(probe)
             except ValueError:
@@ -583,7 +554,7 @@ class FineTuner:
         n = len(self.train_idx)
         self.train_act = act.view(self.views, n, *act.shape[1:])
         self.train_lab = lab[:n]
-        self.val_act, self.val_lab = self.cache.get("val", EvalImages(self.val_src, self.val_idx, self.pre),
+        self.val_act, self.val_lab = self.cache.get("val", eval_images(self.val_src, self.val_idx, self.pre),
                                                     dk["val"], "trunk: val")
         self.el_act, _ = self.cache.get("elements", self.elements,
                                         dict(elements=dk["elements"], rows=[int(r) for r in self.element_rows]),
@@ -710,7 +681,7 @@ class FineTuner:
                        for i in range(0, len(self.val_act), 256))
         else:
             if getattr(self, "_val_loader", None) is None:
-                data = EvalImages(self.val_src, self.val_idx, self.pre)
+                data = eval_images(self.val_src, self.val_idx, self.pre)
                 self._val_loader = _loader(data, _batches(len(data), self.args.batch_size), self.args.workers,
                                            self.device, persistent=True)
             batches = ((self._on_device(x, False), y, False) for x, y in self._val_loader)
@@ -827,7 +798,7 @@ def run(args, on_step=None):
         stream.close()                  # a train DataLoader's workers stop here, the val loader's just below
         tuner._val_loader = None
     save_checkpoint(ckpt, tuner.model)
-    probe = torch.stack([EvalImages(tuner.val_src, tuner.val_idx, tuner.pre)[i][0]
+    probe = torch.stack([eval_images(tuner.val_src, tuner.val_idx, tuner.pre)[i][0]
                          for i in range(min(8, len(tuner.val_idx)))])
     diff = reload_check(ctx["spec"], ckpt, tuner.model, ctx["extractor"], probe, device)
     info.update(finished=True, epochs=history, reload_check=dict(images=len(probe), max_abs_diff=diff))

@@ -474,7 +474,8 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
         tensors, one per group; y_train, y_val : label tensors
     lr_decay : the lr is multiplied by this after every epoch (the original code's ExponentialLR(0.99))
     precision : 'float32' or 'bfloat16', the precision of the training steps' matrix products
-        (:func:`matmul_precision`); evaluation is always float32
+        (:func:`matmul_precision`); evaluation is always float32 (TF32 on CUDA where the caller allows it, as
+        :func:`utils.sweep.train` does)
     splits : G :class:`Split` (default: one group training on every row, batch order from ``seed``). Groups must have
         equally many train rows (and dev rows). A group with dev rows chooses its heads' epochs by their dev top-1;
         otherwise by val top-1, as linear-probe evaluations customarily report.

@@ -85,19 +85,6 @@ def select(runs):
     return chosen
 
 
-def curve(runs, metric="top1", seed=None):
-    """(standard accuracy, sorted ratios, accuracy per ratio) of one seed (``seed``; None = the only seed, or with
-    several, each accuracy averaged over seeds). ``runs`` may be raw results runs (schema 1 or 2)."""
-    chosen = select(runs_of({"runs": runs}))
-    seeds = [seed] if seed is not None else sorted(chosen)
-    if seed is not None and seed not in chosen:
-        raise UserError(f"no seed {seed} in these results (seeds: {sorted(chosen)})")
-    ratios = sorted(chosen[seeds[0]]["ratios"])
-    std = float(np.mean([chosen[k]["standard"][metric] for k in seeds]))
-    accs = [float(np.mean([chosen[k]["ratios"][s][metric] for k in seeds])) for s in ratios]
-    return std, ratios, accs
-
-
 def score(results, metric="top1"):
     """IIS of a results dict (schema 1 or 2): the mean over seeds, with each seed's curve and the heads behind it.
 

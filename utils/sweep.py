@@ -68,7 +68,8 @@ def add_training_args(parser):
     g.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
                    help="precision of the training steps' matrix products: bfloat16 (bf16 inputs, fp32 "
                         "accumulation) is about 1.5x faster end to end on CPUs with AVX512-BF16/AMX; evaluation is "
-                        "always float32")
+                        "always float32 (on CUDA, float32 products run on TF32 tensor cores, in training and "
+                        "evaluation alike)")
     return g
 
 
@@ -121,14 +122,14 @@ def is_done(out, key):
     return False
 
 
-def load_split(path, verify=None, dim=None):
-    """(features, labels, meta) of a store entry, with the checks every later step relies on (utils/validate.py):
+def load_split(path, verify=None, dim=None, dim_of="the train features"):
+    """(arrays, meta) of a store entry, with the checks every later step relies on (utils/validate.py):
     the entry's structure (and, with ``verify`` or IIS_VERIFY=1, its recorded digests), at least one row, ``dim``
     columns when given, finite features and labels in [0, n_classes), streamed over the memory map. Trainers call it
     before deciding whether their output is up to date, so a damaged input never passes as current."""
     arrays, meta = store.read(path, verify=verify)
-    validate.check_split(path, arrays, meta, dim=dim)
-    return arrays["features"], arrays["labels"], meta
+    validate.check_split(path, arrays, meta, dim=dim, dim_of=dim_of)
+    return arrays, meta
 
 
 def tensor(a, device):
@@ -203,7 +204,8 @@ def train(args, module, grid, probe_data, head_data, n_classes, device, splits):
     Returns (results rows, probes, predictions (R, N_val): row r = the val predictions of results row r).
     """
     seeds, lrs = args.seeds, sorted(set(args.lrs))
-    if device.type == "cuda":   # TF32 tensor cores for the heads' matmuls: linear heads do not need full fp32
+    if device.type == "cuda":   # TF32 tensor cores for every float32 matmul of the trainer process, evaluation
+        # included: linear heads do not need full fp32
         torch.backends.cuda.matmul.allow_tf32 = True
     std_grid = [(s, lr) for s in seeds for lr in lrs]
     common = dict(epochs=args.epochs, batch_size=args.batch_size, weight_decay=args.weight_decay,
