@@ -15,6 +15,7 @@ import argparse
 import html
 import os
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -189,6 +190,8 @@ def gallery(run, h, args, out, data):
 
 def main(args):
     run = Run(args.run)
+    if run.elements_missing:
+        print(f"note: concepts are shown without their element images: {run.elements_missing}", file=sys.stderr)
     h = run.head(args.ratio, args.lr)
     out = args.out or os.path.join(args.run, "explanations")
     if args.image:

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +114,27 @@ def test_heads_recomputed_from_heads_pt_reproduce_the_reported_accuracy(pipeline
             rows = [r for r in run.results["runs"] if r["head"] == "concept" and r["ratio"] == ratio]
             scored = max(rows, key=lambda r: (r["select_top1"], -r["lr"]))     # the head the IIS took (ties: lower lr)
             assert 100.0 * (logits.argmax(1) == y).sum().item() / len(y) == pytest.approx(scored["top1"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_rebuilt_element_library_is_not_shown_as_the_runs_concepts(pipeline, tmp_path):
+    """Concepts name rows of the library they were trained from; once it is rebuilt (other settings or dataset, same
+    folder) those rows are other images: the explanation says so and shows none, instead of the wrong ones."""
+    run_dir, lib = tmp_path / "run", tmp_path / "lib"
+    shutil.copytree(pipeline["runs"][(LAYERS[0], "prototype")], run_dir)
+    res = json.load(open(run_dir / "results.json"))
+    shutil.copytree(os.path.dirname(res["meta"]["elements"]), lib)
+    res["meta"]["elements"] = str(lib / "index.json")
+    store.atomic_write_json(str(run_dir / "results.json"), res)
+    assert Run(str(run_dir)).elements is not None                    # the same library, moved: its images are shown
+    index = json.load(open(lib / "index.json"))
+    index["elements"] = index["elements"][::-1]                      # rebuilt: other images under the same rows
+    store.atomic_write_json(str(lib / "index.json"), index)
+    assert "was rebuilt since this run" in Run(str(run_dir)).elements_missing
+    r = subprocess.run([pipeline["env"]["PYTHON"], "explain.py", str(run_dir), "--index", "3", "--top", "4"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr.startswith("note: concepts are shown without their element images"), r.stderr
+    assert "_concept" not in open(run_dir / "explanations" / "explain_val3.html").read()
 
 
 @pytest.mark.slow

@@ -25,9 +25,25 @@ class Run:
         self.text = self.meta["concept_type"] == "text"
         self.grid = [tuple(g) for g in self.t["grid"].tolist()]
         self.n_concepts = self.t["concept.weight"].shape[1]
-        self.elements = None
-        if not self.text and self.meta.get("elements") and os.path.isfile(self.meta["elements"]):
-            self.elements = store.read_json(self.meta["elements"])["elements"]
+        self.elements, self.elements_missing = None, None
+        if not self.text:
+            self.elements, self.elements_missing = self._element_library()
+
+    def _element_library(self):
+        """The element rows behind the run's concepts, or (None, why not). A concept names element rows of the
+        library it was trained from; a library or element embeddings rebuilt since (other settings, another dataset)
+        hold other images under the same rows, so they are shown only when both are still the ones the run used."""
+        index, entry = self.meta.get("elements"), self.meta.get("inputs", {}).get("concepts")
+        if not index or not os.path.isfile(index):
+            return None, f"the element library {index} is gone"
+        if not entry or not os.path.isfile(os.path.join(entry, "meta.json")):
+            return None, f"the run's element embeddings {entry} are gone"
+        emb = store.read_meta(entry)
+        if emb.get("key_hash") != self.results["key"].get("concepts") or \
+                emb["key"].get("data", {}).get("elements") != store.file_digest(index):
+            return None, (f"the element library {os.path.dirname(index)} (or its embeddings) was rebuilt since this "
+                          f"run, so its rows are other images; rebuild it with the run's settings to see them")
+        return store.read_json(index)["elements"], None
 
     def head(self, ratio, lr=None, seed=None):
         """Index of the head at ``ratio`` (its best lr by the run's selection accuracy unless ``lr`` is given) of
@@ -93,7 +109,7 @@ class Run:
         members = torch.nonzero(self.t["assignment"][h] == k).flatten()
         if len(members) == 0:
             return None
-        if self.meta.get("inputs", {}).get("concepts") and os.path.isdir(self.meta["inputs"]["concepts"]):
+        if self.elements is not None:      # the run's own element embeddings (checked in _element_library)
             emb = np.asarray(store.read(self.meta["inputs"]["concepts"])[0]["features"])[rows[members].numpy()]
             sims = F.normalize(torch.as_tensor(emb, dtype=torch.float32), dim=1) @ self.t["concepts"][h][k]
             return int(rows[members[int(sims.argmax())]])
