@@ -1,4 +1,4 @@
-"""Train the standard linear probe and sparse visual-concept heads (Prototype, Cluster or End-to-end) over the
+r"""Train the standard linear probe and sparse visual-concept heads (Prototype, Cluster or End-to-end) over the
 sparsity x lr grid.
 
     python -m IP_training.IP_Prototype_training \

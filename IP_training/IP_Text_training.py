@@ -1,4 +1,4 @@
-"""Train sparse heads on text concepts (Label-free-CBM style) over the sparsity x lr grid, plus the standard probe.
+r"""Train sparse heads on text concepts (Label-free-CBM style) over the sparsity x lr grid, plus the standard probe.
 
     python -m IP_training.IP_Text_training \
         --train_features outputs/features/fashion_mnist/efficientnet_lite0/train \

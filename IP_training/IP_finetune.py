@@ -1,4 +1,4 @@
-"""Fine-tune a backbone with interpretability maximisation (or plainly, with --lambda_interp 0: the baseline arm).
+r"""Fine-tune a backbone with interpretability maximisation (or plainly, with --lambda_interp 0: the baseline arm).
 
     python -m IP_training.IP_finetune --model_config efficientnet_lite0 --dataset fashion_mnist \\
         --train_size 1000 --val_size 1000 --elements concept_library/prototype/segments \\

@@ -1,4 +1,4 @@
-"""Build a text concept set (one concept per line) for any class list, filtered for duplicates, length and
+r"""Build a text concept set (one concept per line) for any class list, filtered for duplicates, length and
 near-copies of class names.
 
     # from a class -> concepts JSON (the format LaBo uses, and concept_library/textual/*.json)

@@ -1,4 +1,4 @@
-"""Extract pooled features of one or several backbones, at one or several layers each, for a dataset split (a seeded
+r"""Extract pooled features of one or several backbones, at one or several layers each, for a dataset split (a seeded
 subset if asked), decoding every image once and running every backbone once per batch.
 
     python -m concept_extractor.dataset_feature_extractor --model_config efficientnet_lite0 \

@@ -1,4 +1,4 @@
-"""CLIP features for text concepts: the concepts' text embeddings and the train/val images' CLIP image embeddings
+r"""CLIP features for text concepts: the concepts' text embeddings and the train/val images' CLIP image embeddings
 (the targets the text path's projection learns to reproduce from the backbone).
 
     python -m concept_extractor.textual_emb_extractor --concepts concept_library/textual/fashion_mnist.json \

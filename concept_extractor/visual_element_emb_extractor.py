@@ -1,4 +1,4 @@
-"""Embed every visual element image with a backbone at one layer: the raw material of the visual concepts.
+r"""Embed every visual element image with a backbone at one layer: the raw material of the visual concepts.
 
     python -m concept_extractor.visual_element_emb_extractor --model_config efficientnet_lite0 \
         --elements concept_library/prototype/segments \
