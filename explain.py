@@ -190,8 +190,6 @@ def gallery(run, h, args, out, data):
 
 def main(args):
     run = Run(args.run)
-    if run.elements_missing:
-        print(f"note: concepts are shown without their element images: {run.elements_missing}", file=sys.stderr)
     h = run.head(args.ratio, args.lr)
     out = args.out or os.path.join(args.run, "explanations")
     if args.image:
@@ -202,6 +200,8 @@ def main(args):
         if not args.gallery and not 0 <= args.index < len(data[0]):
             raise cli.UserError(f"--index must be in [0, {len(data[0])})")
     os.makedirs(out, exist_ok=True)
+    if run.elements_missing:
+        print(f"note: concepts are shown without their element images: {run.elements_missing}", file=sys.stderr)
     if args.gallery:
         png, page = gallery(run, h, args, out, data)
         print(f"gallery: {png} and {page}")

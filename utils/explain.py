@@ -34,7 +34,9 @@ class Run:
         library it was trained from; a library or element embeddings rebuilt since (other settings, another dataset)
         hold other images under the same rows, so they are shown only when both are still the ones the run used."""
         index, entry = self.meta.get("elements"), self.meta.get("inputs", {}).get("concepts")
-        if not index or not os.path.isfile(index):
+        if not index:            # concepts that never came from an element library: nothing to show
+            return None, None
+        if not os.path.isfile(index):
             return None, f"the element library {index} is gone"
         if not entry or not os.path.isfile(os.path.join(entry, "meta.json")):
             return None, f"the run's element embeddings {entry} are gone"

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from . import store, validate
+from . import iis, store, validate
 from .cli import UserError
 from .heads import LinearProbes, Split, fit, rows
 from .store import atomic_torch_save, atomic_write_bytes, atomic_write_json, key_hash
@@ -268,10 +268,14 @@ def save(out, key, meta, grid, runs, preds, val_labels, heads, probes, extra_ten
                              "sparsity_grid": ratios, "lr_grid": lrs, "seeds": seeds,
                              "predictions": "predictions.npz", "runs": runs})
 
-    def best(rows):
-        return max((r["top1"] for r in rows if r["top1"] is not None and not r["diverged"]), default=float("nan"))
-    print(f"standard top-1 {best(std):.2f}%; concept heads at s={ratios[0]}: "
-          f"{best([r for r in runs if r['ratio'] == ratios[0]]):.2f}% (best over lrs and seeds) -> {path}")
+    try:    # the heads the IIS takes (utils/iis.py), not the best val top-1: that would peek at val
+        chosen = list(iis.select(iis.runs_of({"runs": runs})).values())
+    except UserError as e:     # a ratio whose every head diverged: the results say so, scoring refuses it
+        print(f"results -> {path}; {e}")
+        return
+    print(f"standard top-1 {np.mean([c['standard']['top1'] for c in chosen]):.2f}%; concept heads at "
+          f"s={ratios[0]:g}: {np.mean([c['ratios'][ratios[0]]['top1'] for c in chosen]):.2f}% (the heads scored, "
+          f"chosen on {meta.get('select_on', 'val')}{', mean over seeds' if len(chosen) > 1 else ''}) -> {path}")
 
 
 def run_meta(args, train_meta, val_meta, **extra):
