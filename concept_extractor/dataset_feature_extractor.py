@@ -32,7 +32,7 @@ from dataclasses import asdict
 import numpy as np
 
 from utils import cli, store
-from utils.backbones import CONFIG_DIR, load_spec
+from utils.backbones import config_path, load_spec
 from utils.data import get_source, subset_indices, subset_key
 from utils.extraction import (CacheFeed, GroupedImages, ImageFeed, backbone_passes, build_decoded_cache, cache_key,
                               describe_row, extract_passes, plan_cache)
@@ -66,10 +66,6 @@ def get_args_parser():
     return p
 
 
-def _is_config(name):
-    return os.path.isfile(name) or os.path.isfile(os.path.join(CONFIG_DIR, f"{name}.yaml"))
-
-
 def model_tag(name, layer):
     """The folder name run_pipeline.sh gives a backbone: the config's (or --backbone's) base name, ':' and '/' as '_',
     then @<layer> when a layer was named."""
@@ -84,7 +80,7 @@ def targets(args):
     items = []
     for mc in args.model_config:
         name, layer = mc, None
-        if ":" in mc and not _is_config(mc):
+        if ":" in mc and config_path(mc) is None:
             name, layer = mc.split(":", 1)
             if not layer:
                 raise cli.UserError(f"--model_config {mc!r}: no layer after ':'")

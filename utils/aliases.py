@@ -359,11 +359,10 @@ def _expand(value, given):
     return re.sub(r"\$\{(\w+)\}", sub, value)
 
 
-def _our_config(v, script):
+def _our_config(v):
     """A --model_config value this project reads as it is: a model_configs/ name or a YAML path, optionally :LAYER."""
-    name = v.split(":", 1)[0]
-    return os.path.isfile(name) or os.path.isfile(os.path.join(Context(script, {}, []).root(), "model_configs",
-                                                              f"{name}.yaml"))
+    from .backbones import config_path     # torch-heavy: only for the flags that need it
+    return config_path(v.split(":", 1)[0]) is not None
 
 
 def translate(script, argv):
@@ -381,7 +380,7 @@ def translate(script, argv):
         key = alias.flags[0] if alias.apply else flag   # spellings of one flag share a key; a composer reads each
         if flag == "--model_config" and not eq:
             vals = list(itertools.takewhile(lambda t: not t.startswith("-"), argv[i + 1:]))
-            if all(_our_config(v, script) for v in vals):   # our own flag (several CONFIG[:LAYER] in one pass)
+            if all(_our_config(v) for v in vals):   # our own flag (several CONFIG[:LAYER] in one pass)
                 rest += [flag] + vals
                 i += 1 + len(vals)
                 continue

@@ -93,10 +93,16 @@ def _resolve_arch(backbone):
                     f"nor a timm model name (timm.list_models())")
 
 
+def config_path(name):
+    """The YAML file a --model_config value names (a path, or a name in model_configs/), or None."""
+    path = name if os.path.isfile(name) else os.path.join(CONFIG_DIR, f"{name}.yaml")
+    return path if os.path.isfile(path) else None
+
+
 def load_spec(model_config="efficientnet_lite0", backbone=None, weights=None, layer=None, pooling=None):
     """A :class:`BackboneSpec` from a YAML config (name in model_configs/ or a path) plus flag overrides."""
-    path = model_config if os.path.isfile(model_config) else os.path.join(CONFIG_DIR, f"{model_config}.yaml")
-    if not os.path.isfile(path):
+    path = config_path(model_config)
+    if path is None:
         raise UserError(f"no model config {model_config!r}; available: {', '.join(available_configs())}")
     with open(path) as f:
         cfg = yaml.safe_load(f) or {}
