@@ -4,7 +4,7 @@ Objective, per batch of augmented training images with pooled features x = backb
 
     CE(linear(x), y)  +  lambda * CE(sparse_concept_head(x), y)
 
-The sparse concept head is the sweep's head (utils.heads._SparseHeads): LayerNorm(x . unit concepts) with a per-concept
+The sparse concept head is the sweep's head (utils.heads.SparseHeads): LayerNorm(x . unit concepts) with a per-concept
 affine, each sample keeps its top-k activations by absolute value (k = round((1 - ratio) K)), then a linear layer.
 Its concepts are the pooled features of element images through the *current* backbone (``refresh``: every step, with
 gradient; every epoch, without; or frozen at the pretrained backbone's). Both terms back-propagate into the trained
@@ -38,7 +38,7 @@ from .backbones import FeatureExtractor, build_model, load_spec, load_weights, p
 from .cli import UserError, resolve_device
 from .concepts import cluster_centres, select_prototypes
 from .data import ElementImages, TransformedImages, get_source, subset_indices, subset_key
-from .heads import LinearProbes, _SparseHeads, n_keep
+from .heads import LinearProbes, SparseHeads, n_keep
 from .validate import check_element_index
 
 SCHEMA = "iis.finetune/1"
@@ -315,7 +315,7 @@ def _batches(n, size, order=None):
 # ---------------------------------------------------------------------------------------------------------------------
 # Heads
 # ---------------------------------------------------------------------------------------------------------------------
-class LiveConceptHead(_SparseHeads):
+class LiveConceptHead(SparseHeads):
     """One sparse concept head (the sweep's head) whose concept vectors are set from outside before each use: the
     element embeddings through the current backbone. ``concept_matrix`` normalises them, as the sweep does."""
 
