@@ -89,6 +89,5 @@ for seed in $seeds; do
 done
 mv "$manifest" "$base/manifest.tsv"
 "$PY" iis_computing.py "${runs[@]}" --report "$report" --plot "$report/curves.png"
-"$PY" -c "import sys; from utils.finetune import write_comparison; write_comparison(sys.argv[1], sys.argv[2])" \
-  "$base/manifest.tsv" "$report"
+"$PY" -m IP_training.IP_finetune_compare "$base/manifest.tsv" --out "$report"
 echo "table: $report/finetune_compare.md (and .csv); fine-tuning logs: $base/ft/*/finetune.json"
