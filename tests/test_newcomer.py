@@ -183,6 +183,28 @@ def test_original_textual_command_runs_the_backbone_features_first(place):
     assert not parse("textual_emb_extractor", ["--dataset", "imagenet"]).first     # CLIP features only
 
 
+def test_this_projects_runners_never_pass_through_the_dialect(tmp_path):
+    """run_pipeline.sh and the other runners of this project export IIS_COMPAT=off: the stage scripts they call then
+    read their command lines as this project's flags only (an original flag is an unknown one); the original-named
+    runners keep the dialect."""
+    ours = ["run_pipeline.sh", "compare_backbones.sh", "finetune_compare.sh", "train_heads.sh", "demo.sh"]
+    for runner in sorted(os.listdir(os.path.join(REPO, "scripts"))):
+        if not runner.endswith(".sh") or runner.startswith("_") or runner == "test.sh":
+            continue
+        text = open(os.path.join(REPO, "scripts", runner)).read()
+        exported = re.search(r"^export IIS_COMPAT=off\b", text, re.M) is not None
+        assert exported == (runner in ours), runner
+    assert compat.dialect(script_path("segment_extractor")) is not None
+    env = dict(os.environ, IIS_COMPAT="off")
+    r = run_file(script_path("segment_extractor"), "--image_per_class", "2", "--out_dir", str(tmp_path / "lib"),
+                 cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "unrecognized arguments: --image_per_class" in r.stderr, r.stderr
+    r = run_file(script_path("segment_extractor"), "--help", cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "original code's flags" not in r.stdout
+    r = run_file(script_path("segment_extractor"), "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "original code's flags" in r.stdout
+
+
 def test_readme_renders_the_alias_table():
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
     assert compat.markdown_table() in readme
@@ -234,7 +256,7 @@ def test_runners_use_the_venv_without_activation(tmp_path):
     feats = tmp_path / "features"
     for split, seed in (("train", 0), ("val", 1), ("elements_segments", 2)):
         fake_entry(feats / split, n=24, dim=6, classes=("a", "b", "c"), seed=seed)
-    cmd = ["bash", "scripts/ip_train.sh", "--features", str(feats), "--out", str(tmp_path / "runs"), "--epochs", "2",
+    cmd = ["bash", "scripts/train_heads.sh", "--features", str(feats), "--out", str(tmp_path / "runs"), "--epochs", "2",
            "--n_concepts", "6", "--device", "cpu"]
     cmd[1] = os.path.join(REPO, cmd[1])                  # from another folder, too
     env = plain_shell_env()
