@@ -10,7 +10,7 @@ sparsity x lr grid.
 Concept types: prototype = element embeddings themselves; cluster = KMeans centres of them; end2end = a hard
 Gumbel-softmax assignment of elements to concepts learnt together with each head.
 
-Output in --out: results.json (schema in README: one row per head with ratio, lr, top-1, top-5, the epoch kept and
+Output in --out: results.json (schema in docs/files.md: one row per head with ratio, lr, top-1, top-5, the epoch kept and
 its losses) and heads.pt (torch.load(..., weights_only=True): concepts, the element rows they came from, every head's
 parameters). Features stay resident in memory (on the GPU if there is one); all heads of a sweep train together.
 """

@@ -9,7 +9,7 @@ Objective: CE of a linear classifier on the pooled feature + lambda x CE of a sp
 (the sweep's head: LayerNorm(feature . unit concepts), each sample keeps its top round((1 - ratio) K) activations by
 absolute value, linear). Concepts are the element library's embeddings through the current backbone (--refresh:
 recomputed at every step with gradient into the backbone, the default; every epoch; or frozen at the pretrained
-backbone — README: what each measured). Both terms train the chosen layers; lambda = 0 is plain fine-tuning (the concept head then only watches). Light augmentation (random
+backbone — docs/finetune.md: what each measured). Both terms train the chosen layers; lambda = 0 is plain fine-tuning (the concept head then only watches). Light augmentation (random
 resized crop of 50-100 % of the area, aspect 3/4-4/3, horizontal flip), identical in both arms; the backbone runs in
 eval mode (BatchNorm statistics stay as pretrained). With --train_layers N or module names, the input of the first
 trained module is computed once per image view and cached (--cache_views views per train image, default one per

@@ -23,7 +23,7 @@ with @<layer> when a layer was named (utils/specs.model_tag).
 
 --decode cache (the fast path for GPUs) first writes a one-time uint8 copy of the split, decoded and resized once at
 the largest size the backbones need, under --decode_cache; batches are then cut and normalised on the device. See
-README, "At ImageNet scale", for its numerical difference; its entries are keyed apart from the default PIL path's.
+docs/scale.md, "Where a GPU waits: decoding", for its numerical difference; its entries are keyed apart from the default PIL path's.
 """
 import argparse
 import os
@@ -54,7 +54,7 @@ def get_args_parser():
     p.add_argument("--decode", default="pil", choices=["pil", "cache"],
                    help="pil: decode and preprocess in loader workers, exactly the weights' transform; cache: a "
                         "one-time resized uint8 copy of the split, cut and normalised on the device (fast on GPUs; "
-                        "see README)")
+                        "see docs/scale.md)")
     p.add_argument("--decode_cache", default=os.path.join("outputs", "decoded"),
                    help="where --decode cache keeps its decoded copies (one keyed entry per split and size)")
     flags.add_loader_args(p)

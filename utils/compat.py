@@ -3,7 +3,7 @@
 Readers of the paper type the original README's commands first: from inside the stage folders, with its flag names.
 A stage script opts in with ``cli.run(main, parser, dialect=compat.dialect(__file__))``: before argparse sees the
 command line, :meth:`Dialect.translate` rewrites it into this project's flags (``ALIASES`` is the one table of what
-each original flag becomes; the README's "Coming from the original code" table is :func:`markdown_table`) and returns
+each original flag becomes; docs/original.md's table of them is :func:`markdown_table`) and returns
 what to do with the parsed flags before ``main``: checks of values the original made users repeat (``--in_channels``,
 ``--num_classes``: read from the data here, so a given one is only compared with it), and the commands of ours that one
 original command stood for (its textual_emb_extractor also extracted the backbone's train/val features: here two
@@ -464,8 +464,8 @@ def help_text(name):
     if not rows:
         return None
     flags = ", ".join(f for a in rows for f in a.flags)
-    return textwrap.fill(f"The original code's flags are accepted too (utils/compat.py; README, 'Coming from the "
-                         f"original code'): {flags}.", 100)
+    return textwrap.fill(f"The original code's flags are accepted too (utils/compat.py; docs/original.md): "
+                         f"{flags}.", 100)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -513,7 +513,7 @@ def dialect(script):
 
 
 def markdown_table():
-    """The README's table: script(s) | original flag | here."""
+    """docs/original.md's table: script(s) | original flag | here."""
     lines = ["| script | original flag | here |", "|---|---|---|"]
     for a in ALIASES:
         scripts = "element extractors" if a.scripts == ELEMENTS else "extractors" if a.scripts == DATA_SCRIPTS \

@@ -10,7 +10,7 @@ One pass over a split feeds any number of *passes* (one forward of one model per
   by PIL at the largest size any backbone of the pass needs (:func:`plan_cache`; a keyed, memory-mapped store entry).
   Threads only copy contiguous rows out of it; the device crops, resizes and normalises each preprocessing group in
   batches. A group whose resize and interpolation are the cache's reads exactly the pixels the PIL path would give it
-  (bit-identical features on CPU); the others are resampled twice (see README, "At ImageNet scale").
+  (bit-identical features on CPU); the others are resampled twice (see docs/scale.md, "Where a GPU waits: decoding").
 
 Rows are written in chunks (``--chunk_size``), each atomically, so a killed run resumes at its first unfinished chunk;
 under torchrun rank r extracts chunks r, r + world, ... and rank 0 merges them. Every batch of features is checked

@@ -1,5 +1,5 @@
 """One training run of the IIS grid, shared by the visual and text trainers: the standard probe on the features,
-the sparse heads on their input, and the results.json / heads.pt they write (schema in README). What a run trains is a
+the sparse heads on their input, and the results.json / heads.pt they write (schema in docs/files.md). What a run trains is a
 :class:`SweepConfig` (the trainers' training flags), completed by its protocol's presets (:data:`PROTOCOLS`)."""
 import io
 import os

@@ -1,4 +1,4 @@
-"""Checks that keep a damaged or poisoned store entry from ever reaching a score (README, "What is checked").
+"""Checks that keep a damaged or poisoned store entry from ever reaching a score (docs/files.md, "What is checked").
 
 Two kinds:
 
@@ -19,7 +19,7 @@ import numpy.lib.format as npy_format
 
 from .errors import UserError
 
-DIGEST = "sha256"            # hardware-accelerated on current x86 and ARM CPUs: faster here than blake2b (README)
+DIGEST = "sha256"            # hardware-accelerated on current x86 and ARM CPUs: faster here than blake2b (docs/benchmarks.md)
 BLOCK_BYTES = 16 << 20       # rows per streamed block: about this many bytes
 
 

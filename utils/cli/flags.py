@@ -120,7 +120,7 @@ def add_training_args(parser):
     g = parser.add_argument_group("training")
     g.add_argument("--protocol", default="iis", choices=sorted(PROTOCOLS),
                    help="iis: keep round((1-s)K) concepts, batch 256, lrs 1e-3 1e-2, constant lr; reference: the "
-                        "original code's K-floor(Ks)-1 concepts, batch 1024, lr 1e-2, lr x0.99 per epoch (README)")
+                        "original code's K-floor(Ks)-1 concepts, batch 1024, lr 1e-2, lr x0.99 per epoch (docs/protocols.md)")
     g.add_argument("--ratios", type=float, nargs="+", default=list(SPARSITY_GRID), help="sparsity grid")
     g.add_argument("--lrs", type=float, nargs="+", default=None, help="learning-rate grid (Adam; default: protocol's)")
     g.add_argument("--epochs", type=int, default=30, help="epochs; each head keeps its best epoch (see --select_on)")
