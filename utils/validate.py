@@ -21,6 +21,7 @@ from .errors import UserError
 
 DIGEST = "sha256"            # hardware-accelerated on current x86 and ARM CPUs: faster here than blake2b (docs/benchmarks.md)
 BLOCK_BYTES = 16 << 20       # rows per streamed block: about this many bytes
+ENTRY_SCHEMA = 1             # meta.json's "schema" (utils/store.py)
 
 
 def verify_requested(flag=None):
@@ -80,8 +81,45 @@ def array_specs(entry, meta):
     return specs
 
 
+DAMAGED = "the entry is damaged: rerun the command that made it (a damaged entry is rebuilt, not reused)"
+
+
+def check_meta(entry, meta, schemas=(ENTRY_SCHEMA,)):
+    """meta.json's own fields: a schema this code reads, ``key`` and ``info`` objects, ``key_hash`` a string and
+    ``digests`` (when present) an object of "<algorithm>:<hex>" strings. One UserError naming the entry."""
+    where = os.path.join(entry, "meta.json")
+    if not isinstance(meta, dict):
+        raise UserError(f"{where} is not a JSON object; {DAMAGED}")
+    if meta.get("schema") not in schemas:
+        raise UserError(f"{where} has schema {meta.get('schema')!r}; this version reads schema "
+                        f"{' or '.join(map(repr, schemas))}: rebuild the entry with this version")
+    for name, kind in (("key", dict), ("info", dict), ("key_hash", str)):
+        if not isinstance(meta.get(name), kind):
+            found = "missing" if name not in meta else f"a {type(meta[name]).__name__}"
+            raise UserError(f"{where}: '{name}' is {found}, expected {'an object' if kind is dict else 'a string'}; "
+                            f"{DAMAGED}")
+    digests = meta.get("digests")
+    if digests is not None and not (isinstance(digests, dict) and all(
+            isinstance(v, str) and ":" in v for v in digests.values())):
+        raise UserError(f"{where}: 'digests' is malformed (expected {{array: \"sha256:<hex>\"}}); {DAMAGED}")
+    return meta
+
+
+def meta_field(entry, meta, dotted, kind=dict):
+    """``meta[a][b]...`` for ``dotted`` = "a.b...", which must be a ``kind``; else one UserError naming the entry."""
+    value = meta
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if not isinstance(value, kind):
+        raise UserError(f"{os.path.join(entry, 'meta.json')}: '{dotted}' is "
+                        f"{'missing' if value is None else 'a ' + type(value).__name__}, expected "
+                        f"{'an object' if kind is dict else 'a ' + kind.__name__}; {DAMAGED}")
+    return value
+
+
 def check_structure(entry, meta):
     """Check every array file of ``entry`` against ``meta`` (headers and sizes only). Returns {name: data offset}."""
+    check_meta(entry, meta)
     offsets = {}
     for name, (shape, dtype) in array_specs(entry, meta).items():
         path = os.path.join(entry, f"{name}.npy")

@@ -1,0 +1,80 @@
+"""Crash consistency (issue 18): a stage killed at any of its file replacements leaves either its old output intact
+or an output the next run rebuilds, never a mix (tests/killpoint.py kills it before its N-th os.replace/os.rename,
+for every N the stage has); a full disk is one error line and nothing half-written."""
+import errno
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import make_image_folder
+from test_corruption import PROTO, io_args, planted, script, write_split   # noqa: F401  (script: a fixture)
+from utils import fileio, store
+from utils.errors import UserError
+
+KILL = "tests/killpoint.py"
+RUN_FILES = ("heads.pt", "predictions.npz", "results.json")
+
+
+def digests(folder, names=None):
+    names = names or sorted(os.listdir(folder))
+    return {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest() for n in names
+            if os.path.isfile(os.path.join(folder, n))}
+
+
+def killed_at(script, n, count, *argv):
+    r = script(KILL, str(n), str(count), *argv)
+    return r, int(open(count).read())
+
+
+@pytest.fixture(scope="module")
+def entries(tmp_path_factory):
+    ent = tmp_path_factory.mktemp("crash") / "entries"
+    info = {"classes": ["blue", "green", "red"], "backbone": {"name": "synthetic", "arch": "-", "weights": "-",
+                                                               "layer": "-", "pooling": "-"}}
+    write_split(ent / "train", *planted(60, 0), "train", info)
+    write_split(ent / "val", *planted(9, 1), "val", info)
+    write_split(ent / "concepts", *planted(12, 2, labels=np.repeat(np.arange(3), 4)), "concepts", info)
+    return ent
+
+
+def test_training_killed_at_every_replacement_never_leaves_a_mixed_run(entries, script, tmp_path):
+    """The issue's case: a finished 6-concept run, retrained with 9 concepts and killed at each replacement. The old
+    command then finds its run intact (up to date) or retrains it; the new command always retrains to the very
+    files a clean run writes."""
+    def train(out, k, kill=0):
+        count = tmp_path / "count"
+        r, n = killed_at(script, kill, count, *PROTO[:2], *PROTO[4:], "--n_concepts", str(k),
+                         *io_args(entries, out))
+        return r, n
+    clean = {}
+    for k in (6, 9):
+        r, n = train(tmp_path / f"clean{k}", k)
+        assert r.returncode == 0, r.stderr[-2000:]
+        clean[k] = digests(tmp_path / f"clean{k}", RUN_FILES)
+    points = n
+    assert points >= 3                       # heads.pt, predictions.npz, results.json at least
+    seen = set()
+    for kill in range(1, points + 1):
+        out = tmp_path / f"k{kill}"
+        shutil.copytree(tmp_path / "clean6", out)
+        r, _ = train(out, 9, kill)
+        assert r.returncode == -9, (kill, r.returncode, r.stderr[-1500:])
+        old = digests(out, RUN_FILES)
+        r, _ = train(out, 6)                 # the old command
+        assert r.returncode == 0, r.stderr[-2000:]
+        if "is up to date" in r.stdout:
+            assert old == clean[6], kill     # said up to date: the folder was the old run, whole
+            seen.add("intact")
+        else:
+            assert "unfinished run" in r.stdout, r.stdout[-1500:]
+            seen.add("retrained")
+        assert digests(out, RUN_FILES) == clean[6], kill
+        assert not [f for f in os.listdir(out) if ".tmp-" in f], os.listdir(out)
+        r, _ = train(out, 9)                 # and the new one
+        assert r.returncode == 0 and "up to date" not in r.stdout, r.stdout[-1500:]
+        assert digests(out, RUN_FILES) == clean[9], kill
+    assert seen == {"intact", "retrained"}   # both outcomes occur: the kill points were really hit
