@@ -78,3 +78,49 @@ def test_training_killed_at_every_replacement_never_leaves_a_mixed_run(entries, 
         assert r.returncode == 0 and "up to date" not in r.stdout, r.stdout[-1500:]
         assert digests(out, RUN_FILES) == clean[9], kill
     assert seen == {"intact", "retrained"}   # both outcomes occur: the kill points were really hit
+
+
+EXTRACT = ["-m", "concept_extractor.dataset_feature_extractor", "--model_config", "efficientnet_lite0",
+           "--backbone", "timm:test_efficientnet", "--weights", "none", "--split", "val", "--workers", "0",
+           "--device", "cpu", "--batch_size", "9", "--chunk_size", "9"]
+
+
+def entry_files(path):
+    return digests(path) if os.path.isdir(path) else None
+
+
+def test_extraction_killed_at_every_replacement_resumes_or_keeps_the_old_entry(script, tmp_path):
+    """An entry of 6 images, re-extracted for all 9 and killed at its chunk write, at the swap of the old entry aside
+    and at the merge's rename: the old command then finds its entry intact or rebuilds it, the new one always ends
+    with the bytes of a clean run, and no temp folder survives."""
+    folder = make_image_folder(str(tmp_path / "shapes"), n_train=1, n_val=3, size=24)
+
+    def extract(out, n, kill=0):
+        return killed_at(script, kill, tmp_path / "count", *EXTRACT, "--dataset", folder, "--out", str(out),
+                         *(["--max_images", str(n)] if n else []))
+    clean = {}
+    for n in (6, None):
+        r, points = extract(tmp_path / f"clean{n}", n)
+        assert r.returncode == 0, r.stderr[-2000:]
+        clean[n] = entry_files(tmp_path / f"clean{n}")
+    points += 1                                   # over an existing entry: one more rename (the old one aside)
+    seen = set()
+    for kill in range(1, points + 1):
+        out = tmp_path / f"k{kill}" / "val"
+        shutil.copytree(tmp_path / "clean6", out)
+        r, _ = extract(out, None, kill)
+        assert r.returncode == -9, (kill, r.returncode, r.stderr[-1500:])
+        before = entry_files(out)
+        r, _ = extract(out, 6)                    # the old command
+        assert r.returncode == 0, r.stderr[-2000:]
+        if "is up to date" in r.stdout:
+            assert before == clean[6], kill
+            seen.add("intact")
+        else:
+            seen.add("rebuilt")
+        assert entry_files(out) == clean[6], kill
+        r, _ = extract(out, None)                 # the new command: resumes its chunks or starts afresh
+        assert r.returncode == 0 and "up to date" not in r.stdout, r.stdout[-1500:]
+        assert entry_files(out) == clean[None], kill
+        assert sorted(os.listdir(out.parent)) == ["val"], os.listdir(out.parent)
+    assert seen == {"intact", "rebuilt"}
