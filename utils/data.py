@@ -6,6 +6,8 @@ import gzip
 import hashlib
 import os
 import re
+import sys
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -19,6 +21,11 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+# What PIL raises for a file it will not decode: corrupt or truncated data, an unknown format, and an image so large
+# it may be a decompression bomb (more than twice Image.MAX_IMAGE_PIXELS pixels).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def to_rgb(img, background=(255, 255, 255)):
@@ -40,10 +47,23 @@ def to_rgb(img, background=(255, 255, 255)):
 
 
 def load_image(path):
-    """Open an image file fully (so truncation surfaces here, not later) and return it as RGB."""
-    with Image.open(path) as img:
-        img.load()
-        return to_rgb(img)
+    """Open an image file fully (so truncation surfaces here, not later) and return it as RGB. An image over PIL's
+    decompression-bomb limit is decoded with a one-line warning naming it (over twice the limit it is unreadable)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            rgb = to_rgb(img)
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            print(f"warning: {path}: {_first_line(w.message)}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return rgb
+
+
+def _first_line(msg):
+    return str(msg).splitlines()[0][:160]
 
 
 def safe_name(name):

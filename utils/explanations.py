@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from . import iis, results, store
 from .errors import UserError
-from .fileio import file_digest, read_json
+from .fileio import file_digest
+from .validate import check_element_index
 from .heads import MaskedLinearHeads, SparseConceptHeads
 
 
@@ -61,7 +62,7 @@ class Run:
                 emb["key"].get("data", {}).get("elements") != file_digest(index):
             return None, (f"the element library {os.path.dirname(index)} (or its embeddings) was rebuilt since this "
                           f"run, so its rows are other images; rebuild it with the run's settings to see them")
-        return read_json(index)["elements"], None
+        return check_element_index(index)["elements"], None
 
     def head(self, ratio, lr=None, seed=None):
         """Index of the head at ``ratio`` (its best lr by the run's selection accuracy unless ``lr`` is given) of

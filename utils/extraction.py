@@ -27,10 +27,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from PIL import Image
 from tqdm import tqdm
 
-from . import store
+from . import store, validate
 from .backbones import Backbone
+from .data import UNREADABLE
 from .device import resolve_device
 from .errors import UserError
 
@@ -128,8 +130,19 @@ class GroupedImages:
 
     def __getitem__(self, i):
         j = int(self.indices[i])
-        img = self.source.image(j)
+        try:
+            img = self.source.image(j)
+        except UNREADABLE:     # label -1 marks it; the main process names the file (a worker's error cannot)
+            return tuple(t(Image.new("RGB", (8, 8))) for t in self.transforms), -1
         return tuple(t(img) for t in self.transforms), int(self.source.targets[j])
+
+    def why_unreadable(self, i):
+        """What PIL says about row ``i``'s file (re-opened in the calling process)."""
+        try:
+            self.source.image(int(self.indices[i]))
+        except UNREADABLE as e:
+            return f"{type(e).__name__}: {validate.one_line(e)}"
+        return "it could not be read in a loader worker"
 
 
 def describe_row(dataset, row):
@@ -165,7 +178,12 @@ class ImageFeed:
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False,
                             prefetch_factor=max(1, 4 // max(1, groups)) if self.workers else None)
-        for x, y in loader:
+        for rows, (x, y) in zip(batches, loader):
+            bad = np.flatnonzero(y.numpy() < 0)
+            if len(bad) and hasattr(self.dataset, "why_unreadable"):
+                r = rows[int(bad[0])]
+                raise UserError(f"{self.describe(r)} is unreadable ({self.dataset.why_unreadable(r)}); replace or "
+                                f"remove the file, then rerun the same command (finished chunks are kept)")
             xs = x if isinstance(x, (list, tuple)) else [x]
             # channels-last lets conv kernels (oneDNN on CPU, cuDNN on GPU) skip layout conversions
             yield ([t.to(device, non_blocking=True).to(memory_format=torch.channels_last) for t in xs],

@@ -259,8 +259,12 @@ def run_meta(cfg, train_meta, val_meta, **extra):
                 seeds=list(cfg.seeds), val_samples=key_hash(val_meta["key"].get("data", val_meta["key"])))
 
 
-def backbone_meta(train_meta):
-    spec = train_meta["info"]["backbone"]
+def backbone_meta(train_meta, entry="the train features"):
+    spec = validate.meta_field(entry, train_meta, "info.backbone")
+    for name in ("name", "arch", "weights", "layer", "pooling"):
+        if name not in spec:
+            raise UserError(f"{os.path.join(entry, 'meta.json')}: 'info.backbone' has no {name!r}; {validate.DAMAGED}")
+    validate.meta_field(entry, train_meta, "info.classes", list)
     return {"backbone": spec["name"], "arch": spec["arch"], "weights": spec["weights"], "layer": spec["layer"],
             "pooling": spec["pooling"], "dataset": train_meta["info"].get("dataset"),
             "classes": train_meta["info"]["classes"]}

@@ -22,6 +22,7 @@ from .errors import UserError
 DIGEST = "sha256"            # hardware-accelerated on current x86 and ARM CPUs: faster here than blake2b (docs/benchmarks.md)
 BLOCK_BYTES = 16 << 20       # rows per streamed block: about this many bytes
 ENTRY_SCHEMA = 1             # meta.json's "schema" (utils/store.py)
+LIBRARY_SCHEMA = 1           # an element library's index.json "schema" (utils/library.py)
 
 
 def verify_requested(flag=None):
@@ -290,6 +291,14 @@ def require_arrays(entry, arrays, names):
 # --------------------------------------------------------------------------------------------------------------------
 # element library index (input of visual_element_emb_extractor)
 # --------------------------------------------------------------------------------------------------------------------
+def inside(root, rel):
+    """True when ``rel`` is a normalised relative path that stays inside ``root`` (symbolic links resolved)."""
+    if not rel or os.path.isabs(rel) or os.path.normpath(rel) != rel or rel.split(os.sep)[0] == "..":
+        return False
+    real_root = os.path.realpath(root)
+    return os.path.realpath(os.path.join(root, rel)).startswith(real_root + os.sep)
+
+
 def check_element_index(index_path):
     """The parsed index.json of an element library, after checking that it is valid JSON with a class list and at
     least one element, and that every element's file exists and its label is in [0, n_classes)."""
@@ -300,6 +309,9 @@ def check_element_index(index_path):
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{index_path} is not valid JSON ({one_line(e)}); rebuild the element "
                         f"library (segment_extractor or patch_extractor)") from None
+    if isinstance(index, dict) and index.get("schema") not in (LIBRARY_SCHEMA,):
+        raise UserError(f"{index_path} has schema {index.get('schema')!r}; this version reads schema "
+                        f"{LIBRARY_SCHEMA!r}: rebuild the element library with this version")
     classes = index.get("classes") if isinstance(index, dict) else None
     elements = index.get("elements") if isinstance(index, dict) else None
     if not isinstance(classes, list) or not classes or not isinstance(elements, list):
@@ -311,6 +323,9 @@ def check_element_index(index_path):
         label, file = (e.get("label"), e.get("file")) if isinstance(e, dict) else (None, None)
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < n:
             raise UserError(f"{index_path}: element {i} has label {label!r}, outside [0, {n}) ({n} classes)")
-        if not isinstance(file, str) or not os.path.isfile(os.path.join(root, file)):
+        if not isinstance(file, str) or not inside(root, file):
+            raise UserError(f"{index_path}: element {i}: its path {file!r} is not a normalised relative path inside "
+                            f"the library; refusing it (rebuild the element library)")
+        if not os.path.isfile(os.path.join(root, file)):
             raise UserError(f"{index_path}: element {i}: its image {file!r} is missing; rebuild the element library")
     return index
