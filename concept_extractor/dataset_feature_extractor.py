@@ -39,6 +39,7 @@ from utils.extraction import (CacheFeed, ExtractConfig, GroupedImages, ImageFeed
                               build_decoded_cache, cache_key, describe_row, extract_passes, plan_cache)
 from utils.fileio import key_hash
 from utils.specs import config_path, load_spec, model_tag
+from utils.validate import verify_requested
 
 
 def get_args_parser():
@@ -58,6 +59,9 @@ def get_args_parser():
     p.add_argument("--decode_cache", default=os.path.join("outputs", "decoded"),
                    help="where --decode cache keeps its decoded copies (one keyed entry per split and size)")
     flags.add_loader_args(p)
+    p.add_argument("--verify", action="store_true", default=None,
+                   help="also compare the images' bytes with the digest recorded at extraction (reads every file; "
+                        "default: IIS_VERIFY=1, else names, sizes and modification times only: docs/files.md)")
     return p
 
 
@@ -122,7 +126,8 @@ def main(args):
         probe = GroupedImages(source, idx, [])
         feed = CacheFeed(images, labels, plan, groups, lambda r: describe_row(probe, r), threads=args.workers)
     extract_passes(passes, feed, data_key, cli.config(ExtractConfig, args), desc=f"{args.split} features",
-                   extra_arrays={"indices": np.asarray(idx, np.int64)})
+                   extra_arrays={"indices": np.asarray(idx, np.int64)}, content=source.content_digest,
+                   verify=verify_requested(args.verify))
 
 
 if __name__ == "__main__":

@@ -124,3 +124,43 @@ def test_extraction_killed_at_every_replacement_resumes_or_keeps_the_old_entry(s
         assert entry_files(out) == clean[None], kill
         assert sorted(os.listdir(out.parent)) == ["val"], os.listdir(out.parent)
     assert seen == {"intact", "rebuilt"}
+
+
+def bmp_folder(root, seed):
+    """A 2-class ImageFolder val split of uncompressed BMPs: other pixels give files of the very same size."""
+    rng = np.random.default_rng(seed)
+    from PIL import Image
+    for c in ("a", "b"):
+        os.makedirs(os.path.join(root, "val", c), exist_ok=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+                os.path.join(root, "val", c, f"{i}.bmp"))
+    return root
+
+
+def test_an_edited_image_is_noticed_by_size_and_mtime_and_a_same_stat_edit_by_verify(script, tmp_path):
+    """The issue's case (every image regenerated under its old name) re-extracts, saying why; an edit that keeps
+    size and mtime (as `touch -r` does) is the documented limit: only --verify, which reads the bytes, finds it."""
+    folder, out = bmp_folder(str(tmp_path / "imgs"), 0), tmp_path / "f"
+    args = [*EXTRACT, "--dataset", folder, "--out", str(out)]
+    assert script(*args).returncode == 0
+    first = store.read(str(out))[0]["features"].copy()
+    bmp_folder(folder, 1)                                      # same names, other pixels
+    r = script(*args)
+    assert r.returncode == 0 and "was made from other inputs (data.files changed): rebuilding it" in r.stdout, r.stdout
+    second = store.read(str(out))[0]["features"].copy()
+    assert not np.array_equal(first, second)
+
+    victim = os.path.join(folder, "val", "b", "1.bmp")
+    st = os.stat(victim)
+    data = bytearray(open(victim, "rb").read())
+    data[-10:] = bytes(255 - x for x in data[-10:])            # other pixels, same size
+    open(victim, "wb").write(bytes(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))      # and the old modification time
+    assert "is up to date" in script(*args).stdout             # the limit: a same-size, same-mtime edit passes
+    r = script(*args, "--verify")
+    assert r.returncode == 0 and "its images' bytes changed since it was extracted" in r.stdout, r.stdout
+    third = store.read(str(out))[0]["features"]
+    assert not np.array_equal(third[-1], second[-1]) and np.array_equal(third[:-1], second[:-1])
+    r = script(*args, env={"IIS_VERIFY": "1"})
+    assert "is up to date" in r.stdout, r.stdout              # the digest recorded by the re-extraction matches

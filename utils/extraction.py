@@ -457,21 +457,30 @@ class _Todo:
     missing: set = field(default_factory=set)       # chunks this rank writes
 
 
-def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None):
+def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content=None, verify=False):
     """Fill the store entry of every output of ``passes`` in one pass over ``feed``, skipping entries whose key is
     current and, on a resumed run, chunks already written. ``cfg`` (an :class:`ExtractConfig`) supplies batch_size,
-    chunk_size, dtype, device, amp. Returns the entry paths."""
-    todo = []
+    chunk_size, dtype, device, amp. ``content`` (optional) returns the inputs' content digest: recorded in each
+    entry written, and with ``verify`` compared with the one a current entry recorded. Returns the entry paths."""
+    todo, digest = [], {}
+
+    def content_once():
+        if "d" not in digest:
+            digest["d"] = content()
+        return digest["d"]
     for pi, p in enumerate(passes):
         for oi, o in enumerate(p.outputs):
             key = entry_key(o.model_key, data_key, cfg.dtype, feed.key)
-            if store.is_current(o.out, key):
+            if store.is_current(o.out, key) and not (verify and content and not store.content_unchanged(o.out, content_once)):
                 print(f"{o.out} is up to date")
             else:
                 todo.append(_Todo(pi, oi, o, key))
     paths = [o.out for p in passes for o in p.outputs]
     if not todo:
         return paths
+    if content is not None:
+        for t in todo:
+            t.output.info = dict(t.output.info, content_digest=content_once())
     n = len(feed)
     if n == 0:
         raise UserError(f"{desc}: nothing to extract (empty dataset)")

@@ -44,6 +44,10 @@ def is_current(path, key):
     remove_strays(path)
     meta = read_meta(path)
     if not (bool(meta) and meta.get("schema") == SCHEMA and meta.get("key_hash") == key_hash(key)):
+        if meta and isinstance(meta.get("key"), dict):
+            now = json.loads(json.dumps(key, default=str))      # as meta.json holds it (tuples as lists)
+            print(f"{path} was made from other inputs ({', '.join(changed(meta['key'], now)) or 'its key'} "
+                  f"changed): rebuilding it")
         return False
     try:
         validate.check_structure(path, meta)
@@ -51,6 +55,34 @@ def is_current(path, key):
         print(f"{e}; rebuilding it")
         return False
     return True
+
+
+def content_unchanged(out, content):
+    """False (and says why) when ``content`` (the inputs' content digest, computed on --verify) differs from the one
+    the entry ``out`` recorded when it was extracted."""
+    recorded = (read_meta(out) or {}).get("info", {}).get("content_digest")
+    if recorded is None:
+        print(f"warning: {out} records no content digest of its images (extracted before they were kept); "
+              f"names, sizes and modification times checked, bytes not")
+        return True
+    if recorded != content():
+        print(f"{out}: its images' bytes changed since it was extracted (same names, sizes and modification times; "
+              f"found by --verify): re-extracting it")
+        return False
+    return True
+
+
+def changed(old, new, prefix=""):
+    """The dotted names of the fields that differ between two keys (``data.files``: an input file's size or
+    modification time, or the file list)."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def _meta(key, specs, info, digests):
