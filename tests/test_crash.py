@@ -164,3 +164,83 @@ def test_an_edited_image_is_noticed_by_size_and_mtime_and_a_same_stat_edit_by_ve
     assert not np.array_equal(third[-1], second[-1]) and np.array_equal(third[:-1], second[:-1])
     r = script(*args, env={"IIS_VERIFY": "1"})
     assert "is up to date" in r.stdout, r.stdout              # the digest recorded by the re-extraction matches
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a full disk and a file-size limit
+# ---------------------------------------------------------------------------------------------------------------------
+class FullDisk:
+    """``open`` for the store module whose files accept ``room`` bytes in all, then fail with ENOSPC."""
+
+    def __init__(self, room):
+        self.room = room
+
+    def __call__(self, path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if "w" not in mode:
+            return f
+        disk, write = self, f.write
+
+        def limited(data):
+            n = memoryview(data).nbytes if not isinstance(data, str) else len(data)
+            if n > disk.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            disk.room -= n
+            return write(data)
+        f.write = limited
+        return f
+
+
+def chunked_entry(tmp_path, rows=40, dim=64):
+    partial = str(tmp_path / "e.partial")
+    for c in range(4):
+        store.write_chunk(partial, c, {"features": np.full((rows // 4, dim), c, np.float32),
+                                       "labels": np.arange(rows // 4)})
+    return partial
+
+
+@pytest.mark.parametrize("room", [100, 6000])   # fails in the first array, in the second
+def test_a_full_disk_during_the_merge_is_one_error_and_leaves_the_old_entry(tmp_path, monkeypatch, room):
+    out = str(tmp_path / "e")
+    store.write(out, {"features": np.ones((3, 2), np.float32)}, {"old": 1})
+    before = digests(out)
+    partial = chunked_entry(tmp_path)
+    monkeypatch.setattr(store, "open", FullDisk(room), raising=False)
+    with pytest.raises(UserError) as e:
+        store.merge_chunks(partial, out, 4, {"new": 1})
+    msg = str(e.value)
+    assert msg.startswith("no space left writing ") and str(tmp_path / "e.tmp-") in msg and "bytes needed" in msg, msg
+    assert digests(out) == before                                # the old entry, untouched
+    assert sorted(os.listdir(tmp_path)) == ["e", "e.partial"]    # no temp folder; the chunks stay for the rerun
+    monkeypatch.undo()
+    store.merge_chunks(partial, out, 4, {"new": 1})
+    assert store.read(out)[0]["features"].shape == (40, 64)
+
+
+def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    partial, out = chunked_entry(tmp_path), str(tmp_path / "e")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 5000))
+    with pytest.raises(UserError, match=r"no space left writing .*/e \(10,560 bytes needed, 5,000 bytes free on "):
+        store.merge_chunks(partial, out, 4, {"new": 1})
+    assert sorted(os.listdir(tmp_path)) == ["e.partial"]
+
+
+def test_a_file_size_limit_during_extraction_is_one_error_line(tmp_path):
+    """Under `ulimit -f` (EFBIG) the extractor says which file it was writing, on its own line after the progress
+    bar, exit 2, and leaves no temp or empty partial folder."""
+    import resource
+    import subprocess
+    import sys
+    from conftest import REPO
+    folder = make_image_folder(str(tmp_path / "shapes"), n_train=1, n_val=3, size=24)
+    out = tmp_path / "out" / "val"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    r = subprocess.run([sys.executable, *EXTRACT, "--dataset", folder, "--out", str(out)], cwd=REPO, text=True,
+                       capture_output=True, preexec_fn=limit, timeout=300)
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert r.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: file too large writing "), r.stderr
+    assert ".partial-" in errors[0] and "bytes needed" in errors[0] and "ulimit -f" in errors[0], errors[0]
+    print(errors[0])
+    assert not os.path.exists(out.parent) or os.listdir(out.parent) == [], os.listdir(out.parent)

@@ -266,15 +266,15 @@ def build_decoded_cache(path, source, indices, data_key, plan, workers=2):
                        desc=f"decoding to {plan.resize}/{plan.crop} {plan.interpolation}"
                             + (f" [rank {rank}/{world}]" if world > 1 else ""))
             stream = iter(loader)
-            for c in todo:
-                want, imgs, labels = min(rows, n - c * rows), [], []
-                while sum(len(y) for y in labels) < want:
-                    x, y = next(stream)
-                    imgs.append(x.numpy())
-                    labels.append(y.numpy().astype(np.int64))
-                    bar.update(len(y))
-                store.write_chunk(partial, c, {"images": np.concatenate(imgs), "labels": np.concatenate(labels)})
-            bar.close()
+            with bar:          # closed before any error is printed, so the error has a line of its own
+                for c in todo:
+                    want, imgs, labels = min(rows, n - c * rows), [], []
+                    while sum(len(y) for y in labels) < want:
+                        x, y = next(stream)
+                        imgs.append(x.numpy())
+                        labels.append(y.numpy().astype(np.int64))
+                        bar.update(len(y))
+                    store.write_chunk(partial, c, {"images": np.concatenate(imgs), "labels": np.concatenate(labels)})
         _barrier(world)
         if rank == 0:
             store.merge_chunks(partial, path, n_chunks, key, {"dataset": source.name, "split": source.split,
@@ -526,8 +526,8 @@ def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content
                     writer.submit(_write_chunks, store, c, [(t.partial, np.concatenate(acc))
                                                             for t, acc in zip(active, feats)], np.concatenate(labels))
         finally:
+            bar.close()       # first: a chunk write's error, raised by close(), then starts on its own line
             writer.close()
-            bar.close()
     _barrier(world)
     if rank == 0:
         for t in todo:

@@ -72,14 +72,18 @@ def remove_strays(path):
     return gone
 
 
+def size_text(n):
+    return f"{n:,} bytes" if n < 2**20 else f"{n / 2**20:,.1f} MiB"
+
+
 def write_error(path, e, need=None):
     """A :class:`UserError` for an OSError raised while writing ``path``: a full disk (ENOSPC, EDQUOT) or a file-size
     limit (EFBIG) names the path, the bytes needed and the space left; anything else names the path and the cause."""
     where = os.path.dirname(os.path.abspath(path))
-    needs = f" ({need / 2**20:.1f} MiB needed" if need else " ("
+    needs = f" ({size_text(need)} needed" if need else " ("
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
-            free = f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free"
+            free = f"{size_text(shutil.disk_usage(where).free)} free"
         except OSError:
             free = "free space unknown"
         sep = ", " if need else ""
