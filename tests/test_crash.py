@@ -244,3 +244,69 @@ def test_a_file_size_limit_during_extraction_is_one_error_line(tmp_path):
     assert ".partial-" in errors[0] and "bytes needed" in errors[0] and "ulimit -f" in errors[0], errors[0]
     print(errors[0])
     assert not os.path.exists(out.parent) or os.listdir(out.parent) == [], os.listdir(out.parent)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# element libraries and report folders
+# ---------------------------------------------------------------------------------------------------------------------
+def tree(root):
+    """{relative path: sha256} of every file under ``root`` (None when it does not exist)."""
+    if not os.path.isdir(root):
+        return None
+    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read())
+            .hexdigest() for d, _, fs in os.walk(root) for f in fs}
+
+
+def check_killed_at_every_point(script, tmp_path, old_args, new_args, out, name, expect=("intact", "rebuilt")):
+    """Clean runs of both commands; then, for every kill point N of the new command run over the old output: the
+    old command afterwards finds its output intact (up to date) or rebuilds it to the clean bytes, and the new
+    command always ends with its clean bytes, leaving no stray temp folder."""
+    clean = {}
+    for which, args in (("old", old_args), ("new", new_args)):
+        r, points = killed_at(script, 0, tmp_path / "count", *args(tmp_path / f"clean_{which}"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        clean[which] = tree(tmp_path / f"clean_{which}" / out)
+    outcomes = set()
+    for kill in range(1, points + 2):              # + 1: the swap of the old folder aside
+        base = tmp_path / f"k{kill}"
+        shutil.copytree(tmp_path / "clean_old", base)
+        r, _ = killed_at(script, kill, tmp_path / "count", *new_args(base))
+        if r.returncode == 0:                      # fewer points than N: nothing left to kill
+            assert tree(base / out) == clean["new"]
+            continue
+        assert r.returncode == -9, (kill, r.returncode, r.stderr[-1500:])
+        before = tree(base / out)
+        r = script(*old_args(base))
+        assert r.returncode == 0, r.stderr[-2000:]
+        outcomes.add("intact" if before == clean["old"] else "rebuilt")
+        assert tree(base / out) == clean["old"], (name, kill)
+        r = script(*new_args(base))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert tree(base / out) == clean["new"], (name, kill)
+        strays = [f for d, ds, fs in os.walk(base) for f in ds + fs if ".tmp-" in f or ".old-" in f]
+        assert not strays, (name, kill, strays)
+    assert outcomes == set(expect), outcomes
+
+
+def test_library_building_killed_at_every_replacement(script, tmp_path):
+    images = make_image_folder(str(tmp_path / "shapes"), n_train=2, n_val=1, size=24)
+
+    def patches(per_class):
+        return lambda base: ["-m", "concept_extractor.patch_extractor", "--images", os.path.join(images, "train"),
+                             "--images_per_class", str(per_class), "--image_size", "32", "--out_size", "16",
+                             "--workers", "1", "--grids", "2", "--out_dir", str(base / "lib")]
+    # a library rebuilt with other settings is wiped first (index.json, its commit point, goes first of all): the old
+    # library is never found intact once the new build started, always rebuilt
+    check_killed_at_every_point(script, tmp_path, patches(1), patches(2), "lib", "library", expect=("rebuilt",))
+
+
+def test_report_killed_at_every_replacement(script, tmp_path, entries):
+    runs = tmp_path / "runs"
+    for k in (6, 9):
+        r = script(*PROTO[:2], *PROTO[4:], "--n_concepts", str(k), *io_args(entries, runs / f"r{k}"))
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    def report(names):
+        return lambda base: ["iis_computing.py", *[str(runs / n) for n in names], "--report", str(base / "report"),
+                             "--bootstrap", "0"]
+    check_killed_at_every_point(script, tmp_path, report(["r6"]), report(["r6", "r9"]), "report", "report")

@@ -126,6 +126,8 @@ def build_library(source, method, cut, params, out_dir, images_per_class=10, see
     key = {"schema": 1, "data": source.key(), "method": method, "params": params, "min_side": min_side,
            "images_per_class": images_per_class, "seed": seed, "image_size": image_size}
     h = key_hash(key)
+    for p in (index_path, manifest_path):
+        remove_strays(p)                  # temp files of a killed run
     if _key_hash_of(index_path) == h:
         try:
             check_element_index(index_path)
