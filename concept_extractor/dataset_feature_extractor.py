@@ -59,6 +59,9 @@ def get_args_parser():
     p.add_argument("--decode_cache", default=os.path.join("outputs", "decoded"),
                    help="where --decode cache keeps its decoded copies (one keyed entry per split and size)")
     flags.add_loader_args(p)
+    p.add_argument("--force", action="store_true",
+                   help="re-extract every entry from scratch even when it looks up to date (what a message about a "
+                        "damaged entry asks for)")
     p.add_argument("--verify", action="store_true", default=None,
                    help="also compare the images' bytes with the digest recorded at extraction (reads every file; "
                         "default: IIS_VERIFY=1, else names, sizes and modification times only: docs/files.md)")
@@ -127,7 +130,7 @@ def main(args):
         feed = CacheFeed(images, labels, plan, groups, lambda r: describe_row(probe, r), threads=args.workers)
     extract_passes(passes, feed, data_key, cli.config(ExtractConfig, args), desc=f"{args.split} features",
                    extra_arrays={"indices": np.asarray(idx, np.int64)}, content=source.content_digest,
-                   verify=verify_requested(args.verify))
+                   verify=verify_requested(args.verify), force=args.force)
 
 
 if __name__ == "__main__":

@@ -310,3 +310,25 @@ def test_report_killed_at_every_replacement(script, tmp_path, entries):
         return lambda base: ["iis_computing.py", *[str(runs / n) for n in names], "--report", str(base / "report"),
                              "--bootstrap", "0"]
     check_killed_at_every_point(script, tmp_path, report(["r6"]), report(["r6", "r9"]), "report", "report")
+
+
+def test_advice_about_a_damaged_entry_names_a_command_that_rebuilds_it(script, tmp_path):
+    """A NaN planted in a finished entry looks current to the extractor (its structure is sound); the trainers'
+    message says to rerun with --force, and --force does re-extract it."""
+    from utils import sweep
+    folder = make_image_folder(str(tmp_path / "shapes"), n_train=1, n_val=3, size=24)
+    out = tmp_path / "f"
+    args = [*EXTRACT, "--dataset", folder, "--out", str(out)]
+    assert script(*args).returncode == 0
+    clean = entry_files(out)
+    a = np.load(out / "features.npy", mmap_mode="r+")
+    a[2, 3] = np.nan
+    a.flush()
+    del a
+    with pytest.raises(UserError, match=r"row 2, column 3 is nan.*re-extract it: rerun the command that made .* "
+                                        r"with --force"):
+        sweep.load_split(str(out))
+    assert "is up to date" in script(*args).stdout
+    r = script(*args, "--force")
+    assert r.returncode == 0 and "up to date" not in r.stdout, r.stdout
+    assert entry_files(out) == clean

@@ -17,6 +17,7 @@ under torchrun rank r extracts chunks r, r + world, ... and rank 0 merges them. 
 before it is written: a non-finite value stops the run with one error naming the image, and no entry is finished.
 """
 import os
+import shutil
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -457,11 +458,12 @@ class _Todo:
     missing: set = field(default_factory=set)       # chunks this rank writes
 
 
-def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content=None, verify=False):
+def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content=None, verify=False, force=False):
     """Fill the store entry of every output of ``passes`` in one pass over ``feed``, skipping entries whose key is
     current and, on a resumed run, chunks already written. ``cfg`` (an :class:`ExtractConfig`) supplies batch_size,
     chunk_size, dtype, device, amp. ``content`` (optional) returns the inputs' content digest: recorded in each
-    entry written, and with ``verify`` compared with the one a current entry recorded. Returns the entry paths."""
+    entry written, and with ``verify`` compared with the one a current entry recorded. ``force`` re-extracts every
+    entry from scratch (what a message about a damaged entry advises). Returns the entry paths."""
     todo, digest = [], {}
 
     def content_once():
@@ -471,7 +473,8 @@ def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content
     for pi, p in enumerate(passes):
         for oi, o in enumerate(p.outputs):
             key = entry_key(o.model_key, data_key, cfg.dtype, feed.key)
-            if store.is_current(o.out, key) and not (verify and content and not store.content_unchanged(o.out, content_once)):
+            if not force and store.is_current(o.out, key) and \
+                    not (verify and content and not store.content_unchanged(o.out, content_once)):
                 print(f"{o.out} is up to date")
             else:
                 todo.append(_Todo(pi, oi, o, key))
@@ -490,6 +493,8 @@ def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content
     for t in todo:
         # the chunk size is part of the partial folder's name: a run resumed with another size starts afresh
         t.partial = store.partial_dir(t.output.out, dict(t.key, chunk_rows=size))
+        if force and rank == 0:
+            shutil.rmtree(t.partial, ignore_errors=True)
         done = [store.chunk_done(t.partial, c) for c in range(n_chunks)]
         t.missing = {c for c in range(rank, n_chunks, world) if not done[c]}
         if any(done) and rank == 0:

@@ -117,8 +117,8 @@ def read(path, mmap=True, verify=None):
         raise UserError(f"{path} is not a finished store entry (no meta.json); run the stage that makes it first") \
             from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: meta.json is not valid JSON ({validate.one_line(e)}); the entry is "
-                        f"damaged, re-extract it") from None
+        raise UserError(f"{path}: meta.json is not valid JSON ({validate.one_line(e)}); "
+                        f"{validate.damaged(path)}") from None
     except OSError as e:
         raise UserError(f"{path}: meta.json cannot be read ({e.strerror})") from None
     offsets = validate.check_structure(path, meta)

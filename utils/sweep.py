@@ -263,7 +263,7 @@ def backbone_meta(train_meta, entry="the train features"):
     spec = validate.meta_field(entry, train_meta, "info.backbone")
     for name in ("name", "arch", "weights", "layer", "pooling"):
         if name not in spec:
-            raise UserError(f"{os.path.join(entry, 'meta.json')}: 'info.backbone' has no {name!r}; {validate.DAMAGED}")
+            raise UserError(f"{os.path.join(entry, 'meta.json')}: 'info.backbone' has no {name!r}; {validate.damaged(entry)}")
     validate.meta_field(entry, train_meta, "info.classes", list)
     return {"backbone": spec["name"], "arch": spec["arch"], "weights": spec["weights"], "layer": spec["layer"],
             "pooling": spec["pooling"], "dataset": train_meta["info"].get("dataset"),

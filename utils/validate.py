@@ -12,6 +12,7 @@ Two kinds:
 Every failure is one :class:`~utils.errors.UserError` whose message starts with the entry's path.
 """
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -70,7 +71,7 @@ def array_specs(entry, meta):
     """{name: (shape, dtype)} as meta.json records them; UserError when meta.json is not a store entry's."""
     arrays = meta.get("arrays") if isinstance(meta, dict) else None
     if not isinstance(arrays, dict) or not arrays:
-        raise UserError(f"{entry}: meta.json lists no arrays; the entry is damaged, re-extract it")
+        raise UserError(f"{entry}: meta.json lists no arrays; {damaged(entry)}")
     specs = {}
     for name, spec in arrays.items():
         try:
@@ -78,11 +79,18 @@ def array_specs(entry, meta):
             specs[name] = (tuple(int(s) for s in shape), np.dtype(dtype))
         except (TypeError, ValueError):
             raise UserError(f"{entry}: meta.json records array '{name}' as {spec!r}, not [shape, dtype]; "
-                            f"the entry is damaged, re-extract it") from None
+                            f"{damaged(entry)}") from None
     return specs
 
 
-DAMAGED = "the entry is damaged: rerun the command that made it (a damaged entry is rebuilt, not reused)"
+def redo(entry):
+    """How to rebuild ``entry``: its extractor's command again, with --force (a damaged entry can look current)."""
+    return (f"re-extract it: rerun the command that made {entry} with --force (dataset features: python -m "
+            f"concept_extractor.dataset_feature_extractor ... --out {entry} --force)")
+
+
+def damaged(entry):
+    return f"the entry is damaged, {redo(entry)}"
 
 
 def check_meta(entry, meta, schemas=(ENTRY_SCHEMA,)):
@@ -90,7 +98,7 @@ def check_meta(entry, meta, schemas=(ENTRY_SCHEMA,)):
     ``digests`` (when present) an object of "<algorithm>:<hex>" strings. One UserError naming the entry."""
     where = os.path.join(entry, "meta.json")
     if not isinstance(meta, dict):
-        raise UserError(f"{where} is not a JSON object; {DAMAGED}")
+        raise UserError(f"{where} is not a JSON object; {damaged(entry)}")
     if meta.get("schema") not in schemas:
         raise UserError(f"{where} has schema {meta.get('schema')!r}; this version reads schema "
                         f"{' or '.join(map(repr, schemas))}: rebuild the entry with this version")
@@ -98,11 +106,11 @@ def check_meta(entry, meta, schemas=(ENTRY_SCHEMA,)):
         if not isinstance(meta.get(name), kind):
             found = "missing" if name not in meta else f"a {type(meta[name]).__name__}"
             raise UserError(f"{where}: '{name}' is {found}, expected {'an object' if kind is dict else 'a string'}; "
-                            f"{DAMAGED}")
+                            f"{damaged(entry)}")
     digests = meta.get("digests")
     if digests is not None and not (isinstance(digests, dict) and all(
             isinstance(v, str) and ":" in v for v in digests.values())):
-        raise UserError(f"{where}: 'digests' is malformed (expected {{array: \"sha256:<hex>\"}}); {DAMAGED}")
+        raise UserError(f"{where}: 'digests' is malformed (expected {{array: \"sha256:<hex>\"}}); {damaged(entry)}")
     return meta
 
 
@@ -114,7 +122,7 @@ def meta_field(entry, meta, dotted, kind=dict):
     if not isinstance(value, kind):
         raise UserError(f"{os.path.join(entry, 'meta.json')}: '{dotted}' is "
                         f"{'missing' if value is None else 'a ' + type(value).__name__}, expected "
-                        f"{'an object' if kind is dict else 'a ' + kind.__name__}; {DAMAGED}")
+                        f"{'an object' if kind is dict else 'a ' + kind.__name__}; {damaged(entry)}")
     return value
 
 
@@ -203,7 +211,7 @@ def check_digests(entry, meta, offsets):
         found = file_data_digest(os.path.join(entry, f"{name}.npy"), offset, algorithm)
         if found != want:
             raise UserError(f"{entry}: array '{name}': content digest {found[:24]}... differs from the "
-                            f"{want[:24]}... recorded when it was written (its bytes changed); re-extract it")
+                            f"{want[:24]}... recorded when it was written (its bytes changed); {redo(entry)}")
     return unrecorded
 
 
@@ -239,7 +247,7 @@ def check_finite(entry, name, a):
         value = block.reshape(len(block), -1)[r, c]
         where = f"row {start + r}" + (f", column {c}" if block.ndim > 1 else "")
         raise UserError(f"{entry}: array '{name}' {where} is {value}, the first non-finite value ({len(a)} rows); "
-                        f"re-extract this entry")
+                        f"{redo(entry)}")
 
 
 def check_labels(entry, name, labels, n_classes, what=None):
@@ -302,7 +310,6 @@ def inside(root, rel):
 def check_element_index(index_path):
     """The parsed index.json of an element library, after checking that it is valid JSON with a class list and at
     least one element, and that every element's file exists and its label is in [0, n_classes)."""
-    import json
     try:
         with open(index_path, "rb") as f:
             index = json.loads(f.read().decode("utf-8"))
