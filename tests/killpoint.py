@@ -2,6 +2,7 @@
 
     python tests/killpoint.py N COUNT_FILE -m package.module [args ...]
     python tests/killpoint.py N COUNT_FILE script.py [args ...]
+    python tests/killpoint.py N COUNT_FILE --only SUBSTRING ...   (count only replacements whose target has it)
 
 Every ``os.replace`` and ``os.rename`` of the main process (each atomic file write, each temp folder's final rename,
 each swap of an old folder aside) is counted; the N-th kills the process with SIGKILL before it happens, exactly as a
@@ -14,12 +15,12 @@ import signal
 import sys
 
 
-def install(n, count_file):
+def install(n, count_file, only=None):
     pid, state = os.getpid(), {"n": 0}
 
     def hook(real):
         def counted(src, dst, *args, **kwargs):
-            if os.getpid() == pid:
+            if os.getpid() == pid and (only is None or only in os.fspath(dst)):
                 state["n"] += 1
                 if state["n"] == n:
                     os.kill(pid, signal.SIGKILL)
@@ -32,9 +33,12 @@ def install(n, count_file):
 
 if __name__ == "__main__":
     n, count_file, *argv = sys.argv[1:]
+    only = None
+    if argv[0] == "--only":
+        only, argv = argv[1], argv[2:]
     with open(count_file, "w") as f:
         f.write("0")
-    install(int(n), count_file)
+    install(int(n), count_file, only)
     if argv[0] == "-m":
         sys.argv = argv[1:]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
