@@ -52,7 +52,7 @@ import time
 import numpy as np
 
 from bench.common import hardware
-from utils import stats, store
+from utils import fileio, stats, store
 from utils.iis import load_predictions, score_with_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,7 +179,7 @@ class Scorer:
 
     def __call__(self, run):
         if run not in self.cache:
-            res = store.read_json(os.path.join(run, "results.json"))
+            res = fileio.read_json(os.path.join(run, "results.json"))
             s, p = score_with_stats(res, load_predictions(res, run), "top1", self.n_boot, self.seed)
             self.cache[run] = (s, p)
         return self.cache[run]
@@ -306,14 +306,14 @@ class Demo:
         return self.run(self.entry("real", self.emb, self.labels), concept_type, extra=extra)
 
     def background(self):
-        index = store.read_json(self.meta["info"]["elements_index"])
+        index = fileio.read_json(self.meta["info"]["elements_index"])
         return background_share(os.path.dirname(self.meta["info"]["elements_index"]), index)
 
     def element_library(self, fill=None, method="segments"):
         """The demo's element library cut again (the real stages: segment_extractor with another --fill, or
         patch_extractor's grid patches of the same images), embedded by the same backbone, in its own folder under
         --work; returns (entry, embeddings, labels)."""
-        index = store.read_json(self.meta["info"]["elements_index"])
+        index = fileio.read_json(self.meta["info"]["elements_index"])
         k = index["key"]
         name = f"fill{k['params']['fill'] if fill is None else fill}" if method == "segments" else method
         lib = os.path.join(self.work, f"library_{name}")
@@ -608,7 +608,7 @@ def mechanism_row(sc, name, base_run, chosen, groups, floor=None, base=None):
     resamples, so it pairs with every trainer run."""
     from utils.heads import SPARSITY_GRID
     from utils.iis import runs_of, select
-    res = store.read_json(os.path.join(base_run, "results.json"))
+    res = fileio.read_json(os.path.join(base_run, "results.json"))
     pred, labels = load_predictions(res, base_run)
     std_rows = {seed: c["standard"]["pred_row"] for seed, c in select(runs_of(res)).items()}
     correct, rows = [], []
@@ -677,7 +677,7 @@ def section_cost(demo, sc):
     import shutil
     entry = demo.entry("real", demo.emb, demo.labels)
     saved = os.path.join(os.path.dirname(entry), "timing.json")   # timed once: a rescoring run reuses it
-    rows = [tuple(r) for r in store.read_json(saved)] if os.path.exists(saved) else []
+    rows = [tuple(r) for r in fileio.read_json(saved)] if os.path.exists(saved) else []
     for rep in range(0 if rows else demo.args.timing_repeats):
         for seeds in ((0,), (0, 1, 2, 3)):
             out = os.path.join(os.path.dirname(entry), f"prototype_k{demo.args.n_concepts}_s"
@@ -690,7 +690,7 @@ def section_cost(demo, sc):
                          loop_seconds(train.stderr, "concept heads")))
             shutil.rmtree(out, ignore_errors=True)
     if not os.path.exists(saved):
-        store.atomic_write_json(saved, [list(r) for r in rows])
+        fileio.atomic_write_json(saved, [list(r) for r in rows])
     lines = ["### Cost of a 3-draw floor (trainer wall time, demo features, Prototype)", "",
              "| repeat | groups | wall s | standard probe s | concept heads s |", "|---|---|---|---|---|"]
     lines += [f"| {r} | {g} | {w:.0f} | {p:.0f} | {h:.0f} |" for r, g, w, p, h in rows]
@@ -797,7 +797,7 @@ def main(args):
         head = (f"# Concept floor and concept lift (`python -m bench.concept_floor`)\n\nMachine: {machine}. "
                 f"Sections: {', '.join(args.sections)}; {args.bootstrap} paired bootstrap resamples of the val "
                 f"samples (seed {args.bootstrap_seed}).\n\n")
-        store.atomic_write_bytes(args.md, (head + "\n".join(parts)).encode())
+        fileio.atomic_write_bytes(args.md, (head + "\n".join(parts)).encode())
     if args.png:
         plot(figure, args.png)
 
