@@ -11,7 +11,8 @@ that seed's standard probe. Its rows go into results.json with ``head: "floor"``
 are untouched (the floor heads are a separate module trained after them).
 
 Scoring (:func:`score`): the floor rows are scored by the IIS rule (:mod:`utils.iis`) as if each draw were a seed;
-both scores are bootstrapped on the same resamples of the same val samples, so the lift's interval is paired.
+both scores are bootstrapped on the same resamples of the same val samples, so the lift's interval is paired, and
+the floor's draws are resampled too, so the interval also covers which random directions were drawn.
 """
 from dataclasses import dataclass, replace
 
@@ -124,13 +125,24 @@ def view(results):
     return dict(results, runs=out)
 
 
+def draw_samples(fsamples, ratios, n_boot, boot_seed):
+    """(n_boot,) bootstrap samples of the floor IIS that cover both the val sample and the choice of random draws:
+    resample b recomputes every draw's IIS on val resample b (the same resamples as the run's, so they pair) and
+    averages a resample, with replacement, of the draws (its own stream, fixed by ``boot_seed``)."""
+    acc, chance = stats.bootstrap_accuracies(fsamples["correct"], fsamples["labels"], n_boot, boot_seed)
+    per_draw = stats.curve_statistics(acc, fsamples["rows"], ratios, chance)["iis"]          # (n_boot, draws)
+    pick = np.random.default_rng([STREAM, int(boot_seed)]).integers(0, per_draw.shape[1], per_draw.shape)
+    return np.take_along_axis(per_draw, pick, 1).mean(1)
+
+
 def score(results, predictions, scored, samples, metric="top1", n_boot=stats.N_BOOT, boot_seed=0,
           level=stats.LEVEL):
     """The ``floor`` entry of iis.json for a run scored as ``scored`` (with bootstrap ``samples`` from
     :func:`utils.iis.score_with_stats`, same ``n_boot`` and ``boot_seed``), or None when it has no floor rows.
 
-    Holds the floor IIS (mean over draws) with its spread over draws and interval, each draw's IIS, and the lift
-    IIS - floor with its paired interval and p-value; ``note`` says why a part is missing."""
+    Holds the floor IIS (mean over draws) with its spread over draws, each draw's IIS, and the lift IIS - floor
+    with its paired interval and p-value (:func:`utils.stats.compare` of the run's bootstrap samples and
+    :func:`draw_samples`); ``note`` says why a part is missing."""
     v = view(results)
     if v is None:
         return None
@@ -141,15 +153,19 @@ def score(results, predictions, scored, samples, metric="top1", n_boot=stats.N_B
         return {"kind": info.get("kind"), "draws": info.get("draws"), "iis": None, "lift": None, "note": str(e)}
     out = {"kind": info.get("kind"), "draws": len(fs["seeds"]), "paired_seeds": info.get("paired_seeds"),
            "iis": fs["iis"], "iis_std": fs["iis_std"], "per_draw": [p["iis"] for p in fs["per_seed"]],
-           "interval": (fs.get("interval") or {}).get("iis"), "lift": scored["iis"] - fs["iis"],
-           "lift_interval": None, "lift_p": None, "verdict": None, "note": fs.get("note")}
+           "lift": scored["iis"] - fs["iis"], "lift_interval": None, "lift_p": None, "verdict": None,
+           "note": fs.get("note")}
     a = (samples or {}).get("samples")
-    b = (fsamples or {}).get("samples")
-    if a is not None and b is not None:
-        c = stats.compare(a["iis"], b["iis"], out["lift"], len(samples["labels"]), level)
-        out.update(lift_interval=c["interval"], lift_p=c["p"], verdict=c["verdict"], level=level,
-                   resamples=c["resamples"], covers="resampling of the val samples, heads fixed (paired: the same "
-                                                    "resamples for the run and its floor); not the draw-to-draw spread")
+    if a is not None and (fsamples or {}).get("samples") is not None:
+        b = draw_samples(fsamples, fs["ratios"], n_boot, boot_seed)
+        lo, hi = stats.interval(b, level)
+        c = stats.compare(a["iis"], b, out["lift"], len(samples["labels"]), level)
+        out.update(interval=[float(lo), float(hi)], lift_interval=c["interval"], lift_p=c["p"],
+                   verdict=c["verdict"], level=level, resamples=c["resamples"],
+                   covers="val samples resampled (the same resamples for the run and its floor: paired) and the "
+                          "floor's draws resampled; the run's heads fixed, its seeds as their mean")
+        if out["draws"] == 1:
+            out["note"] = "one floor draw: the interval does not cover the spread between draws (use --floor_draws 3)"
     return out
 
 
