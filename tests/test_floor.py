@@ -170,3 +170,19 @@ def test_bad_floor_flags_exit_2_with_one_line(carry, tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --floor_draws must be 0 (no floor) or a number of draws, got -1"]
+
+
+def test_the_report_carries_the_floor_and_lift_columns(carry, tmp_path):
+    r = subprocess.run([sys.executable, "iis_computing.py", str(carry / "run"), "--report", str(tmp_path / "rep")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s, _ = scored(carry / "run")
+    f = s["floor"]
+    with open(tmp_path / "rep" / "report.csv") as fh:
+        head, row = [line.rstrip("\n").split(",") for line in fh][:2]
+    got = dict(zip(head, row))
+    for col, want in (("floor", f["iis"]), ("floor_std", f["iis_std"]), ("lift", f["lift"]),
+                      ("lift_lo", f["lift_interval"][0]), ("lift_hi", f["lift_interval"][1]), ("lift_p", f["lift_p"])):
+        assert float(got[col]) == pytest.approx(want, abs=5e-5), col
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "concept lift [95 % paired]" in md and f"{round(f['lift'], 4)} [{round(f['lift_interval'][0], 4)}" in md
