@@ -24,6 +24,11 @@ with @<layer> when a layer was named.
 --decode cache (the fast path for GPUs) first writes a one-time uint8 copy of the split, decoded and resized once at
 the largest size the backbones need, under --decode_cache; batches are then cut and normalised on the device. See
 README, "At ImageNet scale", for its numerical difference; its entries are keyed apart from the default PIL path's.
+
+--decode gpu (no decoded copy) has loader workers read file bytes only; JPEGs are decoded in batches on the GPU (nvJPEG)
+and resized, cropped and normalised there with each backbone's own preprocessing; other files (PNG, greyscale, CMYK
+or progressive JPEGs, ...) take the PIL path, counted in the summary line and the entries' info (utils/decode.py).
+Its entries are keyed apart too. Without a CUDA device it says so in one line and uses the PIL path.
 """
 import argparse
 import os
@@ -31,7 +36,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from utils import cli, store
+from utils import cli, decode, store
 from utils.backbones import config_path, load_spec
 from utils.data import get_source, subset_indices, subset_key
 from utils.extraction import (CacheFeed, GroupedImages, ImageFeed, backbone_passes, build_decoded_cache, cache_key,
@@ -56,10 +61,11 @@ def get_args_parser():
     p.add_argument("--out", required=True,
                    help="one (backbone, layer): the store entry folder; several: a parent folder (entries at "
                         "<out>/<model>[@<layer>]/<split>) or a template with {model}, {split}, {dataset}")
-    p.add_argument("--decode", default="pil", choices=["pil", "cache"],
+    p.add_argument("--decode", default="pil", choices=["pil", "cache", "gpu"],
                    help="pil: decode and preprocess in loader workers, exactly the weights' transform; cache: a "
                         "one-time resized uint8 copy of the split, cut and normalised on the device (fast on GPUs; "
-                        "see README)")
+                        "see README); gpu: JPEGs decoded and preprocessed on the GPU in batches, no copy (PIL "
+                        "without CUDA)")
     p.add_argument("--decode_cache", default=os.path.join("outputs", "decoded"),
                    help="where --decode cache keeps its decoded copies (one keyed entry per split and size)")
     cli.add_loader_args(p)
@@ -125,15 +131,20 @@ def main(args):
             "data_root": os.path.abspath(args.data_root)}
     passes, groups = backbone_passes([(spec, out, dict(info, backbone=asdict(spec)), tag)
                                       for (tag, spec), out in zip(chosen, outs)])
-    if args.decode == "pil":
+    device = cli.resolve_device(args.device)
+    how = decode.choose(args.decode, device)
+    probe = GroupedImages(source, idx, [])
+    if how == "pil":
         feed = ImageFeed(GroupedImages(source, idx, [g.image_transform() for g in groups]), args.workers)
+    elif how == "gpu":
+        feed = decode.GpuFeed(source, idx, groups, device, args.workers, lambda r: describe_row(probe, r),
+                              half=device.type == "cuda" and args.amp)
     else:
         plan = plan_cache([p.preprocess for p in passes])
         path = os.path.join(args.decode_cache, tag_data,
                             f"{args.split}-{plan.resize}-{plan.crop}-{plan.interpolation}-"
                             f"{store.key_hash(cache_key(data_key, plan))[:8]}")
         images, labels = build_decoded_cache(path, source, idx, data_key, plan, args.workers)
-        probe = GroupedImages(source, idx, [])
         feed = CacheFeed(images, labels, plan, groups, lambda r: describe_row(probe, r), threads=args.workers)
     extract_passes(passes, feed, data_key, args, desc=f"{args.split} features",
                    extra_arrays={"indices": np.asarray(idx, np.int64)})

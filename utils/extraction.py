@@ -11,6 +11,8 @@ One pass over a split feeds any number of *passes* (one forward of one model per
   Threads only copy contiguous rows out of it; the device crops, resizes and normalises each preprocessing group in
   batches. A group whose resize and interpolation are the cache's reads exactly the pixels the PIL path would give it
   (bit-identical features on CPU); the others are resampled twice (see README, "At ImageNet scale").
+* ``utils.decode.GpuFeed`` ("gpu"): workers only read file bytes; JPEGs are decoded in batches on the device and
+  preprocessed there (PIL for what the device does not decode, counted: ``report()``, stored in the entries' info).
 
 Rows are written in chunks (``--chunk_size``), each atomically, so a killed run resumes at its first unfinished chunk;
 under torchrun rank r extracts chunks r, r + world, ... and rank 0 merges them. Every batch of features is checked
@@ -29,6 +31,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .cli import UserError
+from .decode import Normalise
 
 
 def distributed():
@@ -270,10 +273,7 @@ class CacheTransform:
         side = p.crop if self.exact else min(c, max(1, round(p.crop * plan.resize / p.resize)))
         self.offset = int(round((c - side) / 2.0))
         self.side, self.size, self.mode = side, p.crop, p.interpolation
-        # tensors, not Python scalars: CUDA divides by a scalar as a multiplication by its reciprocal (1 ulp off)
-        self.k255 = torch.tensor(255.0, device=device)
-        self.mean = torch.tensor(p.mean, dtype=torch.float32, device=device).view(-1, 1, 1)
-        self.std = torch.tensor(p.std, dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.normalise = Normalise(p.mean, p.std, device)
 
     def __call__(self, u8):
         o, s = self.offset, self.side
@@ -285,8 +285,7 @@ class CacheTransform:
                 x = nn.functional.interpolate(x, size=(self.size, self.size), mode=self.mode, antialias=True,
                                               align_corners=False)
             x = x.clamp_(0, 255).round_()
-        x = x.div(self.k255).sub_(self.mean).div_(self.std)      # ToTensor's and Normalize's arithmetic
-        return x.contiguous(memory_format=torch.channels_last)
+        return self.normalise(x).contiguous(memory_format=torch.channels_last)
 
 
 class _GroupInputs:
@@ -459,6 +458,7 @@ def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
         if any(done) and rank == 0:
             print(f"resuming {t.output.out}: {sum(done)} of {n_chunks} chunks already extracted")
     bs = args.batch_size
+    decode_info = {}
     work = []                                # (rows, chunk, pass ids); batches never straddle a chunk
     for c in sorted(set().union(*(t.missing for t in todo))):
         pids = sorted({t.pass_id for t in todo if c in t.missing})
@@ -492,10 +492,13 @@ def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
         finally:
             writer.close()
             bar.close()
+        if hasattr(feed, "report"):          # --decode gpu: how many images were decoded with PIL, and why
+            decode_info = feed.report()
     _barrier(world)
     if rank == 0:
         for t in todo:
-            store.merge_chunks(t.partial, t.output.out, n_chunks, t.key, t.output.info, extra_arrays)
+            store.merge_chunks(t.partial, t.output.out, n_chunks, t.key, {**t.output.info, **decode_info},
+                               extra_arrays)
             arrays, _ = store.read(t.output.out, verify=False)   # its digest was just computed
             print(f"{arrays['features'].shape[0]} x {arrays['features'].shape[1]} {args.dtype} features "
                   f"-> {t.output.out}")
