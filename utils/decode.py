@@ -68,8 +68,9 @@ def resample(x, size, mode):
         return x.index_select(3, pick(w, size[1])).index_select(2, pick(h, size[0]))
     for step in ((h, size[1]), tuple(size)):
         if step != tuple(x.shape[2:]):
-            x = F.interpolate(x, size=step, mode=mode, antialias=True, align_corners=False)
-            x = x.add_(0.5).floor_().clamp_(0, 255)
+            x = F.interpolate(x, size=step, mode=mode, antialias=True, align_corners=False).add_(0.5).floor_()
+            if mode != "bilinear":       # bilinear weights are >= 0 and sum to 1: never outside 0..255
+                x = x.clamp_(0, 255)
     return x
 
 
@@ -87,24 +88,29 @@ class DeviceTransform:
     def __init__(self, preprocess, device):
         self.p, self.norm = preprocess, Normalise(preprocess.mean, preprocess.std, device)
 
-    def __call__(self, images, n, device, ready=None):
-        """(n, 3, crop, crop) float32: row k from ``images[k]`` (a dict row -> uint8 image), or from ``ready`` =
-        (rows, (len(rows), 3, crop, crop) tensor already normalised, e.g. by PIL in a worker)."""
+    def __call__(self, images, device, ready=None):
+        """(n, 3, crop, crop) float32, row k from ``images[k]`` (a dict row -> uint8 image) or from ``ready`` = (rows,
+        (len(rows), 3, crop, crop) tensor already normalised: the PIL path's), n rows in all."""
         from torchvision.transforms import functional as TF
         c = self.p.crop
-        out = torch.empty((n, 3, c, c), dtype=torch.float32, device=device)
-        by_size = {}
+        by_size, order, parts = {}, [], []
         for k, img in images.items():
             by_size.setdefault(tuple(img.shape[1:]), []).append(k)
         for rows in by_size.values():
-            x = torch.stack([images[k] for k in rows]).float()
+            x = (torch.stack([images[k] for k in rows]) if len(rows) > 1 else images[rows[0]][None]).float()
             x = resample(x, short_side_size(*x.shape[2:], self.p.resize), self.p.interpolation)
-            x = TF.center_crop(x, [c, c])
-            out.index_copy_(0, torch.tensor(rows, device=device), x)
-        self.norm(out)
+            parts.append(TF.center_crop(x, [c, c]))
+            order += rows
+        x = self.norm(torch.cat(parts)) if parts else torch.empty((0, 3, c, c), device=device)
         if ready is not None:
-            out.index_copy_(0, torch.tensor(ready[0], device=device), ready[1].to(device, non_blocking=True))
-        return out
+            x = torch.cat([x, ready[1].to(device)])
+            order += list(ready[0])
+        if order == sorted(order):
+            return x
+        # back to row order with one gather; its index goes over from pinned memory, so the host never waits for
+        # the device (a copy from pageable memory may wait for the stream)
+        index = torch.from_numpy(np.argsort(order))
+        return x.index_select(0, index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -232,14 +238,31 @@ class GpuFeed:
         return self._describe(row) if self._describe else f"row {row}"
 
     def batches(self, batches, device):
+        """Yield (inputs per group, labels) per list of rows. A thread takes each batch from the loader and decodes it
+        while this one preprocesses and runs the one before (the decoder blocks its caller until it is done)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from torch.utils.data import DataLoader
         transforms = [DeviceTransform(p, device) for p in self.groups]
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=collate_raw,
-                            prefetch_factor=4 if self.workers else None)
-        for rows, raw in zip(batches, loader):
-            yield self._inputs(rows, raw, transforms, device)
+        loader = iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+                                 collate_fn=collate_raw, prefetch_factor=4 if self.workers else None))
+        dtype = torch.bfloat16 if self.half else torch.float32
 
-    def _inputs(self, rows, raw, transforms, device):
+        def fetch(rows):
+            return self._decoded(rows, next(loader), device)
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(fetch, batches[0]) if batches else None
+            for b in range(len(batches)):
+                images, ready_rows, ready, labels = ahead.result()
+                if b + 1 < len(batches):
+                    ahead = pool.submit(fetch, batches[b + 1])
+                yield ([t(images, device, (ready_rows, ready[g]) if ready else None)
+                        .to(dtype=dtype, memory_format=torch.channels_last) for g, t in enumerate(transforms)],
+                       labels.numpy())
+
+    def _decoded(self, rows, raw, device):
+        """One loader batch decoded: ({row: uint8 image on the device}, rows made by PIL, their tensors per group,
+        labels); counts each image by how it was decoded."""
         flat, sizes, pil_rows, pil, labels, why, errors = raw
         if errors:
             k, err = errors[0]
@@ -256,16 +279,10 @@ class GpuFeed:
             parts.append([torch.stack(col) for col in zip(*(self._pil(rows[k]) for k in refused))])
             for k in refused:
                 why[k] = "refused by the device's JPEG decoder"
-        ready = [torch.cat(per_group) for per_group in zip(*parts)] if parts else None
         self.rows += len(rows)
         self.counts["device"] += len(images)
         self.counts.update(w for w in why if w is not None)
-        xs = []
-        for g, t in enumerate(transforms):
-            x = t(images, len(rows), device, (ready_rows, ready[g]) if ready else None)
-            x = x.contiguous(memory_format=torch.channels_last)
-            xs.append(x.to(torch.bfloat16) if self.half else x)
-        return xs, labels.numpy()
+        return images, ready_rows, [torch.cat(per_group) for per_group in zip(*parts)] if parts else None, labels
 
     def _pil(self, row):
         j = int(self.indices[row])
