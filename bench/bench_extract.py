@@ -11,10 +11,11 @@ the backbones' pure forward rate on ready-made device tensors, on the same devic
 
 Images are JPEGs held in memory (so disk speed is not measured): the ImageNet photos of --photos (default: the 20 in
 the foolbox wheel, if installed), else random-content 500 x 375 JPEGs, which are several times larger and slower to
-decode than photos; every image is decoded, none is reused. The foolbox photos are progressive JPEGs, which --decode gpu
-leaves to PIL; ``--synthetic N`` makes N distinct baseline JPEGs (quality 90, 4:2:0, as ImageNet's are) at
-ImageNet-like sizes (:func:`imagenet_like_sizes`) out of those photos (or of smooth random content without them). Random weights (no download), but each architecture's
-preprocessing is its default torchvision weights' (resize, crop, interpolation, mean, std). The forward is bf16
+decode than photos; every image is decoded, none is reused. The foolbox photos are progressive JPEGs, which --decode
+gpu leaves to PIL; ``--synthetic N`` makes N distinct baseline JPEGs (quality 90, 4:2:0, as ImageNet's are) at
+ImageNet-like sizes (:func:`imagenet_like_sizes`) out of those photos (or of smooth random content without them).
+Random weights (no download), but each architecture's preprocessing is its default torchvision weights' (resize, crop,
+interpolation, mean, std). The forward is bf16
 autocast + channels-last on CUDA, float32 on CPU. A pass's rate includes the DataLoader's start, writing the chunks and
 merging them into the store entries, as a user gets them; its steady state is the pace of the batches once the
 pipeline is full (the last 80 % of them). The decoded copy's build is reported apart (done once per split).

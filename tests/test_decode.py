@@ -135,7 +135,8 @@ def mixed_folder(root):
     files = {"a/0.jpg": jpeg(photos[0].resize((120, 90))), "a/1.jpg": jpeg(photos[1].resize((90, 130))),
              "a/3.jpg": jpeg(photos[3].resize((100, 100)).convert("L")),
              "b/4.jpg": jpeg(photos[4].resize((80, 110)).convert("CMYK")),
-             "b/5.jpg": jpeg(photos[5].resize((110, 80)), progressive=True), "b/6.jpg": jpeg(photos[6].resize((64, 64)))}
+             "b/5.jpg": jpeg(photos[5].resize((110, 80)), progressive=True),
+             "b/6.jpg": jpeg(photos[6].resize((64, 64)))}
     for name, data in files.items():
         os.makedirs(root / "val" / name[0], exist_ok=True)
         (root / "val" / name).write_bytes(data)
@@ -252,7 +253,8 @@ def test_a_gpu_entry_is_never_taken_for_a_pil_one(tmp_path, device_on_cpu, capsy
 def test_without_cuda_the_flag_says_so_once_and_writes_the_pil_entry(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     folder = mixed_folder(tmp_path / "mixed")
-    common = ["--model_config", small_model(tmp_path), "--weights", "none", "--dataset", folder, "--split", "val", *LOADER]
+    common = ["--model_config", small_model(tmp_path), "--weights", "none", "--dataset", folder, "--split", "val",
+              *LOADER]
     extract(*common, "--out", str(tmp_path / "gpu"), "--decode", "gpu")
     out = capsys.readouterr().out
     assert out.count("--decode gpu: no CUDA: decoding with PIL") == 1 and out.count("--decode gpu") == 1

@@ -1,6 +1,7 @@
 """``--decode gpu``: loader workers only read file bytes; JPEGs are decoded in batches on the device (nvJPEG, through
 ``torchvision.io.decode_jpeg``) and resized, centre-cropped and normalised there with each backbone's own
-preprocessing. Also the device-side arithmetic that imitates PIL's preprocessing, shared with the decoded copy.
+preprocessing, by tensor operations that imitate PIL's (:func:`resample`; :class:`Normalise` serves the decoded copy
+too).
 
 Which images the device decodes is decided per file from its header, in the worker (:func:`device_refusal`): 8-bit,
 3-component (YCbCr), sequential JPEGs. Everything else takes the PIL path for that image, in the worker, giving the
@@ -12,9 +13,9 @@ the device decoder still refuses is decoded by PIL in the main process. Each suc
 counts go to the summary line and the entry's info. An image PIL cannot read either stops the run with one error
 naming it, as the PIL path stops.
 
-Numerically the device path differs from PIL's only in the resize (PIL rounds to 8 bits between its horizontal and
-vertical passes; here both passes are float, then rounded once) and in nvJPEG's IDCT and chroma upsampling;
-``python -m bench.decode_fidelity`` measures both on real photos.
+Numerically the device path differs from PIL's in the resize's arithmetic (float filter weights where PIL's are fixed
+point: within a grey level) and, on a GPU, in nvJPEG's IDCT and chroma upsampling; ``python -m bench.decode_fidelity``
+measures both on real photos.
 """
 from collections import Counter
 
@@ -103,7 +104,7 @@ class DeviceTransform:
             order += rows
         x = self.norm(torch.cat(parts)) if parts else torch.empty((0, 3, c, c), device=device)
         if ready is not None:
-            x = torch.cat([x, ready[1].to(device)])
+            x = torch.cat([x, ready[1].to(device, non_blocking=True)])
             order += list(ready[0])
         if order == sorted(order):
             return x
@@ -189,7 +190,8 @@ def collate_raw(items):
     """One batch as few objects (workers hand each tensor over through shared memory): the device rows' bytes
     concatenated, their lengths, the PIL rows' tensors stacked per group, and per row why PIL and any error."""
     blobs = [it[0] for it in items if it[0] is not None]
-    flat = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if blobs else torch.empty(0, dtype=torch.uint8)
+    joined = bytearray(b"".join(blobs))            # frombuffer refuses an empty buffer
+    flat = torch.frombuffer(joined, dtype=torch.uint8) if joined else torch.zeros(0, dtype=torch.uint8)
     pil_rows = [k for k, it in enumerate(items) if it[1] is not None]
     pil = [torch.stack(col) for col in zip(*(items[k][1] for k in pil_rows))]
     return (flat, [len(b) for b in blobs], pil_rows, pil, torch.tensor([it[2] for it in items], dtype=torch.int64),
@@ -245,7 +247,8 @@ class GpuFeed:
         from torch.utils.data import DataLoader
         transforms = [DeviceTransform(p, device) for p in self.groups]
         loader = iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
-                                 collate_fn=collate_raw, prefetch_factor=4 if self.workers else None))
+                                 collate_fn=collate_raw, pin_memory=device.type == "cuda",
+                                 prefetch_factor=4 if self.workers else None))
         dtype = torch.bfloat16 if self.half else torch.float32
 
         def fetch(rows):
