@@ -10,6 +10,10 @@ subset if asked), decoding every image once and running every backbone once per 
         --model_config resnet50 resnet50:layer3 vit_b_16 --dataset /data/imagenet --split val \
         --out 'outputs/features/imagenet/{model}/{split}'
 
+    # ImageNet on one GPU without a decoded copy: JPEGs decoded, resized and normalised on the GPU
+    python -m concept_extractor.dataset_feature_extractor --model_config resnet50 --dataset /data/imagenet \
+        --split train --decode gpu --workers 14 --batch_size 256 --out outputs/features/imagenet/resnet50/train
+
 Backbones: each --model_config is a model_configs/ name (or YAML path), optionally with :LAYER; --layer x y z reads
 those layers of every backbone given without one. Backbones with the same architecture and weights run once with all
 their layers hooked; backbones with the same preprocessing share one transformed batch.
