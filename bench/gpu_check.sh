@@ -6,6 +6,8 @@
 # 14 backbones per pass, PIL path and decoded copy; carry .bench_photos). Output goes to $OUT.
 # issue21 (not in the default list): one time-boxed run of issue 21's measurements, most important first, each step
 # capped and the whole within $BUDGET seconds (390: with the machine's start about 8 minutes of device time):
+#   0. tests/test_decode.py's CUDA test: the script's --decode gpu on the GPU against its PIL path (about 20 s)
+#                                                                                      -> decode_test_cuda.txt
 #   1. ResNet-50 extraction, a whole 16 384-image pass each of --decode gpu, pil and cache (building the decoded copy
 #      apart), against the pure bf16 forward rate, on 512 distinct baseline JPEGs at ImageNet-like sizes made from the
 #      carried photos (about 70 s)                                                     -> extract_resnet50_decode.txt
@@ -78,6 +80,7 @@ issue21() {
   [ -d "$ASSETS/photos" ] && photos=(--photos "$ASSETS/photos")
   local extract=(--decode gpu pil cache --synthetic "$syn" --n_images "$n" --batch_size "$bs" --workers "$workers"
                  --forward_batches "$fb" "${photos[@]}")
+  step "CUDA test" 60 decode_test_cuda.txt "$PY" -m pytest tests/test_decode.py -q -p no:cacheprovider -k nvjpeg -rs
   step "$cnn extraction" 150 "extract_${cnn}_decode.txt" "$PY" -m bench.bench_extract --arch "$cnn" "${extract[@]}"
   step "head sweep" 150 heads_imagenet_sweep.txt "$PY" -m bench.bench_heads "${heads[@]}"
   if [ -f bench/profile_sweep.py ]; then

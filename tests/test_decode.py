@@ -103,7 +103,7 @@ def test_resize_crop_and_groups_follow_torchvision_on_odd_sizes(tmp_path):
 
 
 def test_which_files_the_device_decodes():
-    photo = load_image(foolbox_images()[0]).resize((64, 48))
+    photo = scene(64, 48, 0)
     base = jpeg(photo)
     assert decode.device_refusal(base) is None
     assert decode.device_refusal(jpeg(photo, progressive=True)) == "progressive JPEG"
@@ -128,19 +128,25 @@ def small_model(tmp_path):
     return str(path)
 
 
+def scene(w, h, seed):
+    """Photo-like content without photos: smooth colour fields (upsampled noise) and a sharp-edged block."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    a = np.asarray(img).copy()
+    a[h // 4:h // 2, w // 3:w // 2] = rng.integers(0, 255, 3)
+    return Image.fromarray(a)
+
+
 def mixed_folder(root):
     """val/ of a 2-class ImageFolder: 3 baseline JPEGs (the device's), a PNG, a greyscale, a CMYK and a progressive
-    JPEG (PIL's), cut from real photos."""
-    photos = [load_image(f) for f in foolbox_images()[:7]]
-    files = {"a/0.jpg": jpeg(photos[0].resize((120, 90))), "a/1.jpg": jpeg(photos[1].resize((90, 130))),
-             "a/3.jpg": jpeg(photos[3].resize((100, 100)).convert("L")),
-             "b/4.jpg": jpeg(photos[4].resize((80, 110)).convert("CMYK")),
-             "b/5.jpg": jpeg(photos[5].resize((110, 80)), progressive=True),
-             "b/6.jpg": jpeg(photos[6].resize((64, 64)))}
+    JPEG (PIL's)."""
+    files = {"a/0.jpg": jpeg(scene(120, 90, 0)), "a/1.jpg": jpeg(scene(90, 130, 1)),
+             "a/3.jpg": jpeg(scene(100, 100, 3).convert("L")), "b/4.jpg": jpeg(scene(80, 110, 4).convert("CMYK")),
+             "b/5.jpg": jpeg(scene(110, 80, 5), progressive=True), "b/6.jpg": jpeg(scene(64, 64, 6))}
     for name, data in files.items():
         os.makedirs(root / "val" / name[0], exist_ok=True)
         (root / "val" / name).write_bytes(data)
-    photos[2].resize((70, 90)).save(root / "val" / "a" / "2.png")
+    scene(70, 90, 2).save(root / "val" / "a" / "2.png")
     return str(root)
 
 
@@ -150,30 +156,39 @@ def device_on_cpu(monkeypatch):
     monkeypatch.setattr(decode, "DEVICE_TYPES", ("cuda", "cpu"))
 
 
-def test_fallbacks_are_counted_and_give_the_pil_paths_features(tmp_path, device_on_cpu, capsys):
+def pil_and_gpu_runs(tmp_path, device, capsys):
+    """The mixed folder through two backbones of two preprocessings (bilinear 256, bicubic 256) in one pass, by the
+    PIL path and by --decode gpu: (what the gpu run printed, {tag: (PIL entry, its meta, gpu entry, its meta)})."""
     folder = mixed_folder(tmp_path / "mixed")
     common = ["--model_config", small_model(tmp_path), "efficientnet_lite0", "--weights", "none", "--dataset", folder,
-              "--split", "val", "--device", "cpu", *LOADER]
+              "--split", "val", "--device", device, *LOADER]
     extract(*common, "--out", str(tmp_path / "pil"))
     capsys.readouterr()
     extract(*common, "--out", str(tmp_path / "gpu"), "--decode", "gpu")
-    out = capsys.readouterr().out
+    return capsys.readouterr().out, {tag: store.read(str(tmp_path / "pil" / tag / "val"))
+                                     + store.read(str(tmp_path / "gpu" / tag / "val"))
+                                     for tag in ("mnv3", "efficientnet_lite0")}
+
+
+def cosines(a, b):
+    fa, fb = np.asarray(a["features"]), np.asarray(b["features"])
+    return (fa * fb).sum(1) / np.linalg.norm(fa, axis=1) / np.linalg.norm(fb, axis=1)
+
+
+def test_fallbacks_are_counted_and_give_the_pil_paths_features(tmp_path, device_on_cpu, capsys):
+    out, entries = pil_and_gpu_runs(tmp_path, "cpu", capsys)
     assert out.count("--decode gpu: 3 of 7 images decoded on cpu, 4 with PIL (2 greyscale, CMYK or RGB-coded JPEG, "
                      "1 not a JPEG, 1 progressive JPEG)") == 1
-    for tag in ("mnv3", "efficientnet_lite0"):      # two preprocessings (bilinear 256, bicubic 256) in one pass
-        a, ma = store.read(str(tmp_path / "pil" / tag / "val"))
-        b, mb = store.read(str(tmp_path / "gpu" / tag / "val"))
+    for tag, (a, ma, b, mb) in entries.items():
         assert mb["info"]["decode"] == {"rows": 7, "on_device": 3, "with_pil": {
             "greyscale, CMYK or RGB-coded JPEG": 2, "not a JPEG": 1, "progressive JPEG": 1}}
         assert mb["key"]["decode"] == {"decode": "gpu", "device": "cpu", "progressive_on_device": False}
         assert "decode" not in ma["key"] and ma["key_hash"] != mb["key_hash"]
         np.testing.assert_array_equal(a["labels"], b["labels"])
         np.testing.assert_array_equal(a["indices"], b["indices"])
-        fa, fb = np.asarray(a["features"]), np.asarray(b["features"])
         pil_rows = [2, 3, 4, 5]                          # 2.png, 3.jpg grey, 4.jpg CMYK, 5.jpg progressive
-        np.testing.assert_allclose(fb[pil_rows], fa[pil_rows], rtol=1e-5, atol=1e-6)
-        cos = (fa * fb).sum(1) / np.linalg.norm(fa, axis=1) / np.linalg.norm(fb, axis=1)
-        assert cos.min() > 0.999, (tag, cos)
+        np.testing.assert_allclose(b["features"][pil_rows], a["features"][pil_rows], rtol=1e-5, atol=1e-6)
+        assert cosines(a, b).min() > 0.999, (tag, cosines(a, b))
 
 
 def test_a_jpeg_the_decoder_refuses_goes_to_pil_alone(tmp_path, device_on_cpu, monkeypatch, capsys):
@@ -266,3 +281,15 @@ def test_without_cuda_the_flag_says_so_once_and_writes_the_pil_entry(tmp_path, m
 def test_an_unsupported_interpolation_is_refused():
     with pytest.raises(UserError, match="--decode gpu resizes on the device with bilinear, bicubic, nearest only"):
         decode.GpuFeed(Photos([]), [], [Preprocess(256, 224, "lanczos", MEAN, STD)], "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by bench/gpu_check.sh issue21)")
+def test_on_cuda_the_script_decodes_with_nvjpeg(tmp_path, capsys):
+    """The real thing: nvJPEG, pinned batches, bf16 inputs under autocast, against the PIL path on the same GPU."""
+    out, entries = pil_and_gpu_runs(tmp_path, "cuda", capsys)
+    assert "--decode gpu: 3 of 7 images decoded on cuda, 4 with PIL" in out
+    for tag, (a, _, b, mb) in entries.items():
+        assert mb["key"]["decode"]["device"] == "cuda" and mb["info"]["decode"]["on_device"] == 3
+        cos = cosines(a, b)
+        assert cos[[2, 3, 4, 5]].min() > 0.9999, (tag, cos)      # PIL's rows: the same inputs
+        assert cos.min() > 0.99, (tag, cos)                      # nvJPEG's: its IDCT, and bf16 in the forward
