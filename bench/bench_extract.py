@@ -27,7 +27,6 @@ import os
 import shutil
 import tempfile
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -36,9 +35,9 @@ from PIL import Image
 from bench.common import Timer, hardware
 from utils.backbones import LayerTaps, Preprocess
 from utils.data import to_rgb
-from utils.decode import GpuFeed
-from utils.extraction import (CacheFeed, GroupedImages, ImageFeed, Output, Pass, assign_groups, build_decoded_cache,
-                              extract_passes, plan_cache)
+from utils.decode import DECODE_PATHS, GpuFeed
+from utils.extraction import (CacheFeed, ExtractConfig, GroupedImages, ImageFeed, Output, Pass, assign_groups,
+                              build_decoded_cache, extract_passes, plan_cache)
 
 # 14 torchvision architectures cheap enough to run together; their default weights use 6 distinct preprocessings
 MANY = ["resnet50", "vit_b_16", "resnet18", "resnet34", "resnet101", "resnext50_32x4d", "densenet121",
@@ -196,8 +195,8 @@ def run_pass(models, source, n, decode, args, device, tmp, cache=None):
     else:
         images, labels, plan = cache
         feed = CacheFeed(images[:n], labels[:n], plan, groups, threads=args.workers)
-    opts = SimpleNamespace(batch_size=args.batch_size, chunk_size=50000, dtype="float32", device=str(device),
-                           amp=True)
+    opts = ExtractConfig(batch_size=args.batch_size, workers=args.workers, chunk_size=50000, dtype="float32",
+                         device=str(device), amp=True)
     feed = TimedFeed(feed)
     with Timer() as t, contextlib.redirect_stdout(io.StringIO()):
         extract_passes(passes, feed, {"bench": n, "decode": decode}, opts, desc=f"{decode} pass")
@@ -224,7 +223,7 @@ def main():
     p.add_argument("--arch", default="resnet50", help="torchvision architecture (one backbone per pass)")
     p.add_argument("--many", type=int, default=0, help=f"instead: this many backbones in one pass (≤ {len(MANY)}, "
                                                        f"the first of {', '.join(MANY)})")
-    p.add_argument("--decode", nargs="+", default=["pil", "cache"], choices=["pil", "cache", "gpu"],
+    p.add_argument("--decode", nargs="+", default=["pil", "cache"], choices=list(DECODE_PATHS),
                    help="the paths to time, in this order")
     p.add_argument("--n_images", type=int, default=1024, help="images of the decoded-copy pass")
     p.add_argument("--pil_images", type=int, default=None,

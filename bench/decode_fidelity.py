@@ -29,10 +29,11 @@ from torchvision import transforms as T
 
 from bench.bench_extract import default_preprocess
 from bench.common import hardware
-from utils.backbones import Backbone, Preprocess, load_spec
+from utils.backbones import Backbone, Preprocess
 from utils.data import to_rgb
 from utils.decode import GpuFeed
 from utils.extraction import CacheTransform, DecodeImages, plan_cache
+from utils.specs import load_spec
 
 SETS = {
     "alone": [],

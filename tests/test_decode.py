@@ -12,9 +12,10 @@ from PIL import Image
 from concept_extractor import dataset_feature_extractor as dfe
 from test_backbones import foolbox_images
 from utils import cli, decode, store
-from utils.backbones import Backbone, Preprocess, load_spec
-from utils.cli import UserError
+from utils.backbones import Backbone, Preprocess
 from utils.data import load_image
+from utils.errors import UserError
+from utils.specs import load_spec
 
 LOADER = ["--workers", "0", "--batch_size", "4", "--chunk_size", "5"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -18,15 +18,25 @@ point: within a grey level) and, on a GPU, in nvJPEG's IDCT and chroma upsamplin
 measures both on real photos.
 """
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .cli import UserError
+from .errors import UserError
 
+DECODE_PATHS = ("pil", "cache", "gpu")     # --decode's choices (utils/cli/flags.add_decode_args)
 DEVICE_TYPES = ("cuda",)     # devices whose JPEG decoding --decode gpu uses (the tests add "cpu": libjpeg-turbo)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}   # start-of-frame markers
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How a pass decodes its images (the flags of these names): ``decode`` one of :data:`DECODE_PATHS`;
+    ``decode_cache`` the folder of --decode cache's decoded copies."""
+    decode: str
+    decode_cache: str
 
 
 # ---------------------------------------------------------------------------------------------------------------------

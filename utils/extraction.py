@@ -10,7 +10,7 @@ One pass over a split feeds any number of *passes* (one forward of one model per
   by PIL at the largest size any backbone of the pass needs (:func:`plan_cache`; a keyed, memory-mapped store entry).
   Threads only copy contiguous rows out of it; the device crops, resizes and normalises each preprocessing group in
   batches. A group whose resize and interpolation are the cache's reads exactly the pixels the PIL path would give it
-  (bit-identical features on CPU); the others are resampled twice (see README, "At ImageNet scale").
+  (bit-identical features on CPU); the others are resampled twice (see docs/scale.md, "Where a GPU waits: decoding").
 * ``utils.decode.GpuFeed`` ("gpu"): workers only read file bytes; JPEGs are decoded in batches on the device and
   preprocessed there (PIL for what the device does not decode, counted: ``report()``, stored in the entries' info).
 
@@ -28,10 +28,26 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .cli import UserError
-from .decode import Normalise
+from . import store
+from .backbones import Backbone
+from .decode import Normalise, check_interpolations
+from .device import resolve_device
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How an extraction runs (the extractors' flags of these names): images per forward, DataLoader workers, device,
+    bf16 autocast on CUDA, the stored dtype and the rows per atomically written chunk."""
+    batch_size: int
+    workers: int
+    device: str
+    amp: bool
+    dtype: str
+    chunk_size: int
 
 
 def distributed():
@@ -88,7 +104,6 @@ def assign_groups(passes):
 def backbone_passes(targets):
     """Passes for ``targets`` = [(spec, out, info, name)]: one per distinct (source, arch, weights), reading every layer
     asked of it in that one forward. Returns (passes, distinct preprocessings)."""
-    from .backbones import Backbone
     by_model = {}
     for spec, out, info, name in targets:
         ident = (spec.source, spec.arch, spec.weights)
@@ -149,7 +164,6 @@ class ImageFeed:
 
     def batches(self, batches, device):
         """Yield (inputs per group on ``device``, labels int64 ndarray) for each list of rows in ``batches``."""
-        from torch.utils.data import DataLoader
         groups = len(getattr(self.dataset, "transforms", [None]))    # batches in flight hold every group's input
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False,
@@ -170,7 +184,6 @@ class CachePlan:
     interpolation: str
 
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 def plan_cache(preprocesses):
@@ -178,10 +191,7 @@ def plan_cache(preprocesses):
     the interpolation) can be cut from without upsampling: the largest resize, and a crop that covers the widest
     field of view (crop / resize) of any of them. A preprocessing with the cache's resize and interpolation is then a
     plain centre crop of it (the crop is widened so those offsets round exactly as torchvision's CenterCrop does)."""
-    for p in preprocesses:
-        if p.interpolation not in INTERPOLATIONS:
-            raise UserError(f"--decode cache resizes on the device with {', '.join(INTERPOLATIONS)} only; a backbone "
-                            f"uses {p.interpolation!r}: use --decode pil")
+    check_interpolations(preprocesses, "--decode cache")
     resize = max(p.resize for p in preprocesses)
     at_max = [p.interpolation for p in preprocesses if p.resize == resize]
     interp = max(dict.fromkeys(at_max), key=at_max.count)            # most common; ties: first seen
@@ -218,9 +228,6 @@ def build_decoded_cache(path, source, indices, data_key, plan, workers=2):
     """Write the decoded copy of ``source`` rows ``indices`` to the store entry ``path`` unless it is current:
     ``images`` (N, crop, crop, 3) uint8, ``labels`` (N,) int64. Chunked, resumable and torchrun-sharded like features.
     Returns (images, labels), memory-mapped."""
-    from torch.utils.data import DataLoader
-
-    from . import store
     key = cache_key(data_key, plan)
     if store.is_current(path, key):
         print(f"{path} is up to date")
@@ -427,16 +434,14 @@ class _Todo:
     missing: set = field(default_factory=set)       # chunks this rank writes
 
 
-def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
+def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None):
     """Fill the store entry of every output of ``passes`` in one pass over ``feed``, skipping entries whose key is
-    current and, on a resumed run, chunks already written. ``args`` supplies batch_size, chunk_size, dtype, device, amp.
-    Returns the entry paths."""
-    from . import store
-    from .cli import resolve_device
+    current and, on a resumed run, chunks already written. ``cfg`` (an :class:`ExtractConfig`) supplies batch_size,
+    chunk_size, dtype, device, amp. Returns the entry paths."""
     todo = []
     for pi, p in enumerate(passes):
         for oi, o in enumerate(p.outputs):
-            key = entry_key(o.model_key, data_key, args.dtype, feed.key)
+            key = entry_key(o.model_key, data_key, cfg.dtype, feed.key)
             if store.is_current(o.out, key):
                 print(f"{o.out} is up to date")
             else:
@@ -448,7 +453,7 @@ def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
     if n == 0:
         raise UserError(f"{desc}: nothing to extract (empty dataset)")
     rank, world = distributed()
-    size = args.chunk_size
+    size = cfg.chunk_size
     n_chunks = -(-n // size)
     for t in todo:
         # the chunk size is part of the partial folder's name: a run resumed with another size starts afresh
@@ -457,7 +462,7 @@ def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
         t.missing = {c for c in range(rank, n_chunks, world) if not done[c]}
         if any(done) and rank == 0:
             print(f"resuming {t.output.out}: {sum(done)} of {n_chunks} chunks already extracted")
-    bs = args.batch_size
+    bs = cfg.batch_size
     decode_info = {}
     work = []                                # (rows, chunk, pass ids); batches never straddle a chunk
     for c in sorted(set().union(*(t.missing for t in todo))):
@@ -465,7 +470,7 @@ def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
         work += [(list(range(i, min(i + bs, (c + 1) * size, n))), c, pids)
                  for i in range(c * size, min((c + 1) * size, n), bs)]
     if work:
-        device = resolve_device(args.device)
+        device = resolve_device(cfg.device)
         needed = sorted({pi for _, _, pids in work for pi in pids})
         modules = {pi: (passes[pi].make().to(device).to(memory_format=torch.channels_last), passes[pi].group)
                    for pi in needed}
@@ -474,14 +479,14 @@ def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
         writer = _ChunkWriter()
         try:
             current = None
-            for (rows, c, _), out, y in _stream(feed, work, modules, device, args.amp):
+            for (rows, c, _), out, y in _stream(feed, work, modules, device, cfg.amp):
                 if c != current:
                     active = [t for t in todo if c in t.missing]
                     feats, labels, got, current = [[] for _ in active], [], 0, c
                 for t, acc in zip(active, feats):
                     f32 = out[t.pass_id][t.index]
-                    stored = f32.astype(args.dtype)
-                    _check_finite(f32, stored, rows, feed, t.output, args.dtype)
+                    stored = f32.astype(cfg.dtype)
+                    _check_finite(f32, stored, rows, feed, t.output, cfg.dtype)
                     acc.append(stored)
                 labels.append(y)
                 got += len(rows)
@@ -500,7 +505,7 @@ def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
             store.merge_chunks(t.partial, t.output.out, n_chunks, t.key, {**t.output.info, **decode_info},
                                extra_arrays)
             arrays, _ = store.read(t.output.out, verify=False)   # its digest was just computed
-            print(f"{arrays['features'].shape[0]} x {arrays['features'].shape[1]} {args.dtype} features "
+            print(f"{arrays['features'].shape[0]} x {arrays['features'].shape[1]} {cfg.dtype} features "
                   f"-> {t.output.out}")
     _barrier(world)
     return paths
@@ -523,7 +528,7 @@ class _AsList(nn.Module):
         return [self.module(x)]
 
 
-def extract_to_store(make_extractor, model_key, dataset, data_key, out, info, args, desc, extra_arrays=None):
+def extract_to_store(make_extractor, model_key, dataset, data_key, out, info, cfg, desc, extra_arrays=None):
     """Extract ``dataset`` (map-style, (input tensor, label)) features with ``make_extractor()`` (a module returning
     (N, D)) into the store entry ``out`` unless an entry with the same key is there.
 
@@ -531,7 +536,7 @@ def extract_to_store(make_extractor, model_key, dataset, data_key, out, info, ar
     the stored dtype and ``data_key``. Chunked, resumable, torchrun-sharded and checked as :func:`extract_passes`.
     """
     p = Pass(make=lambda: _AsList(make_extractor()), outputs=[Output(out, model_key, info, desc)])
-    extract_passes([p], ImageFeed(dataset, args.workers), data_key, args, desc, extra_arrays)
+    extract_passes([p], ImageFeed(dataset, cfg.workers), data_key, cfg, desc, extra_arrays)
     return out
 
 
