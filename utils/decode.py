@@ -18,10 +18,14 @@ point: within a grey level) and, on a GPU, in nvJPEG's IDCT and chroma upsamplin
 measures both on real photos.
 """
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision.transforms import functional as TF
 
 from .errors import UserError
 
@@ -69,7 +73,6 @@ def resample(x, size, mode):
     passes; within a grey level of PIL's output, tests/test_decode.py). Nearest picks PIL's very source pixels: the one
     under each output pixel's centre, its coordinate summed pixel by pixel in double precision as PIL's affine loop
     sums it (a product rounds differently where the centre falls on a pixel edge)."""
-    import torch.nn.functional as F
     h, w = x.shape[2:]
     if mode == "nearest":
         def pick(n_in, n_out):
@@ -102,7 +105,6 @@ class DeviceTransform:
     def __call__(self, images, device, ready=None):
         """(n, 3, crop, crop) float32, row k from ``images[k]`` (a dict row -> uint8 image) or from ``ready`` = (rows,
         (len(rows), 3, crop, crop) tensor already normalised: the PIL path's), n rows in all."""
-        from torchvision.transforms import functional as TF
         c = self.p.crop
         by_size, order, parts = {}, [], []
         for k, img in images.items():
@@ -214,7 +216,7 @@ def collate_raw(items):
 def decode_jpegs(blobs, device):
     """Decoded (3, H, W) uint8 images on ``device``, None for each one the decoder refuses. One call for the batch; if
     it fails (one bad image fails it all), one call per image."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg    # looked up at call time: tests replace decode_jpeg
     if not blobs:
         return []
     try:
@@ -252,9 +254,6 @@ class GpuFeed:
     def batches(self, batches, device):
         """Yield (inputs per group, labels) per list of rows. A thread takes each batch from the loader and decodes it
         while this one preprocesses and runs the one before (the decoder blocks its caller until it is done)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from torch.utils.data import DataLoader
         transforms = [DeviceTransform(p, device) for p in self.groups]
         loader = iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                                  collate_fn=collate_raw, pin_memory=device.type == "cuda",
