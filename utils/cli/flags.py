@@ -1,8 +1,9 @@
 """Every flag more than one script takes, defined once with its one default. A flag's name is the field of the typed
-config it fills (utils/cli.config): ExtractConfig, LibraryConfig, SweepConfig, FinetuneConfig."""
+config it fills (utils/cli.config): ExtractConfig, DecodeConfig, LibraryConfig, SweepConfig, FinetuneConfig."""
 import argparse
 import os
 
+from ..decode import DECODE_PATHS
 from ..floor import KINDS as FLOOR_KINDS, PROTOCOL_DRAWS
 from ..heads import SPARSITY_GRID
 from ..specs import POOLINGS
@@ -79,6 +80,19 @@ def add_loader_args(parser):
                    help="stored feature precision (float16 halves disk and memory)")
     g.add_argument("--chunk_size", type=int, default=50000,
                    help="rows per atomically written chunk: a killed extraction resumes at its first missing chunk")
+    return g
+
+
+def add_decode_args(parser):
+    """How images are decoded (DecodeConfig): --decode, --decode_cache."""
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--decode", default="pil", choices=list(DECODE_PATHS),
+                   help="pil: decode and preprocess in loader workers, exactly the weights' transform; cache: a "
+                        "one-time resized uint8 copy of the split, cut and normalised on the device; gpu: JPEGs "
+                        "decoded (nvJPEG) and preprocessed on the GPU in batches, no copy (PIL for other files; PIL "
+                        "without CUDA). See docs/scale.md")
+    g.add_argument("--decode_cache", default=os.path.join("outputs", "decoded"),
+                   help="where --decode cache keeps its decoded copies (one keyed entry per split and size)")
     return g
 
 
