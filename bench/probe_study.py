@@ -1,0 +1,304 @@
+r"""Probe study (issue 17 item 2): the project's standard probe against one trained to convergence, as the IIS's
+denominator, on four workloads.
+
+    python -m bench.probe_study                          # all four workloads -> bench/results/probe_study.md
+    python -m bench.probe_study --workloads separable bench
+    python -m bench.probe_study --workloads planted --validity_config ci
+
+Workloads: ``separable`` — three classes whose means lie 8 standard deviations apart in 16-d (300 train / 150 val),
+every feature offset by 10 sd (as post-ReLU features sit far from 0); ``offset`` — the same with the offset at 100 sd;
+``bench`` — bench/bench_heads.py's overlapping 100-class features at 10 000 x 1024 / 2 500 (200 concepts = noisy train
+rows); ``demo`` — the demo's EfficientNet-Lite0 Fashion-MNIST features and runs (``bash scripts/demo.sh`` first);
+``planted`` — the validity suite's representations (bench/validity.py; its work folder is reused).
+
+Every run is the real trainer's (``python -m IP_training.IP_Prototype_training``, the project's protocol), scored by
+``iis_computing.py``. For each run the study then fits, on the same train rows (the trainer's dev split held out), the
+converged probe of bench/linear_probe.py and, for comparison, the project's Adam probe on standardised features, and
+recomputes the IIS with each as the denominator: same concept heads, same val samples and bootstrap resamples
+(utils/stats.py), so the change of IIS has a paired interval. Also: which concept heads beat each probe by more than
+their paired interval, the time of each probe fit (measured in the same process, back to back) and, for the scale
+series, whether the standard accuracy then stays put.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bench import validity
+from bench.linear_probe import concept_beats_probe, fit_converged_probe, standardiser
+
+REPO = validity.REPO
+WORKLOADS = ("separable", "offset", "bench", "demo", "planted")
+DEMO = os.path.join(REPO, "outputs", "features", "fashion_mnist", "efficientnet_lite0")
+DEMO_RUNS = os.path.join(REPO, "outputs", "runs", "fashion_mnist", "efficientnet_lite0")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Workloads as store entries + trainer runs
+# ---------------------------------------------------------------------------------------------------------------------
+def _write(folder, name, x, y, xv, yv, emb, emb_labels, n_classes):
+    from utils import store
+    spec = dict(name=name, source="synthetic", arch=name, weights="none", layer="x", pooling="none", layout="nchw")
+    classes = [f"c{i}" for i in range(n_classes)]
+    for split, (f, lab) in (("train", (x, y)), ("val", (xv, yv))):
+        store.write(os.path.join(folder, split), {"features": np.asarray(f, np.float32),
+                                                  "labels": np.asarray(lab, np.int64), "indices": np.arange(len(lab))},
+                    {"schema": 1, "backbone": spec, "data": {"dataset": name, "split": split}, "dtype": "float32"},
+                    {"classes": classes, "dataset": name, "split": split, "backbone": spec})
+    store.write(os.path.join(folder, "elements"), {"features": np.asarray(emb, np.float32),
+                                                   "labels": np.asarray(emb_labels, np.int64)},
+                {"schema": 1, "backbone": spec, "data": {"elements": name}, "dtype": "float32"},
+                {"classes": classes, "backbone": spec})
+
+
+def separable(offset, seed=0, dim=16, n=300, n_val=150, sd=1.0, gap=8.0):
+    """Three classes, means ``gap`` sd apart (a regular simplex in a random 3-d subspace), every feature + offset sd;
+    elements: 4 noisy copies of each class mean (12 concepts)."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:3]
+    means = gap / np.sqrt(2) * basis                                   # |m_i - m_j| = gap
+    def split(m):
+        y = rng.integers(0, 3, m)
+        return offset + sd * (means[y] + rng.normal(size=(m, dim))), y
+    x, y = split(n)
+    xv, yv = split(n_val)
+    el_y = np.repeat(np.arange(3), 4)
+    emb = offset + sd * (means[el_y] + 0.3 * rng.normal(size=(12, dim)))
+    return x, y, xv, yv, emb, el_y
+
+
+def bench_workload(n_train=10000, n_val=2500, dim=1024, n_classes=100, n_concepts=200):
+    from bench.bench_heads import synthetic
+    x, y, xv, yv, concepts = synthetic(n_train, n_val, dim, n_classes, n_concepts)
+    # the rows synthetic() copied its concepts from (its own draw, repeated), so the elements carry their labels
+    pick = torch.randperm(n_train, generator=torch.Generator().manual_seed(1))[:n_concepts]
+    return x.numpy(), y.numpy(), xv.numpy(), yv.numpy(), concepts.numpy(), y[pick].numpy()
+
+
+def train_runs(work, workload, concept_types=("prototype",)):
+    """{run label: (run dir, train entry, val entry)} for a synthetic workload, training what is missing."""
+    entries = os.path.join(work, "entries", workload)
+    if workload in ("separable", "offset"):
+        data = separable(10.0 if workload == "separable" else 100.0)
+        n_classes, n_concepts = 3, 0
+    else:
+        data = bench_workload()
+        n_classes, n_concepts = 100, 200
+    _write(entries, workload, *data, n_classes)
+    jobs, runs = [], {}
+    for ct in concept_types:
+        out = os.path.join(work, "runs", workload, ct)
+        k = n_concepts if ct == "prototype" else min(n_concepts or 12, 12 if workload != "bench" else 200)
+        jobs.append((f"{workload} {ct}", validity.train_command(entries, out, ct, k, ())))
+        runs[f"{workload} {ct}"] = (out, os.path.join(entries, "train"), os.path.join(entries, "val"))
+    validity.run_all(jobs, 2, "train", os.path.join(work, "logs"))
+    return runs
+
+
+def demo_runs():
+    if not os.path.isdir(DEMO_RUNS):
+        raise validity.SuiteError(f"no demo runs at {DEMO_RUNS}: run `bash scripts/demo.sh` first")
+    return {f"demo {ct}": (os.path.join(DEMO_RUNS, f"{ct}_segments"), os.path.join(DEMO, "train"),
+                           os.path.join(DEMO, "val")) for ct in ("prototype", "cluster", "end2end")
+            if os.path.isdir(os.path.join(DEMO_RUNS, f"{ct}_segments"))}
+
+
+def planted_runs(config):
+    """The validity suite's Prototype runs (curve and scale series), trained where missing."""
+    suite = validity.CONFIGS[config]
+    work = os.path.join(REPO, "outputs", "validity", f"{config}-{suite.key_id()}")
+    from bench import planted
+    lat = planted.latent(suite.data)
+    curve, scaled = validity.representations(suite)
+    reps = {r.name: r for r in curve + scaled}
+    k = dict(suite.n_concepts)["prototype"]
+    jobs, runs = [], {}
+    for rep in reps.values():
+        entries = os.path.join(work, "entries", rep.name)
+        validity.write_entries(entries, rep, suite.data, lat)
+        out = os.path.join(work, "runs", "prototype", rep.name)
+        jobs.append((f"prototype {rep.name}", validity.train_command(entries, out, "prototype", k,
+                                                                     suite.trainer_flags)))
+        runs[f"planted {rep.name}"] = (out, os.path.join(entries, "train"), os.path.join(entries, "val"))
+    validity.run_all(jobs, 2, "train", os.path.join(work, "logs"))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One run: the two probes, the IIS with each denominator
+# ---------------------------------------------------------------------------------------------------------------------
+def scored(run, n_boot):
+    r = subprocess.run([sys.executable, "iis_computing.py", run, "--bootstrap", str(n_boot)], cwd=REPO,
+                       env=validity._env(), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise validity.SuiteError(f"iis_computing.py {run}: {r.stderr.strip()[-500:]}")
+    with open(os.path.join(run, "iis.json")) as f:
+        return json.load(f)
+
+
+def adam_probe(x, y, xv, yv, split, lrs, epochs, batch_size):
+    """The project's standard probe (utils/heads.py's Adam sweep over ``lrs``) on ``x``: the val predictions of the
+    lr with the best dev top-1 (ties: the lower lr), as utils/iis.py picks."""
+    from utils.heads import LinearProbes, fit
+    probes = LinearProbes(x.shape[1], int(y.max()) + 1, len(lrs), [split.seed] * len(lrs))
+    res = fit(probes, lrs, x, y, xv, yv, epochs=epochs, batch_size=batch_size, splits=[split], desc="adam probe")
+    best = max(range(len(lrs)), key=lambda h: (res["select_top1"][h], -lrs[h]))
+    return res["pred"][best]
+
+
+def _top1(pred, y):
+    return 100.0 * float(np.mean(np.asarray(pred) == np.asarray(y)))
+
+
+def study(label, run, train_entry, val_entry, n_boot, scales=(1.0,)):
+    """One row per (seed of the run) summarised: accuracies, IIS before/after with paired intervals, flags, times."""
+    from utils import stats, store
+    from utils.sweep import make_splits
+    sc = scored(run, n_boot)
+    with open(os.path.join(run, "results.json")) as f:
+        res = json.load(f)
+    key = res["key"]
+    tr, _ = store.read(train_entry)
+    va, _ = store.read(val_entry)
+    x, y = torch.as_tensor(np.array(tr["features"])), torch.as_tensor(np.array(tr["labels"]))
+    xv, yv = torch.as_tensor(np.array(va["features"])), torch.as_tensor(np.array(va["labels"]))
+    with np.load(os.path.join(run, res["predictions"]), allow_pickle=False) as z:
+        pred, labels = z["pred"], z["labels"]
+    n_classes = len(res["meta"]["classes"])
+    out = dict(label=label, n_train=len(y), n_val=len(yv), dim=x.shape[1], n_classes=n_classes,
+               concept_type=res["meta"]["concept_type"], iis_before=sc["iis"],
+               iis_before_iv=sc["interval"]["iis"], standard_before=sc["standard_accuracy"])
+    rows = np.array([p["pred_rows"] for p in sc["per_seed"]])
+    correct_heads = pred[rows[:, 1:].ravel()] == labels[None]            # chosen heads, seed-major
+    n_r = rows.shape[1] - 1
+    probes = {"converged": [], "adam_std": []}
+    times = {"adam": 0.0, "adam_std": 0.0, "converged": 0.0}
+    scale_top1 = {}
+    for s_i, seed in enumerate(sc["seeds"]):
+        split = make_splits(y.numpy(), [seed], "holdout", key.get("holdout_fraction") or 0.1)[0]
+        t0 = time.perf_counter()
+        adam_probe(x, y, xv, yv, split, key["lrs"], key["epochs"], key["batch_size"])
+        times["adam"] += time.perf_counter() - t0
+        mean, sd = standardiser(x[split.train])
+        t0 = time.perf_counter()
+        probes["adam_std"].append(adam_probe((x - mean) / sd, y, (xv - mean) / sd, yv, split, key["lrs"],
+                                             key["epochs"], key["batch_size"]))
+        times["adam_std"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        p = fit_converged_probe(x, y, split.train, split.dev, n_classes)
+        times["converged"] += time.perf_counter() - t0
+        probes["converged"].append(p.predict(xv).numpy())
+        out.setdefault("weight_decay", []).append(p.weight_decay)
+        out.setdefault("converged_flag", []).append(p.converged)
+        for k in scales:
+            if k != 1.0:
+                q = fit_converged_probe(x * k, y, split.train, split.dev, n_classes)
+                scale_top1.setdefault(("converged", k), []).append(_top1(q.predict(xv * k).numpy(), yv))
+                a = adam_probe(x * k, y, xv * k, yv, split, key["lrs"], key["epochs"], key["batch_size"])
+                scale_top1.setdefault(("adam", k), []).append(_top1(a, yv))
+    out["times"] = times
+    out["scale_top1"] = {f"{m} x{k:g}": float(np.mean(v)) for (m, k), v in scale_top1.items()}
+    ratios = sc["ratios"]
+    # "before": the trainer's own probe rows; "after": each seed's new probe in its place; same resamples
+    base_correct = np.concatenate([pred[rows[:, 0]] == labels[None], correct_heads])
+    n_s = len(rows)
+    sel = np.array([[s] + [n_s + s * n_r + j for j in range(n_r)] for s in range(n_s)])
+    before, before_samples = stats.run_statistics(base_correct, sel, ratios, labels, n_boot, 0)
+    out["chance"] = before["chance"]
+    out["iis_cc_before"] = before["iis_chance_corrected"]
+    out["beats_before"] = sum(h["flagged"] for s in range(n_s)
+                              for h in concept_beats_probe(base_correct[s], correct_heads[s * n_r:(s + 1) * n_r],
+                                                           n_boot))
+    for name, preds in probes.items():
+        pc = np.stack([p == labels for p in preds])
+        correct = np.concatenate([pc, correct_heads])
+        after, samples = stats.run_statistics(correct, sel, ratios, labels, n_boot, 0)
+        lo, hi = stats.interval(samples["iis"] - before_samples["iis"])
+        out[name] = dict(standard=after["standard_accuracy"], standard_iv=after["standard_accuracy_interval"],
+                         iis=after["iis"], iis_iv=after["iis_interval"], iis_cc=after["iis_chance_corrected"],
+                         delta=after["iis"] - before["iis"], delta_iv=[float(lo), float(hi)],
+                         beats=sum(h["flagged"] for s in range(n_s)
+                                   for h in concept_beats_probe(pc[s], correct_heads[s * n_r:(s + 1) * n_r], n_boot)))
+    out["n_heads"] = n_s * n_r
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+def _iv(v, iv, nd=4):
+    return f"{v:.{nd}f} [{iv[0]:.{nd}f}, {iv[1]:.{nd}f}]"
+
+
+def table(rows):
+    head = ["run", "n train / val, dim, classes", "standard top-1: project probe", "Adam on standardised",
+            "converged (wd)", "IIS: project probe", "IIS: converged", "Δ IIS [95 % paired]",
+            "chance-corr. IIS: project → converged", "heads beating the probe: project / converged",
+            "probe fit s: project / Adam-std / converged"]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        c, a = r["converged"], r["adam_std"]
+        t = r["times"]
+        md.append("| " + " | ".join([
+            r["label"], f"{r['n_train']} / {r['n_val']}, {r['dim']}, {r['n_classes']}",
+            f"{r['standard_before']:.2f}", f"{a['standard']:.2f}",
+            f"{c['standard']:.2f} ({', '.join(f'{w:g}' for w in r['weight_decay'])})",
+            _iv(r["iis_before"], r["iis_before_iv"]), _iv(c["iis"], c["iis_iv"]), _iv(c["delta"], c["delta_iv"]),
+            f"{r['iis_cc_before']:.4f} → {c['iis_cc']:.4f}", f"{r['beats_before']} / {c['beats']} of {r['n_heads']}",
+            f"{t['adam']:.1f} / {t['adam_std']:.1f} / {t['converged']:.1f}"]) + " |")
+    return md
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    p.add_argument("--validity_config", default="full", choices=sorted(validity.CONFIGS),
+                   help="which validity-suite configuration the planted workload reuses")
+    p.add_argument("--work", default=os.path.join(REPO, "outputs", "probe_study"), help="work folder")
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "probe_study.md"),
+                   help="markdown table (and a .json of every figure beside it)")
+    return p
+
+
+def main(args):
+    torch.manual_seed(0)
+    rows = []
+    for w in args.workloads:
+        if w == "demo":
+            runs = demo_runs()
+        elif w == "planted":
+            runs = planted_runs(args.validity_config)
+        else:
+            runs = train_runs(args.work, w, ("prototype",) if w == "bench" else ("prototype", "cluster"))
+        for label, (run, tr, va) in runs.items():
+            scales = (0.1, 1.0, 10.0) if w != "planted" or label.endswith("share0.50") else (1.0,)
+            r = study(label, run, tr, va, args.bootstrap, scales)
+            rows.append(r)
+            c = r["converged"]
+            print(f"{label}: standard top-1 {r['standard_before']:.2f} -> {c['standard']:.2f} % (Adam on "
+                  f"standardised {r['adam_std']['standard']:.2f}); IIS {r['iis_before']:.4f} -> {c['iis']:.4f} "
+                  f"(delta {c['delta']:+.4f} [{c['delta_iv'][0]:+.4f}, {c['delta_iv'][1]:+.4f}]); heads beating "
+                  f"the probe {r['beats_before']} -> {c['beats']} of {r['n_heads']}; "
+                  f"{r['scale_top1']}; fit s {r['times']}", flush=True)
+    md = ["# Probe study (issue 17 item 2)", "", f"`python -m bench.probe_study --workloads {' '.join(args.workloads)}`"
+          f" ({args.bootstrap} bootstrap resamples). Times are seconds on a shared, loaded 2-core machine: compare "
+          f"within a row only.", ""] + table(rows)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    validity.publish({args.out: ("\n".join(md) + "\n").encode(),
+                      args.out[:-3] + ".json": json.dumps(rows, indent=1, default=float).encode()})
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(get_args_parser().parse_args()))
+    except validity.SuiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
