@@ -135,10 +135,11 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=REPO)
 
 
-def train_command(entries, out, concept_type, n_concepts, flags):
+def train_command(entries, out, concept_type, n_concepts, flags, elements="elements"):
+    """The trainer's command line for the entries ``entries``/{train, val, ``elements``}."""
     return [sys.executable, "-m", "IP_training.IP_Prototype_training",
             "--train_features", os.path.join(entries, "train"), "--val_features", os.path.join(entries, "val"),
-            "--concepts", os.path.join(entries, "elements"), "--concept_type", concept_type,
+            "--concepts", os.path.join(entries, elements), "--concept_type", concept_type,
             "--n_concepts", str(n_concepts), "--out", out, *flags]
 
 
@@ -165,7 +166,7 @@ def run_all(commands, jobs, what, logs):
                 other.kill()
                 other.wait()
             raise SuiteError(f"{what} {label} failed (exit {proc.returncode}; log {log}):\n" + "\n".join(lines[-5:]))
-        print(f"[{done}/{total}] {what} {label}: {lines[-1][-150:] if lines else ''}", flush=True)
+        print(f"[{done}/{total}] {what} {label}: {lines[-1].split(' -> ')[0][-160:] if lines else ''}", flush=True)
 
 
 def score(runs, report_dir, bootstrap):
@@ -239,10 +240,15 @@ def check(suite, curve, scaled, tables):
             row = srows[lo]          # the report's verdict of row lo against row lo + 1
             diff = srows[i]["iis"] - srows[base]["iis"]
             ok = row["vs_next"] == "no detectable difference" and abs(diff) <= suite.scale_tolerance
+            heads = [abs(srows[i][k] - srows[base][k]) for k in srows[i] if k.startswith("top1@")]
             out.append(("scale", ct, ok,
                         f"x{r.scale:g}: IIS {srows[i]['iis']:.4f} vs x1 {srows[base]['iis']:.4f} (difference "
                         f"{diff:+.4f}, paired p = {row['vs_next_p']:.3g}); standard top-1 "
-                        f"{srows[i]['standard_top1']:.2f} % vs {srows[base]['standard_top1']:.2f} %"))
+                        f"{srows[i]['standard_top1']:.2f} % vs {srows[base]['standard_top1']:.2f} %" +
+                        (f"; concept heads' top-1 within {max(heads):.2f} points of x1's" if heads else "") +
+                        # IIS is proportional to 1 / standard top-1: the part of the difference the probe makes
+                        f"; with x1's standard top-1 as the denominator the difference would be "
+                        f"{srows[i]['iis'] * srows[i]['standard_top1'] / srows[base]['standard_top1'] - srows[base]['iis']:+.4f}"))
         tops = [r["standard_top1"] for r in rows + srows]
         chance = max(r["chance"] for r in rows + srows)
         ok = max(tops) <= suite.max_standard_top1 and min(tops) >= chance + 20
