@@ -13,8 +13,10 @@ This probe is the convex problem solved, with the one free choice made on the de
 * multinomial logistic regression, mean cross-entropy + (weight_decay / 2) ||W||^2 (bias unpenalised), solved by
   full-batch L-BFGS with a strong-Wolfe line search from W = 0 (a convex objective: no initialisation or batch order
   enters, so no seed does);
-* weight decay chosen on the dev split (the held-out rows the sweep already carves out of train) over a grid, solved
-  from the largest to the smallest with warm starts; the best dev top-1 wins, ties going to the larger weight decay.
+* weight decay chosen on the dev split (the held-out rows the sweep already carves out of train) over a grid of prior
+  precisions (weight decay = precision / train rows), solved from the largest to the smallest with warm starts, each
+  until its gradient certifies the solution within ``tol`` of the optimum; the best dev top-1 wins, ties going to the
+  larger weight decay.
 
 Intended home after the redesign: :func:`fit_converged_probe` beside ``LinearProbes`` in ``utils/heads.py`` (it
 imports no project module), called from the sweep (``utils/sweep.py``'s ``train``) in place of the Adam probes under
@@ -28,17 +30,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+# Gaussian prior precisions on the summed loss: weight decay = precision / n_train on the mean loss, so the grid moves
+# with the data size as a prior would (1.8 k rows: 5.6 ... 5.6e-4; 1.28 M rows: 7.8e-3 ... 7.8e-7)
+PRIORS = (1e4, 1e3, 1e2, 1e1, 1.0)
 
 
 @dataclass
 class ConvergedProbe:
     """A fitted probe. ``logits(x)`` takes raw features; the standardisation is part of the probe.
 
-    mean, scale : (D,) float32 tensors, the train rows' mean and standard deviation (1 where it is 0)
+    mean, scale : (D,) tensors, the train rows' mean and standard deviation (1 where it is 0)
     weight : (D, C), bias : (C,), on standardised features
-    weight_decay : the chosen value; path : one dict per value tried (weight_decay, dev_top1, dev_loss, iterations,
-        grad_max, converged, seconds); converged : whether the chosen solve reached ``tol``
+    weight_decay : the chosen value; path : one dict per value tried (prior, weight_decay, dev_top1, dev_loss,
+        iterations, grad_max, converged, seconds); converged : whether the chosen solve reached ``tol``
     """
     mean: torch.Tensor
     scale: torch.Tensor
@@ -52,7 +56,7 @@ class ConvergedProbe:
         out = []
         for i in range(0, len(x), chunk):
             xb = torch.as_tensor(np.asarray(x[i:i + chunk]) if not torch.is_tensor(x) else x[i:i + chunk])
-            xb = xb.to(self.weight.device, torch.float32)
+            xb = xb.to(self.weight.device, self.weight.dtype)
             out.append(((xb - self.mean) / self.scale) @ self.weight + self.bias)
         return torch.cat(out)
 
@@ -61,17 +65,18 @@ class ConvergedProbe:
 
 
 def standardiser(x):
-    """(mean, scale) of the rows ``x`` (N, D), float64 sums; scale 1 where a feature does not vary."""
+    """(mean, scale) of the rows ``x`` (N, D), computed in float64, returned in x's dtype; scale 1 where a feature
+    does not vary."""
     x64 = x.double()
     mean = x64.mean(0)
     std = x64.std(0, unbiased=False)
-    return mean.float(), torch.where(std > 0, std, torch.ones_like(std)).float()
+    return mean.to(x.dtype), torch.where(std > 0, std, torch.ones_like(std)).to(x.dtype)
 
 
 def _solve(z, y, w, b, weight_decay, max_iter, tol):
     """Minimise mean CE(z @ w + b, y) + wd/2 |w|^2 in place by L-BFGS; (iterations, max |gradient|)."""
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, max_eval=int(max_iter * 1.25), tolerance_grad=tol,
-                            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+                            tolerance_change=0.0, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -84,39 +89,45 @@ def _solve(z, y, w, b, weight_decay, max_iter, tol):
     return int(opt.state[opt._params[0]].get("n_iter", 0)), grad
 
 
-def fit_converged_probe(x, y, train_rows, dev_rows, n_classes, weight_decays=WEIGHT_DECAYS, max_iter=500, tol=1e-4,
-                        device="cpu"):
+def fit_converged_probe(x, y, train_rows, dev_rows, n_classes, priors=PRIORS, tol=1e-3, max_iter=2000, device="cpu",
+                        dtype=torch.float64):
     """Fit the standard probe to convergence, choosing the weight decay on the dev rows.
 
     Parameters
     ----------
     x : (N, D) features (tensor or array, any scale); y : (N,) integer labels in [0, n_classes)
     train_rows, dev_rows : 1-D index arrays into x (the sweep's ``Split.train`` / ``Split.dev`` of one seed)
-    weight_decays : the grid, solved largest first, each warm-started from the previous solution
-    max_iter, tol : L-BFGS iterations per value and the max-|gradient| at which a solve counts as converged
+    priors : the grid, as prior precisions (weight decay = prior / number of train rows), solved largest first, each
+        warm-started from the previous solution
+    tol : how close to the optimum a solve must end: max |gradient| <= tol x weight decay, which bounds the distance
+        to the unique optimum of the (weight-decay strongly convex) objective by about tol, whatever the weight decay
+    max_iter : L-BFGS iterations per value (a solve that runs out is recorded as not converged)
+    dtype : float64 by default: in float32 the line search stalls before small weight decays are solved
 
     Returns a :class:`ConvergedProbe` (its ``path`` records every value tried).
     """
-    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(device, torch.float32)
+    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).to(device, dtype)
     y = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y).to(device, torch.long)
     tr, dv = torch.as_tensor(np.asarray(train_rows)).to(device), torch.as_tensor(np.asarray(dev_rows)).to(device)
     mean, scale = standardiser(x[tr])
     z = (x - mean) / scale
     ztr, ytr, zdv, ydv = z[tr], y[tr], z[dv], y[dv]
-    w = torch.zeros(x.shape[1], n_classes, device=device, requires_grad=True)
-    b = torch.zeros(n_classes, device=device, requires_grad=True)
+    w = torch.zeros(x.shape[1], n_classes, device=device, dtype=dtype, requires_grad=True)
+    b = torch.zeros(n_classes, device=device, dtype=dtype, requires_grad=True)
     best, path = None, []
-    for wd in sorted(weight_decays, reverse=True):
+    for prior in sorted(priors, reverse=True):
+        wd = prior / len(tr)
         t0 = time.perf_counter()
-        iters, grad = _solve(ztr, ytr, w, b, wd, max_iter, tol)
+        iters, grad = _solve(ztr, ytr, w, b, wd, max_iter, tol * wd)
         with torch.no_grad():
             logits = zdv @ w + b
             top1 = 100.0 * float((logits.argmax(1) == ydv).double().mean())
             loss = float(F.cross_entropy(logits, ydv))
-        path.append(dict(weight_decay=wd, dev_top1=top1, dev_loss=loss, iterations=iters, grad_max=grad,
-                         converged=grad <= tol, seconds=time.perf_counter() - t0))
+        ok = grad <= tol * wd
+        path.append(dict(prior=prior, weight_decay=wd, dev_top1=top1, dev_loss=loss, iterations=iters, grad_max=grad,
+                         converged=ok, seconds=time.perf_counter() - t0))
         if best is None or top1 > best[0]:          # strictly better: ties keep the larger weight decay
-            best = (top1, wd, w.detach().clone(), b.detach().clone(), grad <= tol)
+            best = (top1, wd, w.detach().clone(), b.detach().clone(), ok)
     _, wd, wb, bb, ok = best
     return ConvergedProbe(mean, scale, wb, bb, wd, path, ok)
 

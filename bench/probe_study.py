@@ -323,6 +323,9 @@ def get_args_parser():
 
 def main(args):
     torch.manual_seed(0)
+    t0 = time.perf_counter()
+    import torch._dynamo  # noqa: F401  (the first torch.optim optimiser in a process imports it: a one-time cost)
+    startup = time.perf_counter() - t0
     rows = []
     for w in args.workloads:
         if w == "demo":
@@ -345,7 +348,8 @@ def main(args):
                   f"{r['scale_top1']}; fit s {r['times']}", flush=True)
     md = ["# Probe study (issue 17 item 2)", "", f"`python -m bench.probe_study --workloads {' '.join(args.workloads)}`"
           f" ({args.bootstrap} bootstrap resamples). Times are seconds on a shared, loaded 2-core machine: compare "
-          f"within a row only.", ""] + table(rows)
+          f"within a row only; the first torch.optim optimiser of a process also imports torch._dynamo, "
+          f"{startup:.1f} s once here, left out of the rows.", ""] + table(rows)
     summary = planted_summary(rows)
     if summary:
         md += ["", "Planted suite (Prototype) with each denominator:", ""] + summary

@@ -33,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 
@@ -376,6 +377,7 @@ def get_args_parser():
 
 
 def main(args):
+    start = time.perf_counter()
     suite = CONFIGS[args.config]
     if args.concept_types:
         suite = replace(suite, concept_types=tuple(args.concept_types))
@@ -419,7 +421,7 @@ def main(args):
     for prop, ct, ok, line in results:
         print(f"{'PASS' if ok else 'FAIL'} {prop} [{ct}]: {line}")
     failed = [r for r in results if not r[2]]
-    print(f"table: {md}\nfigure: {png}")
+    print(f"table: {md}\nfigure: {png}\n({time.perf_counter() - start:.0f} s)")
     if failed:
         print(f"validity suite: {len(failed)} of {len(results)} properties FAILED: "
               + "; ".join(sorted({f'{prop} [{ct}]' for prop, ct, _, _ in failed})))
