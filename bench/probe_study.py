@@ -20,6 +20,7 @@ their paired interval, the time of each probe fit (measured in the same process,
 series, whether the standard accuracy then stays put.
 """
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -294,7 +295,8 @@ def planted_summary(rows):
     shares = sorted((k for k in by if k.startswith("share") and "x" not in k), key=lambda k: float(k[5:]))
     scales = sorted((k for k in by if "x" in k), key=lambda k: float(k.split("x")[1]))
     out = []
-    for name, get in (("project probe", lambda r: r["iis_before"]), ("converged probe", lambda r: r["converged"]["iis"])):
+    for name, get in (("project probe", lambda r: r["iis_before"]),
+                      ("converged probe", lambda r: r["converged"]["iis"])):
         curve = [get(by[k]) for k in shares]
         mono = all(a > b for a, b in zip(curve, curve[1:]))
         ctrl = get(by["control"]) if "control" in by else float("nan")
@@ -324,7 +326,7 @@ def get_args_parser():
 def main(args):
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    import torch._dynamo  # noqa: F401  (the first torch.optim optimiser in a process imports it: a one-time cost)
+    importlib.import_module("torch._dynamo")   # the first torch.optim optimiser of a process imports it: once
     startup = time.perf_counter() - t0
     rows = []
     for w in args.workloads:

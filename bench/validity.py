@@ -242,14 +242,14 @@ def check(suite, curve, scaled, tables):
             diff = srows[i]["iis"] - srows[base]["iis"]
             ok = row["vs_next"] == "no detectable difference" and abs(diff) <= suite.scale_tolerance
             heads = [abs(srows[i][k] - srows[base][k]) for k in srows[i] if k.startswith("top1@")]
+            # IIS is proportional to 1 / standard top-1: what the difference would be with x1's probe
+            heads_only = srows[i]["iis"] * srows[i]["standard_top1"] / srows[base]["standard_top1"] - srows[base]["iis"]
             out.append(("scale", ct, ok,
                         f"x{r.scale:g}: IIS {srows[i]['iis']:.4f} vs x1 {srows[base]['iis']:.4f} (difference "
                         f"{diff:+.4f}, paired p = {row['vs_next_p']:.3g}); standard top-1 "
                         f"{srows[i]['standard_top1']:.2f} % vs {srows[base]['standard_top1']:.2f} %" +
                         (f"; concept heads' top-1 within {max(heads):.2f} points of x1's" if heads else "") +
-                        # IIS is proportional to 1 / standard top-1: the part of the difference the probe makes
-                        f"; with x1's standard top-1 as the denominator the difference would be "
-                        f"{srows[i]['iis'] * srows[i]['standard_top1'] / srows[base]['standard_top1'] - srows[base]['iis']:+.4f}"))
+                        f"; with x1's standard top-1 as the denominator the difference would be {heads_only:+.4f}"))
         tops = [r["standard_top1"] for r in rows + srows]
         chance = max(r["chance"] for r in rows + srows)
         ok = max(tops) <= suite.max_standard_top1 and min(tops) >= chance + 20
