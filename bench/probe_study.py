@@ -20,6 +20,7 @@ their paired interval, the time of each probe fit (measured in the same process,
 series, whether the standard accuracy then stays put.
 """
 import argparse
+import hashlib
 import importlib
 import json
 import os
@@ -37,6 +38,7 @@ REPO = validity.REPO
 WORKLOADS = ("separable", "offset", "bench", "demo", "demo_standardised", "planted")
 DEMO = os.path.join(REPO, "outputs", "features", "fashion_mnist", "efficientnet_lite0")
 DEMO_RUNS = os.path.join(REPO, "outputs", "runs", "fashion_mnist", "efficientnet_lite0")
+STUDY_VERSION = 1   # bump when what a cached probe fit means changes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,22 +143,24 @@ def demo_standardised_runs(work):
 
 
 def planted_runs(config):
-    """The validity suite's Prototype runs (curve and scale series), trained where missing."""
+    """The validity suite's runs (curve and scale series, every concept type), trained where missing."""
     suite = validity.CONFIGS[config]
     work = os.path.join(REPO, "outputs", "validity", f"{config}-{suite.key_id()}")
     from bench import planted
     lat = planted.latent(suite.data)
     curve, scaled = validity.representations(suite)
     reps = {r.name: r for r in curve + scaled}
-    k = dict(suite.n_concepts)["prototype"]
     jobs, runs = [], {}
     for rep in reps.values():
         entries = os.path.join(work, "entries", rep.name)
         validity.write_entries(entries, rep, suite.data, lat)
-        out = os.path.join(work, "runs", "prototype", rep.name)
-        jobs.append((f"prototype {rep.name}", validity.train_command(entries, out, "prototype", k,
-                                                                     suite.trainer_flags)))
-        runs[f"planted {rep.name}"] = (out, os.path.join(entries, "train"), os.path.join(entries, "val"))
+    for ct in suite.concept_types:
+        for rep in reps.values():
+            entries = os.path.join(work, "entries", rep.name)
+            out = os.path.join(work, "runs", ct, rep.name)
+            jobs.append((f"{ct} {rep.name}", validity.train_command(entries, out, ct, dict(suite.n_concepts)[ct],
+                                                                    suite.trainer_flags)))
+            runs[f"planted {ct} {rep.name}"] = (out, os.path.join(entries, "train"), os.path.join(entries, "val"))
     validity.run_all(jobs, 2, "train", os.path.join(work, "logs"))
     return runs
 
@@ -187,7 +191,49 @@ def _top1(pred, y):
     return 100.0 * float(np.mean(np.asarray(pred) == np.asarray(y)))
 
 
-def study(label, run, train_entry, val_entry, n_boot, scales=(1.0,)):
+def _source_id():
+    with open(os.path.join(REPO, "bench", "linear_probe.py"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+class ProbeCache:
+    """Val predictions of every probe fit, one .npz per fit under ``folder``, keyed by everything that determines it
+    (the train and val entries' keys and array digests, the split, the probe and its settings, the source of
+    bench/linear_probe.py): the demo's three runs share one set of fits, and an interrupted study resumes. The
+    recorded seconds are those of the fit that made the file."""
+
+    def __init__(self, folder, train_entry, val_entry):
+        from utils import store
+        self.folder = folder
+        self.base = {"train": _entry_id(store, train_entry), "val": _entry_id(store, val_entry),
+                     "linear_probe": _source_id(), "version": STUDY_VERSION}
+
+    def get(self, what, fit, **settings):
+        """``fit()`` -> (pred, info dict) run once per (what, settings); returns (pred, info, seconds)."""
+        blob = json.dumps(dict(self.base, what=what, **settings), sort_keys=True, default=float)
+        path = os.path.join(self.folder, f"{what}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.npz")
+        if os.path.isfile(path):
+            with np.load(path, allow_pickle=False) as z:
+                return z["pred"], json.loads(str(z["info"])), float(z["seconds"])
+        t0 = time.perf_counter()
+        pred, info = fit()
+        seconds = time.perf_counter() - t0
+        os.makedirs(self.folder, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, pred=np.asarray(pred), info=np.array(json.dumps(info)), seconds=np.array(seconds),
+                 key=np.array(blob))
+        os.replace(tmp, path)
+        return np.asarray(pred), info, seconds
+
+
+def _entry_id(store, path):
+    meta = store.read_meta(path)
+    if not meta:
+        raise validity.SuiteError(f"{path}: not a store entry (no meta.json)")
+    return {"key_hash": meta.get("key_hash"), "digests": meta.get("digests")}
+
+
+def study(label, run, train_entry, val_entry, n_boot, cache_dir, scales=(1.0,)):
     """One row per (seed of the run) summarised: accuracies, IIS before/after with paired intervals, flags, times."""
     from utils import stats, store
     from utils.sweep import make_splits
@@ -211,29 +257,43 @@ def study(label, run, train_entry, val_entry, n_boot, scales=(1.0,)):
     probes = {"converged": [], "adam_std": []}
     times = {"adam": 0.0, "adam_std": 0.0, "converged": 0.0}
     scale_top1 = {}
-    for s_i, seed in enumerate(sc["seeds"]):
-        split = make_splits(y.numpy(), [seed], "holdout", key.get("holdout_fraction") or 0.1)[0]
-        t0 = time.perf_counter()
-        adam_probe(x, y, xv, yv, split, key["lrs"], key["epochs"], key["batch_size"])
-        times["adam"] += time.perf_counter() - t0
-        mean, sd = standardiser(x[split.train])
-        t0 = time.perf_counter()
-        probes["adam_std"].append(adam_probe((x - mean) / sd, y, (xv - mean) / sd, yv, split, key["lrs"],
-                                             key["epochs"], key["batch_size"]))
-        times["adam_std"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        p = fit_converged_probe(x, y, split.train, split.dev, n_classes)
-        times["converged"] += time.perf_counter() - t0
-        probes["converged"].append(p.predict(xv).numpy())
-        out.setdefault("weight_decay", []).append(p.weight_decay)
-        out.setdefault("converged_flag", []).append(p.converged)
+    cache = ProbeCache(cache_dir, train_entry, val_entry)
+    adam_settings = dict(lrs=key["lrs"], epochs=key["epochs"], batch_size=key["batch_size"])
+
+    def adam(k=1.0, std=False):
+        def fit():
+            xs, xvs = x * k, xv * k
+            if std:
+                mean, sd = standardiser(xs[split.train])
+                xs, xvs = (xs - mean) / sd, (xvs - mean) / sd
+            return adam_probe(xs, y, xvs, yv, split, key["lrs"], key["epochs"], key["batch_size"]), {}
+        return cache.get("adam_std" if std else "adam", fit, seed=seed, holdout=fraction, scale=k, **adam_settings)
+
+    def converged(k=1.0):
+        def fit():
+            p = fit_converged_probe(x * k, y, split.train, split.dev, n_classes)
+            return p.predict(xv * k).numpy(), dict(weight_decay=p.weight_decay, converged=p.converged,
+                                                   path=p.path)
+        return cache.get("converged", fit, seed=seed, holdout=fraction, scale=k)
+
+    fraction = key.get("holdout_fraction") or 0.1
+    for seed in sc["seeds"]:
+        split = make_splits(y.numpy(), [seed], "holdout", fraction)[0]
+        times["adam"] += adam()[2]
+        pred_std, _, secs = adam(std=True)
+        probes["adam_std"].append(pred_std)
+        times["adam_std"] += secs
+        pred_c, info, secs = converged()
+        times["converged"] += secs
+        probes["converged"].append(pred_c)
+        out.setdefault("weight_decay", []).append(info["weight_decay"])
+        out.setdefault("converged_flag", []).append(info["converged"])
+        out.setdefault("solver_iterations", []).append(sum(s["iterations"] for s in info["path"]))
         for k in scales:
             if k != 1.0:
-                q = fit_converged_probe(x * k, y, split.train, split.dev, n_classes)
-                scale_top1.setdefault(("converged", k), []).append(_top1(q.predict(xv * k).numpy(), yv))
+                scale_top1.setdefault(("converged", k), []).append(_top1(converged(k)[0], yv))
                 if x.numel() <= 1e6:   # the Adam probe's scale dependence is the suite's subject; here the cheap ones
-                    a = adam_probe(x * k, y, xv * k, yv, split, key["lrs"], key["epochs"], key["batch_size"])
-                    scale_top1.setdefault(("adam", k), []).append(_top1(a, yv))
+                    scale_top1.setdefault(("adam", k), []).append(_top1(adam(k)[0], yv))
     out["times"] = times
     out["scale_top1"] = {f"{m} x{k:g}": float(np.mean(v)) for (m, k), v in scale_top1.items()}
     ratios = sc["ratios"]
@@ -288,26 +348,33 @@ def table(rows):
 
 
 def planted_summary(rows):
-    """Lines on the validity suite's properties with each denominator (Prototype runs of the planted workload)."""
-    by = {r["label"].split(" ", 1)[1]: r for r in rows if r["label"].startswith("planted ")}
-    if not by:
-        return []
-    shares = sorted((k for k in by if k.startswith("share") and "x" not in k), key=lambda k: float(k[5:]))
-    scales = sorted((k for k in by if "x" in k), key=lambda k: float(k.split("x")[1]))
+    """Lines on the validity suite's properties with each denominator, per concept type (planted workload)."""
+    types = {}
+    for r in rows:
+        if r["label"].startswith("planted "):
+            _, ct, rep = r["label"].split(" ")
+            types.setdefault(ct, {})[rep] = r
     out = []
-    for name, get in (("project probe", lambda r: r["iis_before"]),
-                      ("converged probe", lambda r: r["converged"]["iis"])):
-        curve = [get(by[k]) for k in shares]
-        mono = all(a > b for a, b in zip(curve, curve[1:]))
-        ctrl = get(by["control"]) if "control" in by else float("nan")
-        base = shares[len(shares) // 2] if not scales else scales[0].split("x")[0]
-        sc = {k.split("x")[1]: get(by[k]) for k in scales}
-        spread = max([abs(v - get(by[base])) for v in sc.values()] or [float("nan")])
-        out.append(f"* {name}: IIS over the shares {', '.join(f'{v:.4f}' for v in curve)} "
-                   f"({'falling at every step' if mono else 'NOT monotone'}); control {ctrl:.4f}"
-                   f" ({'below every share < 1' if all(ctrl < v for v in curve[:-1]) else 'NOT last'}); "
-                   f"{base} at x1 {get(by[base]):.4f}, " + ", ".join(f"x{k} {v:.4f}" for k, v in sc.items()) +
-                   f" (largest change {spread:.4f})")
+    for ct, by in types.items():
+        shares = sorted((k for k in by if k.startswith("share") and "x" not in k), key=lambda k: float(k[5:]))
+        scales = sorted((k for k in by if "x" in k), key=lambda k: float(k.split("x")[1]))
+        for name, get in (("project probe", lambda r: r["iis_before"]),
+                          ("converged probe", lambda r: r["converged"]["iis"])):
+            curve = [get(by[k]) for k in shares]
+            mono = all(a > b for a, b in zip(curve, curve[1:]))
+            ctrl = get(by["control"]) if "control" in by else float("nan")
+            base = scales[0].split("x")[0] if scales else shares[len(shares) // 2]
+            sc = {k.split("x")[1]: get(by[k]) for k in scales}
+            change = max(sc.values(), key=lambda v: abs(v - get(by[base])), default=float("nan")) - get(by[base])
+            std = [by[k]["standard_before"] if name == "project probe" else by[k]["converged"]["standard"]
+                   for k in [base] + scales]
+            out.append(f"* {ct}, {name}: IIS over the shares {', '.join(f'{v:.4f}' for v in curve)} "
+                       f"({'falling at every step' if mono else 'NOT monotone'}); control {ctrl:.4f}"
+                       f" ({'below every share < 1' if all(ctrl < v for v in curve[:-1]) else 'NOT last'}); "
+                       f"{base} at x1 {get(by[base]):.4f}, " + ", ".join(f"x{k} {v:.4f}" for k, v in sc.items()) +
+                       f" (largest change {change:+.4f}; standard top-1 " +
+                       " / ".join(f"{v:.2f}" for v in std) + " % at x1 / " +
+                       " / ".join(f"x{k.split('x')[1]}" for k in scales) + ")")
     return out
 
 
@@ -340,7 +407,7 @@ def main(args):
             runs = train_runs(args.work, w, ("prototype",) if w == "bench" else ("prototype", "cluster"))
         for label, (run, tr, va) in runs.items():
             scales = (0.1, 1.0, 10.0) if w != "planted" or label.endswith("share0.50") else (1.0,)
-            r = study(label, run, tr, va, args.bootstrap, scales)
+            r = study(label, run, tr, va, args.bootstrap, os.path.join(args.work, "probes"), scales)
             rows.append(r)
             c = r["converged"]
             print(f"{label}: standard top-1 {r['standard_before']:.2f} -> {c['standard']:.2f} % (Adam on "

@@ -229,10 +229,9 @@ def check(suite, curve, scaled, tables):
         ok = not above and last["vs_next"] != "< next"
         out.append(("control last", ct, ok,
                     f"control IIS {ctrl['iis']:.4f}" + (f" not below {', '.join(above)}" if above else
-                                                        f" below every share < 1") +
+                                                        " below every share < 1") +
                     f"; {names[n_share - 1]} vs control: {_pair(names[n_share - 1], 'control', last)} "
                     f"({'control above it' if last['vs_next'] == '< next' else 'not above it'})"))
-        sn = [r.name for r in scaled]
         base = next(i for i, r in enumerate(scaled) if r.scale == 1.0)
         for i, r in enumerate(scaled):
             if i == base:
