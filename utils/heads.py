@@ -192,7 +192,7 @@ class MaskedLinearHeads(_Grouped):
         return torch.baddbmm(self.bias.unsqueeze(1), self.masked_activations(x), self.weight)
 
 
-class _SparseHeads(MaskedLinearHeads):
+class SparseHeads(MaskedLinearHeads):
     """H heads: activations = LayerNorm(x . unit concepts), keep each sample's top-k by |activation|, then linear.
 
     Subclasses say where the concepts come from (:meth:`concept_matrix`).
@@ -226,7 +226,7 @@ class _SparseHeads(MaskedLinearHeads):
         return self.affine(F.layer_norm(s, s.shape[-1:]))
 
 
-class SparseConceptHeads(_SparseHeads):
+class SparseConceptHeads(SparseHeads):
     """Sparse heads over fixed concept vectors (Prototype or Cluster concepts).
 
     Because the concepts are fixed, LayerNorm(x . unit concepts) without its affine part is fixed too: :meth:`scores`
@@ -283,7 +283,7 @@ class _OnScores(nn.Module):
         return self.heads.forward_scores(z)
 
 
-class End2EndConceptHeads(_SparseHeads):
+class End2EndConceptHeads(SparseHeads):
     """Sparse heads whose concepts are learnt jointly: each head assigns every candidate element to one concept.
 
     Each head has assignment logits (E, K) over the E candidate element embeddings of its group. A LayerNorm over K
