@@ -12,8 +12,10 @@ rows); ``demo`` — the demo's EfficientNet-Lite0 Fashion-MNIST features and run
 ``planted`` — the validity suite's representations (bench/validity.py; its work folder is reused).
 
 Every run is the real trainer's (``python -m IP_training.IP_Prototype_training``, the project's protocol), scored by
-``iis_computing.py``. For each run the study then fits, on the same train rows (the trainer's dev split held out), the
-converged probe of bench/linear_probe.py and, for comparison, the project's Adam probe on standardised features, and
+``iis_computing.py``. Since the converged probe (utils/probe.py) became the project protocol's standard probe, the
+run's own probe ("project probe" below) is that one for runs trained since, and the original's Adam probe for
+``--protocol reference`` runs and runs trained before. For each run the study then fits, on the same train rows (the
+trainer's dev split held out), the converged probe and, for comparison, the Adam probe on standardised features, and
 recomputes the IIS with each as the denominator: same concept heads, same val samples and bootstrap resamples
 (utils/stats.py), so the change of IIS has a paired interval. Also: which concept heads beat each probe by more than
 their paired interval, the time of each probe fit (measured in the same process, back to back) and, for the scale
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from bench import validity
-from bench.linear_probe import concept_beats_probe, fit_converged_probe, standardiser
+from utils.probe import ConvergedProbes, fit_converged_probe, standardiser
 
 REPO = validity.REPO
 WORKLOADS = ("separable", "offset", "bench", "demo", "demo_standardised", "planted")
@@ -192,21 +194,21 @@ def _top1(pred, y):
 
 
 def _source_id():
-    with open(os.path.join(REPO, "bench", "linear_probe.py"), "rb") as f:
+    with open(os.path.join(REPO, "utils", "probe.py"), "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 class ProbeCache:
     """Val predictions of every probe fit, one .npz per fit under ``folder``, keyed by everything that determines it
     (the train and val entries' keys and array digests, the split, the probe and its settings, the source of
-    bench/linear_probe.py): the demo's three runs share one set of fits, and an interrupted study resumes. The
+    utils/probe.py): the demo's three runs share one set of fits, and an interrupted study resumes. The
     recorded seconds are those of the fit that made the file."""
 
     def __init__(self, folder, train_entry, val_entry):
         from utils import store
         self.folder = folder
         self.base = {"train": _entry_id(store, train_entry), "val": _entry_id(store, val_entry),
-                     "linear_probe": _source_id(), "version": STUDY_VERSION}
+                     "probe_source": _source_id(), "version": STUDY_VERSION}
 
     def get(self, what, fit, **settings):
         """``fit()`` -> (pred, info dict) run once per (what, settings); returns (pred, info, seconds)."""
@@ -224,6 +226,12 @@ class ProbeCache:
                  key=np.array(blob))
         os.replace(tmp, path)
         return np.asarray(pred), info, seconds
+
+
+def _beats(correct, sel, n_boot):
+    """How many chosen concept heads beat their seed's standard probe by more than their paired interval."""
+    from utils import stats
+    return int((stats.beats_standard(correct, sel, n_boot)[1] > 0).sum())
 
 
 def _entry_id(store, path):
@@ -271,9 +279,11 @@ def study(label, run, train_entry, val_entry, n_boot, cache_dir, scales=(1.0,)):
 
     def converged(k=1.0):
         def fit():
-            p = fit_converged_probe(x * k, y, split.train, split.dev, n_classes)
-            return p.predict(xv * k).numpy(), dict(weight_decay=p.weight_decay, converged=p.converged,
-                                                   path=p.path)
+            xs = (x * k).double()
+            p = fit_converged_probe(xs[split.train], y[split.train], xs[split.dev], y[split.dev], n_classes)
+            with torch.no_grad():
+                pred = ConvergedProbes([p])(xv * k)[0].argmax(1)
+            return pred.numpy(), dict(weight_decay=p["weight_decay"], converged=p["converged"], path=p["path"])
         return cache.get("converged", fit, seed=seed, holdout=fraction, scale=k)
 
     fraction = key.get("holdout_fraction") or 0.1
@@ -304,9 +314,7 @@ def study(label, run, train_entry, val_entry, n_boot, cache_dir, scales=(1.0,)):
     before, before_samples = stats.run_statistics(base_correct, sel, ratios, labels, n_boot, 0)
     out["chance"] = before["chance"]
     out["iis_cc_before"] = before["iis_chance_corrected"]
-    out["beats_before"] = sum(h["flagged"] for s in range(n_s)
-                              for h in concept_beats_probe(base_correct[s], correct_heads[s * n_r:(s + 1) * n_r],
-                                                           n_boot))
+    out["beats_before"] = _beats(base_correct, sel, n_boot)
     for name, preds in probes.items():
         pc = np.stack([p == labels for p in preds])
         correct = np.concatenate([pc, correct_heads])
@@ -315,8 +323,7 @@ def study(label, run, train_entry, val_entry, n_boot, cache_dir, scales=(1.0,)):
         out[name] = dict(standard=after["standard_accuracy"], standard_iv=after["standard_accuracy_interval"],
                          iis=after["iis"], iis_iv=after["iis_interval"], iis_cc=after["iis_chance_corrected"],
                          delta=after["iis"] - before["iis"], delta_iv=[float(lo), float(hi)],
-                         beats=sum(h["flagged"] for s in range(n_s)
-                                   for h in concept_beats_probe(pc[s], correct_heads[s * n_r:(s + 1) * n_r], n_boot)))
+                         beats=_beats(correct, sel, n_boot))
     out["n_heads"] = n_s * n_r
     return out
 
