@@ -86,8 +86,8 @@ def fit_converged_probe(x, y, x_dev, y_dev, n_classes, priors=PRIORS, tol=SETTIN
             best = dict(weight=w.detach().clone(), bias=b.detach().clone(), weight_decay=wd, dev_top1=top1,
                         converged=ok)
         if bar is not None:
+            bar.set_postfix(wd=f"{wd:.2g}", dev_top1=f"{top1:.1f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(wd=f"{wd:.2g}", dev_top1=f"{top1:.1f}")
     return dict(best, mean=mean, scale=scale, path=path)
 
 
