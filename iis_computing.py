@@ -135,6 +135,7 @@ def summary_lines(lbl, s):
                    f"not interpretability")
     if s.get("note"):
         out.append(f"note: {lbl}: {s['note']}")
+    out += [f"warning: {lbl}: {w}" for w in s.get("warnings") or []]
     return out
 
 

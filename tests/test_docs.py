@@ -252,6 +252,10 @@ K_EXAMPLE = 200
 KEEP_RULE = {"round": "round((1 − s)·K), at least 1",
              "reference": "K − ⌊K·s⌋ − 1: every \\|a\\| strictly above the ⌊K·s⌋-th smallest"}
 SELECTION = {"holdout": "a dev split held out of train (`--holdout_fraction`)", "val": "val, the split it reports"}
+STANDARD_PROBE = {"converged": "logistic regression on train-standardised features, solved to its optimum (L-BFGS, "
+                            "float64), weight decay chosen where the epoch is ([below](#the-standard-probe))",
+                  "adam": "trained like the concept heads (Adam, the lr grid, epochs and batch above) on the raw "
+                          "features"}
 PROTOCOL_NAME = {"iis": "`iis` (this project's)", "reference": "`reference` (the original code's)"}
 
 
@@ -263,7 +267,8 @@ def protocol_table():
     """docs/protocols.md's table: what each protocol of utils/sweep.py PROTOCOLS fixes, and the flag that overrides."""
     names = list(sweep.PROTOCOLS)
     presets = [sweep.PROTOCOLS[n] for n in names]
-    assert all(set(p) == {"keep_rule", "lrs", "lr_decay", "batch_size", "select_on"} for p in presets), \
+    assert all(set(p) == {"keep_rule", "lrs", "lr_decay", "batch_size", "select_on", "standard_probe"}
+               for p in presets), \
         "PROTOCOLS gained or lost a setting: add its row to protocol_table() and to docs/protocols.md"
 
     def keep(p):
@@ -275,7 +280,8 @@ def protocol_table():
             ("lr after every epoch", lambda p: "× 1 (constant)" if p["lr_decay"] == 1 else f"× {num(p['lr_decay'])}",
              "`--lr_decay`"),
             ("batch size", lambda p: num(p["batch_size"]), "`--batch_size`"),
-            ("epoch and lr chosen on", lambda p: SELECTION[p["select_on"]], "`--select_on`")]
+            ("epoch and lr chosen on", lambda p: SELECTION[p["select_on"]], "`--select_on`"),
+            ("standard probe (the IIS's denominator)", lambda p: STANDARD_PROBE[p["standard_probe"]], "—")]
     lines = ["| | " + " | ".join(PROTOCOL_NAME[n] for n in names) + " | set otherwise by |",
              "|---|" + "---|" * len(names) + "---|"]
     lines += [f"| {label} | " + " | ".join(cell(p) for p in presets) + f" | {flag} |" for label, cell, flag in rows]
@@ -312,6 +318,7 @@ def test_protocol_table_renders_the_presets():
     assert "(200, 180, 140, 100, 60, 20, 10, 4)" in t and "(199, 179, 139, 99, 59, 19, 9, 3)" in t
     assert "| epoch and lr chosen on | a dev split held out of train (`--holdout_fraction`) | val, the split it " \
            "reports | `--select_on` |" in t
+    assert "| standard probe (the IIS's denominator) | logistic regression on train-standardised" in t
     for flag in ("--lrs", "--lr_decay", "--batch_size", "--select_on", "--holdout_fraction"):
         assert flag in python_flags("IP_training.IP_Prototype_training")
 

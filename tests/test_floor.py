@@ -129,7 +129,8 @@ def test_floor_score_is_the_iis_rule_and_the_paired_bootstrap(carry):
     f = floor.score(res, preds, s, samples, n_boot=200, boot_seed=3)
     pred, labels = preds
     acc = lambda r: 100.0 * np.mean(pred[r["pred_row"]] == labels)   # noqa: E731
-    std = max((r for r in res["runs"] if r["head"] == "standard"), key=lambda r: (r["select_top1"], -r["lr"]))
+    std = max((r for r in res["runs"] if r["head"] == "standard"),       # one converged probe: no lr
+              key=lambda r: (r["select_top1"], -(r["lr"] or 0.0)))
     per_draw = []
     for d in range(3):      # by hand: per ratio the floor head of draw d with the best select_top1, over the probe
         best = [max((r for r in res["runs"] if r["head"] == "floor" and r["draw"] == d and r["ratio"] == q),

@@ -59,7 +59,7 @@ def pick(rows, what, seed):
         raise UserError(f"every head of {what} (seed {seed}) diverged ({how}): it has no accuracy to score; "
                         f"retrain with smaller learning rates")
     # highest select_top1, then the lower lr: max() over (select_top1, -lr) keeps the first of exact duplicates
-    return max(ok, key=lambda r: (r["select_top1"], -r["lr"]))
+    return max(ok, key=lambda r: (r["select_top1"], -(r["lr"] or 0.0)))   # a converged probe has no lr
 
 
 def select(runs):
@@ -169,7 +169,8 @@ def score_with_stats(results, predictions=None, metric="top1", n_boot=stats.N_BO
     ``samples`` holds the bootstrap arrays and correctness matrix for paired comparisons (None without them).
     """
     s = score(results, metric)
-    s.update(iis_chance_corrected=None, chance=None, chance_level=None, interval=None, note=None)
+    s.update(iis_chance_corrected=None, chance=None, chance_level=None, interval=None, note=None, beats_standard=None,
+             warnings=[])
     if predictions is None:
         s["note"] = NO_PREDICTIONS
         return s, None
@@ -191,4 +192,22 @@ def score_with_stats(results, predictions=None, metric="top1", n_boot=stats.N_BO
     s["interval"] = {k: st[f"{k}_interval"] for k in ("iis", "iis_chance_corrected", "standard_accuracy", "margin")}
     s["interval"].update(normalised=st["normalised_interval"], level=level, resamples=n_boot, bootstrap_seed=boot_seed,
                          covers="resampling of the val samples, heads fixed; seeds enter as their mean")
+    s["beats_standard"], s["warnings"] = beats_standard(s, correct, rows, n_boot, boot_seed, level)
     return s, {"correct": correct, "rows": rows, "labels": labels, "samples": samples}
+
+
+def beats_standard(s, correct, rows, n_boot, boot_seed, level):
+    """(the concept heads of a scored run that beat their seed's standard probe by more than their paired interval,
+    one warning line or none). Such a head means the standard accuracy is below what the features allow, so the
+    curve's ratios above 1 (and the IIS) measure the probe, not the representation."""
+    diff, lo, hi = stats.beats_standard(correct, rows, n_boot, boot_seed, level)
+    flagged = [dict(seed=seed, ratio=r, difference=float(diff[i, j]), interval=[float(lo[i, j]), float(hi[i, j])])
+               for i, seed in enumerate(s["seeds"]) for j, r in enumerate(s["ratios"]) if lo[i, j] > 0]
+    if not flagged:
+        return flagged, []
+    worst = max(flagged, key=lambda f: f["difference"])
+    return flagged, [f"{len(flagged)} of {diff.size} concept heads beat the standard probe by more than their "
+                     f"{100 * level:g} % paired interval (most: s={worst['ratio']:g}, seed {worst['seed']}, "
+                     f"{worst['difference']:+.2f} points [{worst['interval'][0]:+.2f}, {worst['interval'][1]:+.2f}]): "
+                     f"the standard accuracy is not the features' linear classifiability and the IIS is inflated "
+                     f"(docs/protocols.md, the standard probe)"]

@@ -197,6 +197,19 @@ def run_statistics(correct, rows, ratios, labels, n_boot=N_BOOT, seed=0, level=L
     return out, samples
 
 
+def beats_standard(correct, rows, n_boot=N_BOOT, seed=0, level=LEVEL):
+    """How far each chosen concept head is above its seed's standard probe, paired: for a selection ``rows``
+    (S, 1 + R), the top-1 differences head - standard in points (S, R) and their ``level`` percentile interval
+    (lo, hi), each (S, R), over the same resamples for the head and the probe. A lower end above 0 says the head beats
+    the probe by more than its interval: the denominator then is not the features' linear classifiability."""
+    correct = np.asarray(correct, dtype=bool)
+    rows = np.asarray(rows)
+    full = 100.0 * correct.mean(1)
+    acc, _ = bootstrap_accuracies(correct, None, n_boot, seed)
+    lo, hi = interval(acc[:, rows[:, 1:]] - acc[:, rows[:, :1]], level)
+    return full[rows[:, 1:]] - full[rows[:, :1]], lo, hi
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Paired comparison
 # ---------------------------------------------------------------------------------------------------------------------

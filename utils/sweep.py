@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from . import iis, results, store, validate
+from . import iis, probe, results, store, validate
 from .errors import UserError
 from .fileio import atomic_torch_save, atomic_write_bytes, atomic_write_json, key_hash, manifest, remove_strays
 from .heads import LinearProbes, Split, fit, rows
@@ -18,9 +18,13 @@ FILES = ("heads.pt", "predictions.npz")     # what results.json's manifest cover
 
 # What each protocol fixes unless a flag says otherwise. "iis" is this project's; "reference" is the original code's
 # (its keep rule, ExponentialLR(0.99) per epoch, batch 1024 and its single lr), for comparing with numbers it made.
+# The standard probe: "converged" is utils/probe.py's (standardised features, solved to its optimum), "adam" the
+# original's (trained like the concept heads, with the same lrs, epochs and batch).
 PROTOCOLS = {
-    "iis": dict(batch_size=256, lrs=[1e-3, 1e-2], lr_decay=1.0, keep_rule="round", select_on="holdout"),
-    "reference": dict(batch_size=1024, lrs=[1e-2], lr_decay=0.99, keep_rule="reference", select_on="val"),
+    "iis": dict(batch_size=256, lrs=[1e-3, 1e-2], lr_decay=1.0, keep_rule="round", select_on="holdout",
+                standard_probe="converged"),
+    "reference": dict(batch_size=1024, lrs=[1e-2], lr_decay=0.99, keep_rule="reference", select_on="val",
+                      standard_probe="adam"),
 }
 
 
@@ -82,7 +86,12 @@ def training_key(cfg, **inputs):
                 ratios=sorted(set(cfg.ratios)), lrs=sorted(set(cfg.lrs)), epochs=cfg.epochs,
                 feature_dtype=cfg.feature_dtype, batch_size=cfg.batch_size, lr_decay=cfg.lr_decay,
                 weight_decay=cfg.weight_decay, precision=cfg.precision, seeds=cfg.seeds, select_on=cfg.select_on,
-                holdout_fraction=cfg.holdout_fraction if cfg.select_on == "holdout" else None, **inputs)
+                holdout_fraction=cfg.holdout_fraction if cfg.select_on == "holdout" else None, **inputs,
+                **({"standard_probe": probe.SETTINGS} if converged_probe(cfg) else {}))
+
+
+def converged_probe(cfg):
+    return PROTOCOLS[cfg.protocol]["standard_probe"] == "converged"
 
 
 def is_done(out, key):
@@ -184,9 +193,14 @@ def train(cfg, module, grid, probe_data, head_data, n_classes, device, splits):
     std_grid = [(s, lr) for s in seeds for lr in lrs]
     common = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
                   lr_decay=cfg.lr_decay, splits=splits, precision=cfg.precision)
-    probes = LinearProbes(probe_data[0].shape[1], n_classes, len(std_grid), [s for s, _ in std_grid],
-                          groups_of(std_grid, seeds)).to(device)
-    std = fit(probes, [lr for _, lr in std_grid], *probe_data, desc="standard probe", **common)
+    std_extra = [{}] * len(std_grid)
+    if converged_probe(cfg):    # one probe per seed, no lr (utils/probe.py)
+        std, probes, std_extra = probe.fit_standard(*probe_data, n_classes, splits, device)
+        std_grid = [(s.seed, None) for s in splits]
+    else:
+        probes = LinearProbes(probe_data[0].shape[1], n_classes, len(std_grid), [s for s, _ in std_grid],
+                              groups_of(std_grid, seeds)).to(device)
+        std = fit(probes, [lr for _, lr in std_grid], *probe_data, desc="standard probe", **common)
     con = fit(module, [lr for _, _, lr in grid], *head_data, desc="concept heads", **common)
     keep = getattr(module, "heads", module).keep_list
 
@@ -195,7 +209,8 @@ def train(cfg, module, grid, probe_data, head_data, n_classes, device, splits):
                     select_top1=_num(res["select_top1"][h]), epoch=int(res["epoch"][h]),
                     train_loss=_num(res["train_loss"][h]), val_loss=_num(res["val_loss"][h]),
                     diverged=int(res["diverged"][h]) or None)
-    runs = [row(std, h, head="standard", ratio=None, lr=lr, seed=s, index=h) for h, (s, lr) in enumerate(std_grid)]
+    runs = [row(std, h, head="standard", ratio=None, lr=lr, seed=s, index=h, **std_extra[h])
+            for h, (s, lr) in enumerate(std_grid)]
     runs += [row(con, h, head="concept", ratio=r, lr=lr, seed=s, index=h, n_active=keep[h])
              for h, (s, r, lr) in enumerate(grid)]
     for i, r in enumerate(runs):
@@ -231,7 +246,8 @@ def save(out, key, meta, grid, runs, preds, val_labels, heads, probes, extra_ten
         "lrs": torch.tensor(lrs, dtype=torch.float64),
         "grid": torch.tensor([(r, lr) for _, r, lr in grid], dtype=torch.float64),
         "head_seed": torch.tensor([s for s, _, _ in grid]), "head_group": torch.tensor(groups_of(grid, seeds)),
-        "standard_grid": torch.tensor([(r["seed"], r["lr"]) for r in std], dtype=torch.float64),
+        "standard_grid": torch.tensor([(r["seed"], np.nan if r["lr"] is None else r["lr"]) for r in std],
+                                      dtype=torch.float64),
         **{f"concept.{n}": p.detach().cpu() for n, p in heads.named_parameters()},
         **{f"standard.{n}": p.detach().cpu() for n, p in probes.named_parameters()}})
     buf = io.BytesIO()
