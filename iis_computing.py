@@ -31,11 +31,14 @@ import os
 
 import numpy as np
 
-from utils import cli, compat, floor, stats
+from utils import cli, compat, floor, results, stats
 from utils.errors import UserError
-from utils.fileio import atomic_write_json, read_json
+from utils.fileio import atomic_write_json, publish_dir
 from utils.iis import load_predictions, score_with_stats
 from utils.report import plot_curves, plot_scatter, table_rows, write_table
+
+
+REPORT_FILES = ("report.md", "report.csv", "curves.png", "scatter.png")
 
 
 def default_results():
@@ -79,12 +82,8 @@ def label_of(meta):
 
 def score_path(path, args):
     """Score one results file or folder: (label, scored dict as written to iis.json, results, paired material)."""
-    f = os.path.join(path, "results.json") if os.path.isdir(path) else path
-    if not os.path.isfile(f):
-        raise UserError(f"no results.json at {path}: run IP_training first")
-    res = read_json(f)
-    if "runs" not in res:
-        raise UserError(f"{f} is not a results file (no 'runs')")
+    f = results.results_path(path)
+    res = results.read(f)
     preds = load_predictions(res, os.path.dirname(f))
     s, paired = score_with_stats(res, preds, args.metric, args.bootstrap, args.bootstrap_seed)
     s["floor"] = floor.score(res, preds, s, paired, args.metric, args.bootstrap, args.bootstrap_seed)
@@ -226,10 +225,10 @@ def main(args):
                     line += f"; {' and '.join(flagged)} chance-level: its IIS is noise"
                 comparisons.append(dict(c, line=line))
         rows = table_rows(scored, comparisons)
-        write_table(rows, os.path.join(args.report, "report.md"), os.path.join(args.report, "report.csv"),
-                    comparisons)
-        plot_curves(scored, os.path.join(args.report, "curves.png"))
-        _, corr = plot_scatter(rows, os.path.join(args.report, "scatter.png"))
+        with publish_dir(args.report, REPORT_FILES) as rep:     # all four files, or the old report untouched
+            write_table(rows, os.path.join(rep, "report.md"), os.path.join(rep, "report.csv"), comparisons)
+            plot_curves(scored, os.path.join(rep, "curves.png"))
+            _, corr = plot_scatter(rows, os.path.join(rep, "scatter.png"))
         left = f", {corr['left_out']} chance-level left out" if corr["left_out"] else ""
         print(f"report: {os.path.abspath(args.report)}/report.md, report.csv, curves.png, scatter.png "
               f"(IIS vs standard top-1 over {corr['n']} runs{left}: Pearson {corr['pearson']:.3f}, "

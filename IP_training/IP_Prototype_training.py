@@ -23,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, compat, floor, sweep
+from utils import cli, compat, floor, sweep, validate
 from utils.cli import flags
 from utils.concepts import SELECTIONS, cluster_centres, select_prototypes
 from utils.device import resolve_device
@@ -56,8 +56,9 @@ def get_args_parser():
     return p
 
 
-def check_compatible(train_meta, val_meta, concept_meta, dims):
-    bb = [m["key"]["backbone"] for m in (train_meta, val_meta, concept_meta)]
+def check_compatible(train_meta, val_meta, concept_meta, dims, paths=("train", "val", "concepts")):
+    sweep.backbone_meta(train_meta, paths[0])          # what results.json records of it, checked before training
+    bb = [validate.meta_field(p, m, "key.backbone") for p, m in zip(paths, (train_meta, val_meta, concept_meta))]
     if not bb[0] == bb[1] == bb[2]:
         raise UserError("train, val and concept features come from different backbones/layers/preprocessing")
     if len(set(dims)) != 1:
@@ -108,7 +109,8 @@ def main(args):
     (va, mva), (co, mco) = (sweep.load_split(p, args.verify, dim=dim) for p in (args.val_features, args.concepts))
     xtr, ytr, xva, yva = tr["features"], tr["labels"], va["features"], va["labels"]
     emb, emb_labels = co["features"], co["labels"]
-    check_compatible(mtr, mva, mco, (xtr.shape[1], xva.shape[1], emb.shape[1]))
+    check_compatible(mtr, mva, mco, (xtr.shape[1], xva.shape[1], emb.shape[1]),
+                     (args.train_features, args.val_features, args.concepts))
     key = sweep.training_key(cfg, train=mtr["key_hash"], val=mva["key_hash"], concepts=mco["key_hash"],
                              concept_type=args.concept_type, n_concepts=args.n_concepts,
                              concept_selection=args.concept_selection)

@@ -62,8 +62,10 @@ def main(args):
     xva, yva, mva, cva, cmva = load_aligned(args.val_features, os.path.join(args.clip, "val"), args.verify)
     text, tmeta = store.read(os.path.join(args.clip, "text"), verify=args.verify)
     validate.check_finite(os.path.join(args.clip, "text"), "features", text["features"])
-    concepts = tmeta["info"]["concepts"]
-    if mtr["key"]["backbone"] != mva["key"]["backbone"]:
+    concepts = validate.meta_field(os.path.join(args.clip, "text"), tmeta, "info.concepts", list)
+    sweep.backbone_meta(mtr, args.train_features)      # what results.json records of it, checked before training
+    if validate.meta_field(args.train_features, mtr, "key.backbone") != \
+            validate.meta_field(args.val_features, mva, "key.backbone"):
         raise UserError("train and val features come from different backbones/layers/preprocessing")
     key = sweep.training_key(cfg, train=mtr["key_hash"], val=mva["key_hash"], text=tmeta["key_hash"],
                              clip_train=cmtr["key_hash"], clip_val=cmva["key_hash"], clip_cutoff=args.clip_cutoff,

@@ -51,6 +51,7 @@ from utils.extraction import (CacheFeed, ExtractConfig, GroupedImages, ImageFeed
                               build_decoded_cache, cache_key, describe_row, extract_passes, plan_cache)
 from utils.fileio import key_hash
 from utils.specs import config_path, load_spec, model_tag
+from utils.validate import verify_requested
 
 
 def get_args_parser():
@@ -65,6 +66,12 @@ def get_args_parser():
                         "<out>/<model>[@<layer>]/<split>) or a template with {model}, {split}, {dataset}")
     flags.add_decode_args(p)
     flags.add_loader_args(p)
+    p.add_argument("--force", action="store_true",
+                   help="re-extract every entry from scratch even when it looks up to date (what a message about a "
+                        "damaged entry asks for)")
+    p.add_argument("--verify", action="store_true", default=None,
+                   help="also compare the images' bytes with the digest recorded at extraction (reads every file; "
+                        "default: IIS_VERIFY=1, else names, sizes and modification times only: docs/files.md)")
     return p
 
 
@@ -135,7 +142,8 @@ def main(args):
         images, labels = build_decoded_cache(path, source, idx, data_key, plan, run.workers)
         feed = CacheFeed(images, labels, plan, groups, lambda r: describe_row(probe, r), threads=run.workers)
     extract_passes(passes, feed, data_key, run, desc=f"{args.split} features",
-                   extra_arrays={"indices": np.asarray(idx, np.int64)})
+                   extra_arrays={"indices": np.asarray(idx, np.int64)}, content=source.content_digest,
+                   verify=verify_requested(args.verify), force=args.force)
 
 
 if __name__ == "__main__":

@@ -46,18 +46,27 @@ def _by_position(src, target, what):
 
 
 def _read_checkpoint(path):
+    """A local checkpoint's state dict {name: tensor}; anything else (a damaged safetensors header, a pickle with
+    objects in it, a bare tensor, a list) is one UserError naming the file."""
+    hint = "save a plain state dict (torch.save(model.state_dict(), path)) or a .safetensors file"
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:    # SafetensorError and friends: a broken header or a truncated file
+            raise UserError(f"cannot read checkpoint {path} as safetensors ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:100]}); {hint}") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} as tensors only ({type(e).__name__}); "
-                        f"save a plain state dict or a .safetensors file") from None
+        raise UserError(f"cannot read checkpoint {path} as tensors only ({type(e).__name__}); {hint}") from None
     for k in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and isinstance(sd.get(k), dict):
             sd = sd[k]
-    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        what = type(sd).__name__ if not isinstance(sd, dict) else "a dict holding non-tensor values"
+        raise UserError(f"checkpoint {path} holds {what}, not a state dict of tensors; {hint}")
+    return {k[7:] if isinstance(k, str) and k.startswith("module.") else k: v for k, v in sd.items()}
 
 
 def build_model(spec):

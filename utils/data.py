@@ -6,6 +6,8 @@ import gzip
 import hashlib
 import os
 import re
+import sys
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -19,6 +21,11 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+# What PIL raises for a file it will not decode: corrupt or truncated data, an unknown format, and an image so large
+# it may be a decompression bomb (more than twice Image.MAX_IMAGE_PIXELS pixels).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def to_rgb(img, background=(255, 255, 255)):
@@ -40,10 +47,23 @@ def to_rgb(img, background=(255, 255, 255)):
 
 
 def load_image(path):
-    """Open an image file fully (so truncation surfaces here, not later) and return it as RGB."""
-    with Image.open(path) as img:
-        img.load()
-        return to_rgb(img)
+    """Open an image file fully (so truncation surfaces here, not later) and return it as RGB. An image over PIL's
+    decompression-bomb limit is decoded with a one-line warning naming it (over twice the limit it is unreadable)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            rgb = to_rgb(img)
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            print(f"warning: {path}: {_first_line(w.message)}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return rgb
+
+
+def _first_line(msg):
+    return str(msg).splitlines()[0][:160]
 
 
 def safe_name(name):
@@ -62,10 +82,11 @@ class ImageSource:
     targets : ndarray  int64 label per image
     """
 
-    def __init__(self, name, split, classes, targets, arrays=None, paths=None, root=None):
+    def __init__(self, name, split, classes, targets, arrays=None, paths=None, root=None, raw_files=()):
         self.name, self.split, self.classes = name, split, list(classes)
         self.targets = np.asarray(targets, dtype=np.int64)
         self._arrays, self._paths, self._root = arrays, paths, root
+        self._raw = list(raw_files)       # a built-in dataset's files on disk: what its key's stat list covers
 
     def __len__(self):
         return len(self.targets)
@@ -89,13 +110,37 @@ class ImageSource:
             return os.path.relpath(self._paths[i], self._root)
         return f"{self.name}:{self.split}:{i}"
 
+    def files(self):
+        """The files this split is read from: its images, or a built-in dataset's raw files."""
+        return list(self._paths) if self._paths is not None else self._raw
+
     def key(self):
-        """What identifies this split's content, for cache keys."""
+        """What identifies this split's content, for cache keys: names, class list and, per file, its relative path,
+        size and modification time (one stat each, no byte read: :func:`content_digest` reads the bytes)."""
         k = {"dataset": self.name, "split": self.split, "n": len(self), "classes": self.classes}
-        if self._paths is not None:
-            h = hashlib.sha256("\n".join(os.path.relpath(p, self._root) for p in self._paths).encode())
+        files = self.files()
+        if files:
+            root = self._root if self._paths is not None else os.path.commonpath([os.path.dirname(f) for f in files])
+            h = hashlib.sha256()
+            for p in files:
+                try:
+                    st = os.stat(p)
+                except OSError as e:
+                    raise UserError(f"{p} cannot be read ({e.strerror}); the dataset changed while it was listed") \
+                        from None
+                h.update(f"{os.path.relpath(p, root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
             k["files"] = h.hexdigest()[:16]
         return k
+
+    def content_digest(self):
+        """sha256 over the bytes of every file of :meth:`files`, in order (reads them all: what --verify costs)."""
+        h = hashlib.sha256()
+        for p in self.files():
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            h.update(b"\0")
+        return "sha256:" + h.hexdigest()
 
 
 def _ensure_fashion_mnist_raw(root):
@@ -127,6 +172,14 @@ def _torchvision_dataset(name, root, train):
                         f"get it with {how}") from None
 
 
+def _raw_files(ds):
+    """Every file of a torchvision dataset's own folder (FashionMNIST's raw/, CIFAR's batches folder), sorted."""
+    folder = getattr(ds, "raw_folder", None) if hasattr(ds, "raw_folder") else None
+    if folder is None:
+        folder = os.path.join(ds.root, getattr(ds, "base_folder", ""))
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
+
+
 def _image_folder(root, split):
     if not os.path.isdir(root):
         raise UserError(f"dataset folder {root} does not exist")
@@ -155,7 +208,7 @@ def get_source(dataset, split, data_root="data"):
     if dataset in BUILTIN:
         ds = _torchvision_dataset(dataset, data_root, train=(split == "train"))
         arrays = ds.data.numpy() if hasattr(ds.data, "numpy") else ds.data
-        return ImageSource(dataset, split, ds.classes, ds.targets, arrays=arrays)
+        return ImageSource(dataset, split, ds.classes, ds.targets, arrays=arrays, raw_files=_raw_files(ds))
     if os.sep not in dataset and not os.path.exists(dataset):
         raise UserError(f"unknown dataset {dataset!r}: use one of {', '.join(BUILTIN)} or an ImageFolder path")
     return _image_folder(dataset, split)

@@ -6,22 +6,38 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import iis, store
+from . import iis, results, store
 from .errors import UserError
-from .fileio import file_digest, read_json
+from .fileio import file_digest
+from .validate import check_element_index
 from .heads import MaskedLinearHeads, SparseConceptHeads
+
+
+HEADS_NEED = ("grid", "concept.weight")
+
+
+def _load_heads(path):
+    """heads.pt as the dict of tensors a trainer saved; anything else is one UserError naming the file."""
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {results.RETRAIN}") from None
+    except Exception as e:    # pickle, zip and torch errors come in many types; all mean "not a heads file"
+        raise UserError(f"{path} is not a heads file torch can load safely ({type(e).__name__}); "
+                        f"{results.RETRAIN}") from None
+    if not isinstance(t, dict) or not all(isinstance(t.get(k), torch.Tensor) for k in HEADS_NEED):
+        raise UserError(f"{path} holds {type(t).__name__}, not the trainer's dict of tensors with "
+                        f"{', '.join(HEADS_NEED)}; {results.RETRAIN}")
+    return t
 
 
 class Run:
     """A finished training run (results.json + heads.pt) with what is needed to explain its predictions."""
 
     def __init__(self, run_dir):
-        path = os.path.join(run_dir, "results.json")
-        if not os.path.isfile(path):
-            raise UserError(f"no results.json in {run_dir}: train the run first")
-        self.dir, self.results = run_dir, read_json(path)
+        self.dir, self.results = run_dir, results.read(run_dir)
         self.meta = self.results["meta"]
-        self.t = torch.load(os.path.join(run_dir, "heads.pt"), map_location="cpu", weights_only=True)
+        self.t = _load_heads(os.path.join(run_dir, "heads.pt"))
         self.classes = self.meta["classes"]
         self.text = self.meta["concept_type"] == "text"
         self.grid = [tuple(g) for g in self.t["grid"].tolist()]
@@ -46,7 +62,7 @@ class Run:
                 emb["key"].get("data", {}).get("elements") != file_digest(index):
             return None, (f"the element library {os.path.dirname(index)} (or its embeddings) was rebuilt since this "
                           f"run, so its rows are other images; rebuild it with the run's settings to see them")
-        return read_json(index)["elements"], None
+        return check_element_index(index)["elements"], None
 
     def head(self, ratio, lr=None, seed=None):
         """Index of the head at ``ratio`` (its best lr by the run's selection accuracy unless ``lr`` is given) of

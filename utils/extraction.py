@@ -19,6 +19,7 @@ under torchrun rank r extracts chunks r, r + world, ... and rank 0 merges them. 
 before it is written: a non-finite value stops the run with one error naming the image, and no entry is finished.
 """
 import os
+import shutil
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -29,10 +30,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from PIL import Image
 from tqdm import tqdm
 
-from . import store
+from . import store, validate
 from .backbones import Backbone
+from .data import UNREADABLE
 from .decode import Normalise, check_interpolations
 from .device import resolve_device
 from .errors import UserError
@@ -131,8 +134,19 @@ class GroupedImages:
 
     def __getitem__(self, i):
         j = int(self.indices[i])
-        img = self.source.image(j)
+        try:
+            img = self.source.image(j)
+        except UNREADABLE:     # label -1 marks it; the main process names the file (a worker's error cannot)
+            return tuple(t(Image.new("RGB", (8, 8))) for t in self.transforms), -1
         return tuple(t(img) for t in self.transforms), int(self.source.targets[j])
+
+    def why_unreadable(self, i):
+        """What PIL says about row ``i``'s file (re-opened in the calling process)."""
+        try:
+            self.source.image(int(self.indices[i]))
+        except UNREADABLE as e:
+            return f"{type(e).__name__}: {validate.one_line(e)}"
+        return "it could not be read in a loader worker"
 
 
 def describe_row(dataset, row):
@@ -168,7 +182,12 @@ class ImageFeed:
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False,
                             prefetch_factor=max(1, 4 // max(1, groups)) if self.workers else None)
-        for x, y in loader:
+        for rows, (x, y) in zip(batches, loader):
+            bad = np.flatnonzero(y.numpy() < 0)
+            if len(bad) and hasattr(self.dataset, "why_unreadable"):
+                r = rows[int(bad[0])]
+                raise UserError(f"{self.describe(r)} is unreadable ({self.dataset.why_unreadable(r)}); replace or "
+                                f"remove the file, then rerun the same command (finished chunks are kept)")
             xs = x if isinstance(x, (list, tuple)) else [x]
             # channels-last lets conv kernels (oneDNN on CPU, cuDNN on GPU) skip layout conversions
             yield ([t.to(device, non_blocking=True).to(memory_format=torch.channels_last) for t in xs],
@@ -247,15 +266,15 @@ def build_decoded_cache(path, source, indices, data_key, plan, workers=2):
                        desc=f"decoding to {plan.resize}/{plan.crop} {plan.interpolation}"
                             + (f" [rank {rank}/{world}]" if world > 1 else ""))
             stream = iter(loader)
-            for c in todo:
-                want, imgs, labels = min(rows, n - c * rows), [], []
-                while sum(len(y) for y in labels) < want:
-                    x, y = next(stream)
-                    imgs.append(x.numpy())
-                    labels.append(y.numpy().astype(np.int64))
-                    bar.update(len(y))
-                store.write_chunk(partial, c, {"images": np.concatenate(imgs), "labels": np.concatenate(labels)})
-            bar.close()
+            with bar:          # closed before any error is printed, so the error has a line of its own
+                for c in todo:
+                    want, imgs, labels = min(rows, n - c * rows), [], []
+                    while sum(len(y) for y in labels) < want:
+                        x, y = next(stream)
+                        imgs.append(x.numpy())
+                        labels.append(y.numpy().astype(np.int64))
+                        bar.update(len(y))
+                    store.write_chunk(partial, c, {"images": np.concatenate(imgs), "labels": np.concatenate(labels)})
         _barrier(world)
         if rank == 0:
             store.merge_chunks(partial, path, n_chunks, key, {"dataset": source.name, "split": source.split,
@@ -434,21 +453,32 @@ class _Todo:
     missing: set = field(default_factory=set)       # chunks this rank writes
 
 
-def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None):
+def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content=None, verify=False, force=False):
     """Fill the store entry of every output of ``passes`` in one pass over ``feed``, skipping entries whose key is
     current and, on a resumed run, chunks already written. ``cfg`` (an :class:`ExtractConfig`) supplies batch_size,
-    chunk_size, dtype, device, amp. Returns the entry paths."""
-    todo = []
+    chunk_size, dtype, device, amp. ``content`` (optional) returns the inputs' content digest: recorded in each
+    entry written, and with ``verify`` compared with the one a current entry recorded. ``force`` re-extracts every
+    entry from scratch (what a message about a damaged entry advises). Returns the entry paths."""
+    todo, digest = [], {}
+
+    def content_once():
+        if "d" not in digest:
+            digest["d"] = content()
+        return digest["d"]
     for pi, p in enumerate(passes):
         for oi, o in enumerate(p.outputs):
             key = entry_key(o.model_key, data_key, cfg.dtype, feed.key)
-            if store.is_current(o.out, key):
+            if not force and store.is_current(o.out, key) and \
+                    not (verify and content and not store.content_unchanged(o.out, content_once)):
                 print(f"{o.out} is up to date")
             else:
                 todo.append(_Todo(pi, oi, o, key))
     paths = [o.out for p in passes for o in p.outputs]
     if not todo:
         return paths
+    if content is not None:
+        for t in todo:
+            t.output.info = dict(t.output.info, content_digest=content_once())
     n = len(feed)
     if n == 0:
         raise UserError(f"{desc}: nothing to extract (empty dataset)")
@@ -458,6 +488,8 @@ def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None):
     for t in todo:
         # the chunk size is part of the partial folder's name: a run resumed with another size starts afresh
         t.partial = store.partial_dir(t.output.out, dict(t.key, chunk_rows=size))
+        if force and rank == 0:
+            shutil.rmtree(t.partial, ignore_errors=True)
         done = [store.chunk_done(t.partial, c) for c in range(n_chunks)]
         t.missing = {c for c in range(rank, n_chunks, world) if not done[c]}
         if any(done) and rank == 0:
@@ -495,8 +527,8 @@ def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None):
                     writer.submit(_write_chunks, store, c, [(t.partial, np.concatenate(acc))
                                                             for t, acc in zip(active, feats)], np.concatenate(labels))
         finally:
+            bar.close()       # first: a chunk write's error, raised by close(), then starts on its own line
             writer.close()
-            bar.close()
         if hasattr(feed, "report"):          # --decode gpu: how many images were decoded with PIL, and why
             decode_info = feed.report()
     _barrier(world)

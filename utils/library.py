@@ -13,7 +13,6 @@ processes, byte-for-byte the same for any number of them), resumable class by cl
 Each class folder is built under a temp name and renamed when complete, so a killed run resumes class by class. The
 cutting itself (SLIC segments, grid patches) is utils/elements.py.
 """
-import glob
 import multiprocessing
 import os
 import shutil
@@ -23,10 +22,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .data import class_folder_source, get_source, per_class_indices, safe_name
+from .data import UNREADABLE, class_folder_source, get_source, per_class_indices, safe_name
 from .errors import UserError
-from .fileio import atomic_write_json, key_hash, read_json, replace_dir, tmp_name
-from .validate import check_element_index
+from .fileio import atomic_write_json, key_hash, read_json, remove_strays, replace_dir, tmp_name
+from .validate import LIBRARY_SCHEMA, check_element_index
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,15 @@ def read_index(folder):
     return index_path, check_element_index(index_path)
 
 
+def _key_hash_of(path):
+    """The ``key_hash`` a library's JSON file records, or None when it is missing or damaged."""
+    try:
+        d = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return d.get("key_hash") if isinstance(d, dict) else None
+
+
 def class_folders(classes):
     """Unique, filesystem-safe folder names for class names."""
     names, seen = [], set()
@@ -90,7 +98,7 @@ def _cut_image(task):
     ident = source.ident(i)
     try:
         img = source.image(i)
-    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for corrupt / truncated files
+    except UNREADABLE as e:
         return None, ("unreadable", f"{ident}: {type(e).__name__}")
     if min(img.size) < _JOB["min_side"]:
         return None, ("too small", f"{ident}: {img.size[0]}x{img.size[1]}")
@@ -118,25 +126,37 @@ def build_library(source, method, cut, params, out_dir, images_per_class=10, see
     key = {"schema": 1, "data": source.key(), "method": method, "params": params, "min_side": min_side,
            "images_per_class": images_per_class, "seed": seed, "image_size": image_size}
     h = key_hash(key)
-    if os.path.exists(index_path) and read_json(index_path).get("key_hash") == h:
-        print(f"{index_path} is up to date")
-        return index_path
-    if os.path.exists(manifest_path) and read_json(manifest_path).get("key_hash") != h:
+    for p in (index_path, manifest_path):
+        remove_strays(p)                  # temp files of a killed run
+    if _key_hash_of(index_path) == h:
+        try:
+            check_element_index(index_path)
+            print(f"{index_path} is up to date")
+            return index_path
+        except UserError as e:
+            print(f"{e}: rebuilding it")
+    elif os.path.exists(index_path) and _key_hash_of(index_path) is None:
+        print(f"{index_path} is damaged (not a JSON object with a key_hash): rebuilding the library")
+    if os.path.exists(index_path):     # the commit point goes first: a kill from here on leaves no library
+        os.remove(index_path)
+    if os.path.exists(manifest_path) and _key_hash_of(manifest_path) != h:
         print(f"{root} was built with other settings: rebuilding it")
         shutil.rmtree(root)
     atomic_write_json(manifest_path, {"key": key, "key_hash": h})
-    for stale in glob.glob(os.path.join(root, "*.tmp-*")):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
 
     folders = class_folders(source.classes)
     chosen = per_class_indices(source.targets, images_per_class, seed)
     done, tmp, tasks, resumed = {}, {}, [], 0
     for c, idxs in chosen.items():
+        remove_strays(os.path.join(root, folders[c]))       # a killed run's temp class folders
         marker = os.path.join(root, folders[c], "elements.json")
         if os.path.exists(marker):
-            done[c] = read_json(marker)
-            resumed += 1
-            continue
+            try:
+                done[c] = read_json(marker)
+                resumed += 1
+                continue
+            except (OSError, ValueError):     # a damaged marker: the class is cut again
+                shutil.rmtree(os.path.join(root, folders[c]))
         tmp[c] = tmp_name(os.path.join(root, folders[c]))
         os.makedirs(tmp[c])
         tasks += [(c, int(i), tmp[c], folders[c]) for i in idxs]
@@ -174,8 +194,8 @@ def build_library(source, method, cut, params, out_dir, images_per_class=10, see
     summary = {"images": n_images, "elements": len(rows), "skipped": len(skipped),
                "skipped_files": [f"{w}: {m}" for w, m in skipped][:1000], "classes_resumed": resumed,
                **{f"skipped_{w.replace(' ', '_')}": n for w, n in counts.items()}}
-    atomic_write_json(index_path, {"schema": 1, "key": key, "key_hash": h, "classes": source.classes,
-                                   "elements": rows, "summary": summary})
+    atomic_write_json(index_path, {"schema": LIBRARY_SCHEMA, "key": key, "key_hash": h, "classes": source.classes,
+                                   "elements": rows, "summary": summary})   # the library's commit point
     print(f"{len(rows)} elements from {n_images - len(skipped)} images "
           f"({counts['unreadable']} unreadable and {counts['too small']} too small skipped; "
           f"{resumed} classes resumed) -> {index_path}")

@@ -24,9 +24,9 @@ import numpy as np
 
 from . import validate
 from .errors import UserError
-from .fileio import TempDir, atomic_write_bytes, key_hash, read_json
+from .fileio import TempDir, atomic_write_bytes, check_space, key_hash, read_json, remove_strays, write_error
 
-SCHEMA = 1
+SCHEMA = validate.ENTRY_SCHEMA
 
 
 def read_meta(path):
@@ -41,8 +41,13 @@ def read_meta(path):
 def is_current(path, key):
     """True when ``path`` holds a finished, structurally sound entry made from exactly ``key`` (a damaged one is
     reported and counts as absent, so the stage rebuilds it)."""
+    remove_strays(path)
     meta = read_meta(path)
     if not (bool(meta) and meta.get("schema") == SCHEMA and meta.get("key_hash") == key_hash(key)):
+        if meta and isinstance(meta.get("key"), dict):
+            now = json.loads(json.dumps(key, default=str))      # as meta.json holds it (tuples as lists)
+            print(f"{path} was made from other inputs ({', '.join(changed(meta['key'], now)) or 'its key'} "
+                  f"changed): rebuilding it")
         return False
     try:
         validate.check_structure(path, meta)
@@ -52,9 +57,38 @@ def is_current(path, key):
     return True
 
 
-def _meta(key, arrays, info, digests):
+def content_unchanged(out, content):
+    """False (and says why) when ``content`` (the inputs' content digest, computed on --verify) differs from the one
+    the entry ``out`` recorded when it was extracted."""
+    recorded = (read_meta(out) or {}).get("info", {}).get("content_digest")
+    if recorded is None:
+        print(f"warning: {out} records no content digest of its images (extracted before they were kept); "
+              f"names, sizes and modification times checked, bytes not")
+        return True
+    if recorded != content():
+        print(f"{out}: its images' bytes changed since it was extracted (same names, sizes and modification times; "
+              f"found by --verify): re-extracting it")
+        return False
+    return True
+
+
+def changed(old, new, prefix=""):
+    """The dotted names of the fields that differ between two keys (``data.files``: an input file's size or
+    modification time, or the file list)."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _meta(key, specs, info, digests):
+    """meta.json of an entry whose arrays have ``specs`` {name: (shape, dtype)}."""
     return {"schema": SCHEMA, "key": key, "key_hash": key_hash(key),
-            "arrays": {n: [list(a.shape), str(a.dtype)] for n, a in arrays.items()}, "info": info or {},
+            "arrays": {n: [list(shape), str(np.dtype(dt))] for n, (shape, dt) in specs.items()}, "info": info or {},
             "digests": digests}
 
 
@@ -67,7 +101,7 @@ def write(path, arrays, key, info=None):
             np.save(os.path.join(tmp, f"{name}.npy"), arr)
             digests[name] = validate.array_digest(arr)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(_meta(key, arrays, info, digests), f, indent=1, default=str)
+            json.dump(_meta(key, {n: (a.shape, a.dtype) for n, a in arrays.items()}, info, digests), f, indent=1, default=str)
     return path
 
 
@@ -83,8 +117,8 @@ def read(path, mmap=True, verify=None):
         raise UserError(f"{path} is not a finished store entry (no meta.json); run the stage that makes it first") \
             from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: meta.json is not valid JSON ({validate.one_line(e)}); the entry is "
-                        f"damaged, re-extract it") from None
+        raise UserError(f"{path}: meta.json is not valid JSON ({validate.one_line(e)}); "
+                        f"{validate.damaged(path)}") from None
     except OSError as e:
         raise UserError(f"{path}: meta.json cannot be read ({e.strerror})") from None
     offsets = validate.check_structure(path, meta)
@@ -121,38 +155,63 @@ def write_chunk(partial, c, arrays):
     os.makedirs(partial, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write_bytes(os.path.join(partial, f"chunk_{c:06d}.npz"), buf.getvalue())
+    try:
+        atomic_write_bytes(os.path.join(partial, f"chunk_{c:06d}.npz"), buf.getvalue())
+    except UserError:
+        if not os.listdir(partial):     # nothing to resume from: leave no empty folder behind
+            os.rmdir(partial)
+        raise
+
+
+def _npy_header(dtype, shape):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
 
 
 def merge_chunks(partial, path, n_chunks, key, info=None, extra=None):
-    """Concatenate chunks 0..n_chunks-1 of ``partial`` into the entry ``path`` (streamed through memory maps, so the
-    result may exceed RAM), add ``extra`` arrays, write meta last, and remove the partial folder."""
+    """Concatenate chunks 0..n_chunks-1 of ``partial`` into the entry ``path`` (streamed chunk by chunk, so the
+    result may exceed RAM), add ``extra`` arrays, write meta last, and remove the partial folder.
+
+    The free space is checked first and the arrays are written with plain file writes (a memory-mapped write to a
+    full disk is a SIGBUS, not an error): a full disk is one error line naming the file and the bytes needed, and the
+    half-built entry is removed (the chunks stay, so the rerun after freeing space only merges)."""
     first = np.load(os.path.join(partial, "chunk_000000.npz"))
     names = list(first.files)
     sizes = [len(np.load(os.path.join(partial, f"chunk_{c:06d}.npz"))[names[0]]) for c in range(n_chunks)]
+    shapes = {n: (sum(sizes),) + first[n].shape[1:] for n in names}
+    need = sum(int(np.prod(shapes[n])) * first[n].dtype.itemsize for n in names) + \
+        sum(np.asarray(a).nbytes for a in (extra or {}).values())
+    check_space(path, need)
     with TempDir(path) as tmp:
-        outs = {n: np.lib.format.open_memmap(os.path.join(tmp, f"{n}.npy"), mode="w+", dtype=first[n].dtype,
-                                             shape=(sum(sizes),) + first[n].shape[1:]) for n in names}
-        hashes = {n: validate.Digest() for n in names}   # hashed as copied: no second pass over the data
-        row = 0
-        for c, size in enumerate(sizes):
-            chunk = np.load(os.path.join(partial, f"chunk_{c:06d}.npz"))
+        files = {n: os.path.join(tmp, f"{n}.npy") for n in names}
+        outs = {n: open(files[n], "wb") for n in names}
+        try:
             for n in names:
-                block = np.ascontiguousarray(chunk[n], dtype=outs[n].dtype)
-                outs[n][row:row + size] = block
-                hashes[n].update(block)
-            row += size
-        for a in outs.values():
-            a.flush()
-        arrays = {n: a for n, a in outs.items()}
+                outs[n].write(_npy_header(first[n].dtype, shapes[n]))
+            hashes = {n: validate.Digest() for n in names}   # hashed as copied: no second pass over the data
+            for c in range(n_chunks):
+                chunk = np.load(os.path.join(partial, f"chunk_{c:06d}.npz"))
+                for n in names:
+                    block = np.ascontiguousarray(chunk[n], dtype=first[n].dtype)
+                    outs[n].write(memoryview(block.reshape(-1)).cast("B") if block.size else b"")
+                    hashes[n].update(block)
+            for f in outs.values():
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_error(getattr(e, "filename", None) or path, e, need) from None
+        finally:
+            for f in outs.values():
+                f.close()
+        specs = {n: (shapes[n], first[n].dtype) for n in names}
         digests = {n: h.value() for n, h in hashes.items()}
         for n, a in (extra or {}).items():
             a = np.ascontiguousarray(a)
             np.save(os.path.join(tmp, f"{n}.npy"), a)
-            arrays[n], digests[n] = a, validate.array_digest(a)
-        meta = _meta(key, arrays, info, digests)
-        del outs, arrays
+            specs[n], digests[n] = (a.shape, a.dtype), validate.array_digest(a)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1, default=str)
+            json.dump(_meta(key, specs, info, digests), f, indent=1, default=str)
     shutil.rmtree(partial, ignore_errors=True)
     return path

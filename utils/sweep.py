@@ -8,12 +8,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from . import iis, probe, store, validate
+from . import iis, probe, results, store, validate
 from .errors import UserError
-from .fileio import atomic_torch_save, atomic_write_bytes, atomic_write_json, key_hash, read_json
+from .fileio import atomic_torch_save, atomic_write_bytes, atomic_write_json, key_hash, manifest, remove_strays
 from .heads import LinearProbes, Split, fit, rows
 
 RESULTS_SCHEMA = "iis.results/2"
+FILES = ("heads.pt", "predictions.npz")     # what results.json's manifest covers
 
 # What each protocol fixes unless a flag says otherwise. "iis" is this project's; "reference" is the original code's
 # (its keep rule, ExponentialLR(0.99) per epoch, batch 1024 and its single lr), for comparing with numbers it made.
@@ -94,9 +95,12 @@ def converged_probe(cfg):
 
 
 def is_done(out, key):
-    path = os.path.join(out, "results.json")
-    if os.path.exists(path) and read_json(path).get("key_hash") == key_hash(key):
-        print(f"{path} is up to date")
+    """True (and says so) when ``out`` holds a finished run of ``key``; a damaged or half-replaced one is not. Temp
+    files a killed run left in ``out`` go first."""
+    for name in FILES + ("results.json",):
+        remove_strays(os.path.join(out, name))
+    if results.finished(out, key_hash(key)):
+        print(f"{os.path.join(out, 'results.json')} is up to date")
         return True
     return False
 
@@ -232,7 +236,8 @@ def _check_divergence(runs):
 
 
 def save(out, key, meta, grid, runs, preds, val_labels, heads, probes, extra_tensors):
-    """heads.pt and predictions.npz, then results.json (whose presence with a matching key marks the run done)."""
+    """heads.pt and predictions.npz, then results.json: the run's commit point, naming both files' digests
+    (utils/results.py), so a run stopped between the replacements is never read as finished."""
     ratios, lrs, seeds = sorted(set(g[1] for g in grid)), sorted(set(g[2] for g in grid)), list(meta["seeds"])
     os.makedirs(out, exist_ok=True)
     std = [r for r in runs if r["head"] == "standard"]
@@ -252,7 +257,7 @@ def save(out, key, meta, grid, runs, preds, val_labels, heads, probes, extra_ten
     path = os.path.join(out, "results.json")
     atomic_write_json(path, {"schema": RESULTS_SCHEMA, "key": key, "key_hash": key_hash(key), "meta": meta,
                              "sparsity_grid": ratios, "lr_grid": lrs, "seeds": seeds,
-                             "predictions": "predictions.npz", "runs": runs})
+                             "predictions": "predictions.npz", "runs": runs, "files": manifest(out, FILES)})
 
     try:    # the heads the IIS takes (utils/iis.py), not the best val top-1: that would peek at val
         chosen = list(iis.select(iis.runs_of({"runs": runs})).values())
@@ -270,8 +275,12 @@ def run_meta(cfg, train_meta, val_meta, **extra):
                 seeds=list(cfg.seeds), val_samples=key_hash(val_meta["key"].get("data", val_meta["key"])))
 
 
-def backbone_meta(train_meta):
-    spec = train_meta["info"]["backbone"]
+def backbone_meta(train_meta, entry="the train features"):
+    spec = validate.meta_field(entry, train_meta, "info.backbone")
+    for name in ("name", "arch", "weights", "layer", "pooling"):
+        if name not in spec:
+            raise UserError(f"{os.path.join(entry, 'meta.json')}: 'info.backbone' has no {name!r}; {validate.damaged(entry)}")
+    validate.meta_field(entry, train_meta, "info.classes", list)
     return {"backbone": spec["name"], "arch": spec["arch"], "weights": spec["weights"], "layer": spec["layer"],
             "pooling": spec["pooling"], "dataset": train_meta["info"].get("dataset"),
             "classes": train_meta["info"]["classes"]}

@@ -12,6 +12,7 @@ Two kinds:
 Every failure is one :class:`~utils.errors.UserError` whose message starts with the entry's path.
 """
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -21,6 +22,8 @@ from .errors import UserError
 
 DIGEST = "sha256"            # hardware-accelerated on current x86 and ARM CPUs: faster here than blake2b (docs/benchmarks.md)
 BLOCK_BYTES = 16 << 20       # rows per streamed block: about this many bytes
+ENTRY_SCHEMA = 1             # meta.json's "schema" (utils/store.py)
+LIBRARY_SCHEMA = 1           # an element library's index.json "schema" (utils/library.py)
 
 
 def verify_requested(flag=None):
@@ -68,7 +71,7 @@ def array_specs(entry, meta):
     """{name: (shape, dtype)} as meta.json records them; UserError when meta.json is not a store entry's."""
     arrays = meta.get("arrays") if isinstance(meta, dict) else None
     if not isinstance(arrays, dict) or not arrays:
-        raise UserError(f"{entry}: meta.json lists no arrays; the entry is damaged, re-extract it")
+        raise UserError(f"{entry}: meta.json lists no arrays; {damaged(entry)}")
     specs = {}
     for name, spec in arrays.items():
         try:
@@ -76,12 +79,56 @@ def array_specs(entry, meta):
             specs[name] = (tuple(int(s) for s in shape), np.dtype(dtype))
         except (TypeError, ValueError):
             raise UserError(f"{entry}: meta.json records array '{name}' as {spec!r}, not [shape, dtype]; "
-                            f"the entry is damaged, re-extract it") from None
+                            f"{damaged(entry)}") from None
     return specs
+
+
+def redo(entry):
+    """How to rebuild ``entry``: its extractor's command again, with --force (a damaged entry can look current)."""
+    return (f"re-extract it: rerun the command that made {entry} with --force (dataset features: python -m "
+            f"concept_extractor.dataset_feature_extractor ... --out {entry} --force)")
+
+
+def damaged(entry):
+    return f"the entry is damaged, {redo(entry)}"
+
+
+def check_meta(entry, meta, schemas=(ENTRY_SCHEMA,)):
+    """meta.json's own fields: a schema this code reads, ``key`` and ``info`` objects, ``key_hash`` a string and
+    ``digests`` (when present) an object of "<algorithm>:<hex>" strings. One UserError naming the entry."""
+    where = os.path.join(entry, "meta.json")
+    if not isinstance(meta, dict):
+        raise UserError(f"{where} is not a JSON object; {damaged(entry)}")
+    if meta.get("schema") not in schemas:
+        raise UserError(f"{where} has schema {meta.get('schema')!r}; this version reads schema "
+                        f"{' or '.join(map(repr, schemas))}: rebuild the entry with this version")
+    for name, kind in (("key", dict), ("info", dict), ("key_hash", str)):
+        if not isinstance(meta.get(name), kind):
+            found = "missing" if name not in meta else f"a {type(meta[name]).__name__}"
+            raise UserError(f"{where}: '{name}' is {found}, expected {'an object' if kind is dict else 'a string'}; "
+                            f"{damaged(entry)}")
+    digests = meta.get("digests")
+    if digests is not None and not (isinstance(digests, dict) and all(
+            isinstance(v, str) and ":" in v for v in digests.values())):
+        raise UserError(f"{where}: 'digests' is malformed (expected {{array: \"sha256:<hex>\"}}); {damaged(entry)}")
+    return meta
+
+
+def meta_field(entry, meta, dotted, kind=dict):
+    """``meta[a][b]...`` for ``dotted`` = "a.b...", which must be a ``kind``; else one UserError naming the entry."""
+    value = meta
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if not isinstance(value, kind):
+        raise UserError(f"{os.path.join(entry, 'meta.json')}: '{dotted}' is "
+                        f"{'missing' if value is None else 'a ' + type(value).__name__}, expected "
+                        f"{'an object' if kind is dict else 'a ' + kind.__name__}; {damaged(entry)}")
+    return value
 
 
 def check_structure(entry, meta):
     """Check every array file of ``entry`` against ``meta`` (headers and sizes only). Returns {name: data offset}."""
+    check_meta(entry, meta)
     offsets = {}
     for name, (shape, dtype) in array_specs(entry, meta).items():
         path = os.path.join(entry, f"{name}.npy")
@@ -164,7 +211,7 @@ def check_digests(entry, meta, offsets):
         found = file_data_digest(os.path.join(entry, f"{name}.npy"), offset, algorithm)
         if found != want:
             raise UserError(f"{entry}: array '{name}': content digest {found[:24]}... differs from the "
-                            f"{want[:24]}... recorded when it was written (its bytes changed); re-extract it")
+                            f"{want[:24]}... recorded when it was written (its bytes changed); {redo(entry)}")
     return unrecorded
 
 
@@ -200,7 +247,7 @@ def check_finite(entry, name, a):
         value = block.reshape(len(block), -1)[r, c]
         where = f"row {start + r}" + (f", column {c}" if block.ndim > 1 else "")
         raise UserError(f"{entry}: array '{name}' {where} is {value}, the first non-finite value ({len(a)} rows); "
-                        f"re-extract this entry")
+                        f"{redo(entry)}")
 
 
 def check_labels(entry, name, labels, n_classes, what=None):
@@ -252,16 +299,26 @@ def require_arrays(entry, arrays, names):
 # --------------------------------------------------------------------------------------------------------------------
 # element library index (input of visual_element_emb_extractor)
 # --------------------------------------------------------------------------------------------------------------------
+def inside(root, rel):
+    """True when ``rel`` is a normalised relative path that stays inside ``root`` (symbolic links resolved)."""
+    if not rel or os.path.isabs(rel) or os.path.normpath(rel) != rel or rel.split(os.sep)[0] == "..":
+        return False
+    real_root = os.path.realpath(root)
+    return os.path.realpath(os.path.join(root, rel)).startswith(real_root + os.sep)
+
+
 def check_element_index(index_path):
     """The parsed index.json of an element library, after checking that it is valid JSON with a class list and at
     least one element, and that every element's file exists and its label is in [0, n_classes)."""
-    import json
     try:
         with open(index_path, "rb") as f:
             index = json.loads(f.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{index_path} is not valid JSON ({one_line(e)}); rebuild the element "
                         f"library (segment_extractor or patch_extractor)") from None
+    if isinstance(index, dict) and index.get("schema") not in (LIBRARY_SCHEMA,):
+        raise UserError(f"{index_path} has schema {index.get('schema')!r}; this version reads schema "
+                        f"{LIBRARY_SCHEMA!r}: rebuild the element library with this version")
     classes = index.get("classes") if isinstance(index, dict) else None
     elements = index.get("elements") if isinstance(index, dict) else None
     if not isinstance(classes, list) or not classes or not isinstance(elements, list):
@@ -273,6 +330,9 @@ def check_element_index(index_path):
         label, file = (e.get("label"), e.get("file")) if isinstance(e, dict) else (None, None)
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < n:
             raise UserError(f"{index_path}: element {i} has label {label!r}, outside [0, {n}) ({n} classes)")
-        if not isinstance(file, str) or not os.path.isfile(os.path.join(root, file)):
+        if not isinstance(file, str) or not inside(root, file):
+            raise UserError(f"{index_path}: element {i}: its path {file!r} is not a normalised relative path inside "
+                            f"the library; refusing it (rebuild the element library)")
+        if not os.path.isfile(os.path.join(root, file)):
             raise UserError(f"{index_path}: element {i}: its image {file!r} is missing; rebuild the element library")
     return index

@@ -1,0 +1,254 @@
+"""Issue 18's malformed inputs, one parametrised row each: the real script reruns over a damaged input and must exit
+2 with exactly one `error:` line naming the file and what is wrong, leaving its previous output byte-identical. Where
+the damaged file is the stage's own output (results.json, index.json), the rerun rebuilds it instead."""
+import json
+import os
+import shutil
+import struct
+import zlib
+
+import pytest
+import torch
+
+from test_corruption import (EMB, PROTO, base, case_copy, check_refused, element_entry, io_args,  # noqa: F401
+                             one_error_line, script, snapshot)
+from utils import fileio
+
+
+def _meta(entry, change):
+    p = os.path.join(entry, "meta.json")
+    meta = json.load(open(p))
+    change(meta)
+    fileio.atomic_write_json(p, meta)
+
+
+def key_missing(e):
+    _meta(e, lambda m: m.pop("key"))
+    return ["meta.json: 'key' is missing, expected an object"]
+
+
+def key_wrong_type(e):
+    _meta(e, lambda m: m.update(key="resnet50"))
+    return ["meta.json: 'key' is a str, expected an object"]
+
+
+def key_backbone_missing(e):
+    _meta(e, lambda m: m["key"].pop("backbone"))
+    return ["meta.json: 'key.backbone' is missing, expected an object"]
+
+
+def info_missing(e):
+    _meta(e, lambda m: m.pop("info"))
+    return ["meta.json: 'info' is missing, expected an object"]
+
+
+def info_wrong_type(e):
+    _meta(e, lambda m: m.update(info=["classes"]))
+    return ["meta.json: 'info' is a list, expected an object"]
+
+
+def info_backbone_missing(e):
+    _meta(e, lambda m: m["info"].pop("backbone"))
+    return ["meta.json: 'info.backbone' is missing, expected an object"]
+
+
+def digests_malformed(e):
+    _meta(e, lambda m: m.update(digests=["sha256:00"]))
+    return ["meta.json: 'digests' is malformed"]
+
+
+def schema_unknown(e):
+    _meta(e, lambda m: m.update(schema="v99-unknown"))
+    return ["meta.json has schema 'v99-unknown'; this version reads schema 1"]
+
+
+META = [key_missing, key_wrong_type, key_backbone_missing, info_missing, info_wrong_type, info_backbone_missing,
+        digests_malformed, schema_unknown]
+
+
+@pytest.mark.parametrize("corrupt", META, ids=lambda c: c.__name__)
+def test_training_refuses_a_malformed_meta_json(base, script, tmp_path, corrupt):
+    ent, out = case_copy(base, tmp_path, "prototype")
+    before, listing = snapshot(out), sorted(os.listdir(tmp_path))
+    fragments = corrupt(str(ent / "train"))
+    r = script(*PROTO, *io_args(ent, out))
+    check_refused(r, ent / "train", fragments, out, before, tmp_path, listing)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a run folder's own files
+# ---------------------------------------------------------------------------------------------------------------------
+def results_truncated(run):
+    p = run / "results.json"
+    p.write_bytes(p.read_bytes()[:100])
+    return [f"{p} is damaged (not valid JSON"]
+
+
+def results_schema(run):
+    res = json.load(open(run / "results.json"))
+    res["schema"] = "iis.results/99"
+    fileio.atomic_write_json(str(run / "results.json"), res)
+    return ["has schema 'iis.results/99'; this version reads schema 'iis.results/1' or 'iis.results/2'"]
+
+
+def heads_bare_tensor(run):
+    torch.save(torch.zeros(3), run / "heads.pt")
+    return [f"{run} is an unfinished run (heads.pt is not the one its manifest records"]
+
+
+def heads_list_unrecorded(run):      # a run written before manifests: the file itself is checked
+    torch.save([1, 2], run / "heads.pt")
+    res = json.load(open(run / "results.json"))
+    del res["files"]
+    fileio.atomic_write_json(str(run / "results.json"), res)
+    return [f"{run / 'heads.pt'} holds list, not the trainer's dict of tensors"]
+
+
+def predictions_swapped(run):
+    p = run / "predictions.npz"
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 1
+    p.write_bytes(bytes(b))
+    return [f"{run} is an unfinished run (predictions.npz is not the one its manifest records"]
+
+
+RUN_DAMAGE = [results_truncated, results_schema, heads_bare_tensor, heads_list_unrecorded, predictions_swapped]
+
+
+@pytest.mark.parametrize("corrupt", RUN_DAMAGE, ids=lambda c: c.__name__)
+def test_readers_refuse_a_damaged_run_and_training_rebuilds_it(base, script, tmp_path, corrupt):
+    ent, out = case_copy(base, tmp_path, "explain")
+    run = tmp_path / "run"
+    good = snapshot(run)
+    fragments = corrupt(run)
+    before = snapshot(run)
+    if corrupt is not heads_list_unrecorded:     # iis_computing never reads heads.pt
+        one_error_line(script("iis_computing.py", str(run)), *fragments)
+    r = script("explain.py", str(run), "--index", "4", "--ratio", "0.5", "--out", str(out))
+    one_error_line(r, *fragments)
+    assert snapshot(run) == before
+    r = script(*PROTO, *io_args(ent, run))       # the advice: rerun the training command; it retrains
+    assert r.returncode == 0 and "retraining it" in r.stdout and "up to date" not in r.stdout, r.stdout[-2000:]
+    assert snapshot(run)["heads.pt"] == good["heads.pt"]
+    assert json.load(open(run / "results.json"))["runs"] == json.loads(good["results.json"])["runs"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# element libraries
+# ---------------------------------------------------------------------------------------------------------------------
+def _index(lib, change):
+    ix = json.load(open(lib / "index.json"))
+    change(ix)
+    fileio.atomic_write_json(str(lib / "index.json"), ix)
+
+
+def path_escapes(lib):
+    _index(lib, lambda ix: ix["elements"][2].update(file="../../../../etc/passwd"))
+    return ["element 2: its path '../../../../etc/passwd' is not a normalised relative path inside the library"]
+
+
+def path_absolute(lib):
+    _index(lib, lambda ix: ix["elements"][0].update(file=str(lib / "blue" / "0.png")))
+    return ["element 0: its path", "is not a normalised relative path inside the library"]
+
+
+def path_unnormalised(lib):
+    _index(lib, lambda ix: ix["elements"][1].update(file="blue/../blue/1.png"))
+    return ["element 1: its path 'blue/../blue/1.png' is not a normalised"]
+
+
+def index_schema(lib):
+    _index(lib, lambda ix: ix.update(schema=7))
+    return ["index.json has schema 7; this version reads schema 1"]
+
+
+@pytest.mark.parametrize("corrupt", [path_escapes, path_absolute, path_unnormalised, index_schema],
+                         ids=lambda c: c.__name__)
+def test_element_embedding_refuses_paths_outside_the_library(element_entry, script, tmp_path, corrupt):
+    shutil.copytree(element_entry / "lib", tmp_path / "lib")
+    shutil.copytree(element_entry / "emb", tmp_path / "emb")
+    before, listing = snapshot(tmp_path / "emb"), sorted(os.listdir(tmp_path))
+    fragments = corrupt(tmp_path / "lib")
+    r = script(*EMB, "--elements", str(tmp_path / "lib"), "--out", str(tmp_path / "emb"))
+    check_refused(r, tmp_path / "lib", fragments, tmp_path / "emb", before, tmp_path, listing)
+
+
+def bomb_png(path, side=20000):
+    """A PNG whose header claims side x side pixels (over twice PIL's decompression-bomb limit); no pixel data."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                + chunk(b"IEND", b""))
+
+
+PATCH = ["-m", "concept_extractor.patch_extractor", "--images_per_class", "2", "--image_size", "32",
+         "--workers", "1"]
+
+
+def test_a_library_skips_a_decompression_bomb_and_rebuilds_a_truncated_index(script, tmp_path):
+    from conftest import make_image_folder
+    folder = make_image_folder(str(tmp_path / "shapes"), n_train=2, n_val=1, size=24)
+    bomb_png(os.path.join(folder, "train", "red", "001.png"))
+    args = [*PATCH, "--images", os.path.join(folder, "train"), "--out_dir", str(tmp_path / "lib")]
+    r = script(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    index = tmp_path / "lib" / "patches" / "index.json"
+    summary = json.load(open(index))["summary"]
+    assert summary["skipped_unreadable"] == 1 and "red/001.png: DecompressionBombError" in summary["skipped_files"][0]
+    good = index.read_bytes()
+    index.write_bytes(good[:50])                 # truncated: the rerun rebuilds (never "up to date", never a traceback)
+    r = script(*args)
+    assert r.returncode == 0 and "is damaged" in r.stdout and "rebuilding" in r.stdout, r.stdout + r.stderr
+    rebuilt, first = json.load(open(index)), json.loads(good)
+    assert rebuilt["summary"].pop("classes_resumed") == 3 and first["summary"].pop("classes_resumed") == 0
+    assert rebuilt == first                      # the complete class folders were kept, the index written again
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dataset extraction: unreadable images and checkpoints of the wrong kind
+# ---------------------------------------------------------------------------------------------------------------------
+EXTRACT = ["-m", "concept_extractor.dataset_feature_extractor", "--model_config", "efficientnet_lite0",
+           "--backbone", "timm:test_efficientnet", "--split", "val", "--device", "cpu", "--batch_size", "3"]
+
+
+def bare_tensor(path):
+    torch.save(torch.zeros(3), path)
+    return "holds Tensor, not a state dict of tensors"
+
+
+def safetensors_header(path):
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", 40) + b'{"w": {"dtype": "F32", "shape": [2')
+    return "cannot read checkpoint"
+
+
+@pytest.mark.parametrize("make,name", [(bare_tensor, "w.pt"), (safetensors_header, "w.safetensors")],
+                         ids=["bare_tensor", "safetensors_header"])
+def test_a_checkpoint_of_the_wrong_kind_is_one_line(script, tmp_path, make, name):
+    from conftest import make_image_folder
+    folder = make_image_folder(str(tmp_path / "shapes"), n_train=1, n_val=1, size=24)
+    w = str(tmp_path / name)
+    fragment = make(w)
+    r = script(*EXTRACT, "--weights", w, "--dataset", folder, "--workers", "0", "--out", str(tmp_path / "f"))
+    one_error_line(r, w, fragment)
+    assert not os.path.exists(tmp_path / "f")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bomb"])
+def test_an_unreadable_dataset_image_is_one_line_from_a_loader_worker(script, tmp_path, damage):
+    from conftest import make_image_folder
+    folder = make_image_folder(str(tmp_path / "shapes"), n_train=1, n_val=3, size=24)
+    bad = os.path.join(folder, "val", "green", "001.png")
+    if damage == "bomb":
+        bomb_png(bad)
+    else:
+        with open(bad, "r+b") as f:
+            f.truncate(60)
+    r = script(*EXTRACT, "--weights", "none", "--dataset", folder, "--workers", "2", "--out", str(tmp_path / "f"))
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "DataLoader worker" not in r.stderr, r.stderr[-3000:]
+    assert "green/001.png) is unreadable (" + ("DecompressionBombError" if damage == "bomb" else "OSError") in errors[0]
+    print(errors[0])
+    assert not os.path.exists(tmp_path / "f")

@@ -1,0 +1,68 @@
+"""Reading a training run's results.json (schema in docs/files.md) the one way every reader does: the trainers'
+up-to-date check (:func:`finished`), iis_computing.py and explain.py (:func:`read`).
+
+results.json is written last and names the digest of every other file of the run (``files``: heads.pt,
+predictions.npz), so a folder whose files come from two trainings (a retrain killed between its replacements) is
+seen as unfinished, never read as one run.
+"""
+import json
+import os
+
+from .errors import UserError
+from .fileio import check_manifest, check_schema, read_json
+
+SCHEMAS = ("iis.results/1", "iis.results/2")
+RETRAIN = "rerun the training command that wrote it (an unfinished or damaged run is retrained, not reused)"
+
+
+def results_path(path):
+    return os.path.join(path, "results.json") if os.path.isdir(path) else path
+
+
+def _problem(f, need_manifest):
+    """(results dict or None, why it cannot be used or None)."""
+    try:
+        res = read_json(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"{f} is damaged (not valid JSON: {str(e).splitlines()[0][:80]})"
+    try:
+        check_schema(f, res, SCHEMAS)
+    except UserError as e:
+        return None, str(e)
+    if not isinstance(res.get("runs"), list) or not isinstance(res.get("meta", {}), dict):
+        return None, f"{f} is not a results file (no 'runs' list or no 'meta' object)"
+    if "files" in res or need_manifest:
+        why = check_manifest(os.path.dirname(f), res.get("files"))
+        if why:
+            return None, f"{os.path.dirname(f) or '.'} is an unfinished run ({why})"
+    return res, None
+
+
+def read(path, need_manifest=False):
+    """The results dict of the run ``path`` (its folder or its results.json), checked: valid JSON, a schema this
+    code reads, a ``runs`` list, and the files its manifest names as recorded (``need_manifest``: a results.json
+    written before manifests were, with no ``files``, is refused too). Every failure is one :class:`UserError`."""
+    f = results_path(path)
+    if not os.path.isfile(f):
+        raise UserError(f"no results.json at {path}: train the run first")
+    res, why = _problem(f, need_manifest)
+    if why:
+        raise UserError(f"{why}; {RETRAIN}")
+    return res
+
+
+def finished(out, key_hash):
+    """True when the run folder ``out`` holds a finished run of ``key_hash``. A run of another key is simply not
+    done; a damaged or unfinished one is said so in one line and is not done either (the trainer retrains it)."""
+    f = results_path(out)
+    if not os.path.exists(f):
+        return False
+    res, why = _problem(f, need_manifest=False)
+    if res is not None and res.get("key_hash") != key_hash:
+        return False
+    if not why and "files" not in res:
+        why = f"{f} records no digests of the run's files (written before they were)"
+    if why:
+        print(f"{why}: retraining it")
+        return False
+    return True
