@@ -54,45 +54,82 @@ def ranks(a):
 
 
 _POOL = {}
+_INDEX = {}
 
 
-def _np_mask(a, k, rule):
-    """One head's mask of rows ``a`` (N, K), by absolute value."""
+def _np_mask(a, k, j, rule, out):
+    """Masks of rows ``a`` (n, K) by absolute value into ``out`` (bool or float 0/1); row r keeps ``k[r]`` and its
+    threshold is its ``j[r]``-th smallest |a|."""
     a = np.abs(a)
-    k_all = a.shape[-1]
-    if k >= k_all or k <= 0:
-        return np.full(a.shape, k > 0)
+    # NumPy >= 2 sorts float32 rows with AVX-512/AVX2 networks: for K = 200 faster than introselect (np.partition)
+    thr = np.take_along_axis(np.sort(a, axis=-1), j[:, None], axis=-1)
     if rule == "reference":   # strictly above the (K - k - 1)-th smallest, as the original thresholds
-        j = k_all - k - 1
-        return a > np.partition(a, j, axis=-1)[:, j:j + 1]
-    j = k_all - k             # at or above the k-th largest: exactly k per row unless values tie there
-    m = a >= np.partition(a, j, axis=-1)[:, j:j + 1]
-    for r in np.flatnonzero(m.sum(1) != k):   # ties: keep the lower indices, as a stable sort would
-        m[r] = False
-        m[r, np.argsort(-a[r], kind="stable")[:k]] = True
-    return m
+        np.greater(a, thr, out=out)
+    else:                     # at or above the k-th largest: exactly k per row unless values tie there
+        np.greater_equal(a, thr, out=out)
+        for r in np.flatnonzero(np.count_nonzero(out, axis=1) != k):   # ties: the lower indices, as a stable sort
+            out[r] = 0
+            out[r, np.argsort(-a[r], kind="stable")[:k[r]]] = 1
+    out[k <= 0] = 0
+    out[k >= a.shape[1]] = 1
 
 
-def _np_masks(a, keep, rule):
-    """CPU masks with NumPy's introselect (np.partition): for K = 200 several times faster per row than torch.topk or
-    a sort (bench/bench_topk.py). NumPy releases the GIL while it partitions, so large blocks are split over torch's
-    number of threads (heads x row blocks); each piece is computed alone, so the result is the same for any count."""
+def _np_masks(a, keep, rule, dtype):
+    """CPU masks (H, N, K) of ``dtype`` (np.bool_ or float32) from activations ``a`` (H, N, K), every head's rows
+    at once. NumPy releases the GIL while it sorts, so large blocks are split over torch's number of threads; each
+    row is computed alone, so the result is the same for any count."""
+    h, n, k_all = a.shape
+    rows = a.reshape(h * n, k_all)
+    out = np.empty(rows.shape, dtype=dtype)
+    keep = np.repeat(np.asarray(keep, dtype=np.int64), n)
+    j = np.clip(k_all - keep - (rule == "reference"), 0, k_all - 1)
     threads = torch.get_num_threads()
-    n = a.shape[1]
-    step = max(1024, -(-n * len(keep) // threads))   # rows per piece: threads pieces in all, none tiny
-    pieces = [(h, i) for h in range(len(keep)) for i in range(0, n, step)]
-    if threads == 1 or len(pieces) == 1:
-        return torch.from_numpy(np.stack([_np_mask(a[h], k, rule) for h, k in enumerate(keep)]))
-    if threads not in _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="topk")
-    out = np.empty(a.shape, dtype=bool)
+    step = max(2048, -(-len(rows) // threads))
 
-    def work(piece):
-        h, i = piece
-        out[h, i:i + step] = _np_mask(a[h, i:i + step], keep[h], rule)
-    list(_POOL[threads].map(work, pieces))
-    return torch.from_numpy(out)
+    def work(i):
+        _np_mask(rows[i:i + step], keep[i:i + step], j[i:i + step], rule, out[i:i + step])
+    if threads == 1 or step >= len(rows):
+        work(0)
+    else:
+        if threads not in _POOL:
+            from concurrent.futures import ThreadPoolExecutor
+            _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="topk")
+        list(_POOL[threads].map(work, range(0, len(rows), step)))
+    return torch.from_numpy(out.reshape(a.shape))
+
+
+def _index(keep, k_all, rule, device):
+    """Per head (H, 1, 1) on ``device``: the sorted position of its threshold, and its keep count; made once per
+    device and grid, since copying them there at every step would wait for the device each time."""
+    key = (tuple(keep), k_all, rule, str(device))
+    if key not in _INDEX:
+        j = [min(max(k_all - k - (rule == "reference"), 0), k_all - 1) for k in keep]
+        _INDEX[key] = tuple(torch.tensor(v, device=device).view(-1, 1, 1) for v in (j, keep))
+    return _INDEX[key]
+
+
+def torch_masks(mags, keep, rule):
+    """The same masks from magnitudes (H, N, K) with torch ops only (the GPU path; any device): one sort of every
+    head's rows gives each row's threshold; ties at it (rule 'round') go to the lower indices by a running count.
+    No value leaves the device."""
+    k_all = mags.shape[-1]
+    j, k = _index(keep, k_all, rule, mags.device)
+    thr = mags.sort(dim=-1).values.gather(-1, j.expand(-1, mags.shape[1], 1))
+    if rule == "reference":
+        m = mags > thr
+    else:
+        above, tied = mags > thr, mags == thr
+        need = k - above.sum(-1, keepdim=True)   # how many of the tied values a row still keeps
+        m = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= need))
+    return (m & (k > 0)) | (k >= k_all)
+
+
+def _masks(a, keep, rule, dtype):
+    with torch.no_grad():
+        if a.device.type == "cpu":
+            return _np_masks(a.detach().float().numpy(), keep, rule, np.float32 if dtype.is_floating_point
+                             else np.bool_)
+        return torch_masks(a.detach().abs().float(), keep, rule).to(dtype)
 
 
 def topk_mask(a, keep, rule="round"):
@@ -105,15 +142,14 @@ def topk_mask(a, keep, rule="round"):
     """
     if isinstance(keep, int):
         return topk_mask(a.unsqueeze(0), [keep], rule)[0]
-    keep = [int(k) for k in keep]
-    with torch.no_grad():
-        if a.device.type == "cpu":
-            return _np_masks(a.detach().float().numpy(), keep, rule)
-        mags = a.detach().abs().float()
-        if rule == "reference":   # one batched sort gives every head's threshold, no host synchronisation
-            j = torch.as_tensor([min(mags.shape[-1] - 1, mags.shape[-1] - k - 1) for k in keep], device=a.device)
-            return mags > mags.sort(dim=-1).values.gather(-1, j.view(-1, 1, 1).expand(-1, mags.shape[1], 1))
-        return ranks(mags) < torch.as_tensor(keep, device=a.device).view(-1, 1, 1)
+    return _masks(a, [int(k) for k in keep], rule, torch.bool)
+
+
+def keep_weights(a, keep, rule="round"):
+    """:func:`topk_mask` (H, N, K) as 0/1 in ``a``'s dtype, the factor the heads multiply by: a float times a boolean
+    mask is a slow, branching loop on the CPU (several ms per (8, 1024, 200) block), a float times a float is not;
+    the products are the same."""
+    return _masks(a, [int(k) for k in keep], rule, a.dtype)
 
 
 def with_ranks(a):
@@ -183,13 +219,60 @@ class MaskedLinearHeads(_Grouped):
             k = self.weight.shape[1]
             x = x if x.ndim == 3 else x.unsqueeze(0)
             a, r = self.per_head(x[..., :k]), self.per_head(x[..., k:])
-            return a.float() * (r < self.keep[:, None, None])
+            return a.float() * (r < self.keep[:, None, None]).float()
         a = self.activations(x)
         a = a if a.shape[0] == len(self.keep_list) else self.per_head(a)
-        return a * topk_mask(a, self.keep_list, self.keep_rule)
+        return a * keep_weights(a, self.keep_list, self.keep_rule)
 
     def forward(self, x):
         return torch.baddbmm(self.bias.unsqueeze(1), self.masked_activations(x), self.weight)
+
+
+def _autocast_dtype(device):
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+class _SparseLinear(torch.autograd.Function):
+    """Logits bias + (a * keep) @ weight of H heads, a = z * gain + shift (each head's LayerNorm affine), keep = the
+    0/1 top-k weights of a (:func:`keep_weights`).
+
+    The arithmetic is autograd's of that expression, op for op and in the same precision (under autocast: the
+    products in its dtype, the rest float32), so the results are the same bits; what goes is work autograd adds:
+    z * 1 and z's broadcast materialised for the gain's gradient, the activations and the mask kept apart, a graph of
+    eight nodes. Inputs: z (H, B, K) (an expanded view is fine), gain and shift (H, K), weight (H, K, C), bias (H, C).
+    """
+
+    @staticmethod
+    def forward(ctx, z, gain, shift, weight, bias, keep, rule):
+        a = torch.addcmul(shift.unsqueeze(1), z, gain.unsqueeze(1))
+        w = keep_weights(a, keep, rule)
+        am = a.mul_(w)                          # a itself is not needed again
+        cast = _autocast_dtype(am.device)
+        if cast is not None:                    # what autocast would hand the batched product
+            am, weight, bias = am.to(cast), weight.to(cast), bias.to(cast)
+        ctx.save_for_backward(z, gain, w, am, weight)
+        return torch.baddbmm(bias.unsqueeze(1), am, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, gain, w, am, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = g.to(am.dtype)
+        dz = d_gain = d_shift = d_weight = d_bias = None
+        if need[3]:
+            d_weight = am.transpose(1, 2).bmm(g).float()
+        if need[4]:
+            d_bias = g.sum(1).float()
+        if need[0] or need[1] or need[2]:
+            da = g.bmm(weight.transpose(1, 2)).float().mul_(w)
+            if need[2]:
+                d_shift = da.sum(1)
+            if need[1]:
+                d_gain = (da * z).sum(1)
+            if need[0]:
+                dz = da * gain.unsqueeze(1)
+        return dz, d_gain, d_shift, d_weight, d_bias, None, None
 
 
 class _SparseHeads(MaskedLinearHeads):
@@ -211,8 +294,21 @@ class _SparseHeads(MaskedLinearHeads):
         """Each head's LayerNorm gain and bias on normalised scores z (H or 1, N, K)."""
         return torch.addcmul(self.ln_bias.unsqueeze(1), z, self.ln_weight.unsqueeze(1))   # one pass, not two
 
+    def sparse_logits(self, z):
+        """Logits (H, B, C) from normalised scores z (H, B, K), or (G or 1, B, K) that :meth:`per_head` spreads."""
+        z = z if z.shape[0] == len(self.keep_list) else self.per_head(z)
+        return _SparseLinear.apply(z, self.ln_weight, self.ln_bias, self.weight, self.bias, self.keep_list,
+                                   self.keep_rule)
+
+    def forward(self, x):
+        return self.sparse_logits(self.normalised(x))
+
     def activations(self, x):
         """(H, N, K) concept activations after each head's LayerNorm, before masking."""
+        return self.affine(self.normalised(x))
+
+    def normalised(self, x):
+        """(H or 1, N, K) LayerNorm(x . unit concepts) without the affine part."""
         c, x = self.concept_matrix(), x.float()
         shared = x.ndim == 2 or x.shape[0] == 1   # one input for every head: one GEMM, not a batch of H
         if c.ndim == 3 and shared:
@@ -223,7 +319,7 @@ class _SparseHeads(MaskedLinearHeads):
             s = self.per_head(x) @ c.T
         else:
             s = (x.reshape(-1, x.shape[-1]) @ c.T).unsqueeze(0)
-        return self.affine(F.layer_norm(s, s.shape[-1:]))
+        return F.layer_norm(s, s.shape[-1:])
 
 
 class SparseConceptHeads(_SparseHeads):
@@ -261,8 +357,7 @@ class SparseConceptHeads(_SparseHeads):
 
     def forward_scores(self, z):
         """Logits (H, B, C) from normalised scores z (G or 1, B, K)."""
-        a = self.affine(self.per_head(z.float()))
-        return torch.baddbmm(self.bias.unsqueeze(1), a * topk_mask(a, self.keep_list, self.keep_rule), self.weight)
+        return self.sparse_logits(self.per_head(z.float()))
 
     def on_scores(self):
         return _OnScores(self)
@@ -359,13 +454,21 @@ class _Adam:
 
     @torch.no_grad()
     def step(self, grads, active=None):
+        """p -= lr * (m / c1) / (sqrt(v / c2) + eps), written into two scratch buffers per parameter instead of six
+        new tensors (the same operations, so the same bits)."""
         self.t += 1
         b1, b2 = self.betas
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+        if not hasattr(self, "scratch"):
+            self.scratch = [(torch.empty_like(p), torch.empty_like(p)) for p in self.params]
+        # a stopped head's NaN gradient never enters its moments, and its lr is 0; on the CPU, with every head
+        # running, masking changes nothing and is skipped (asking on a GPU would wait for it)
+        if active is not None and active.device.type == "cpu" and bool(active.all()):
+            active = None
+        for p, g, m, v, (step, denom) in zip(self.params, grads, self.m, self.v, self.scratch):
             shape = (-1,) + (1,) * (p.ndim - 1)
             lr = self.lrs.view(shape)
-            if active is not None:   # a stopped head's NaN gradient never enters its moments, and its lr is 0
+            if active is not None:
                 on = active.view(shape)
                 g = torch.where(on, g, 0.0)
                 lr = lr * on
@@ -373,15 +476,20 @@ class _Adam:
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             if self.wd:
                 p.mul_(1 - lr * self.wd)
-            p.sub_(lr * (m / c1) / ((v / c2).sqrt() + self.eps))
+            torch.div(v, c2, out=denom).sqrt_().add_(self.eps)
+            torch.div(m, c1, out=step).mul_(lr)
+            p.addcdiv_(step, denom, value=-1.0)
 
 
 def rows(x, idx, device):
-    """Rows ``idx`` (sorted 1-D tensor) of features held as a tensor (resident) or a NumPy memory map (streamed),
-    on ``device`` as float32."""
+    """Rows ``idx`` (a sorted 1-D index tensor, or a slice) of features held as a tensor (resident) or a NumPy memory
+    map (streamed), on ``device`` as float32. index_select, not x[idx]: the same copy, several times faster."""
     if torch.is_tensor(x):
-        return x[idx.to(x.device)].to(device, non_blocking=True).float()
-    return torch.from_numpy(np.asarray(x[idx.cpu().numpy()], dtype=np.float32)).to(device, non_blocking=True)
+        part = x[idx] if isinstance(idx, slice) else x.index_select(0, idx.to(x.device))
+        return part.to(device, non_blocking=True).float()
+    part = np.array(x[idx], dtype=np.float32) if isinstance(idx, slice) else \
+        np.asarray(x[idx.cpu().numpy()], dtype=np.float32)
+    return torch.from_numpy(part).to(device, non_blocking=True)
 
 
 def _device_of(module):
@@ -398,15 +506,18 @@ class Split:
 
 
 def gather(x, idx, device):
-    """The input of a batch: ``idx`` is one index tensor (the same rows for every group: (1, B, F)) or a list of G
-    (G, B, F). ``x`` is (N, F) shared by the groups (tensor or memory map) or a (G, N, F) tensor, one per group."""
+    """The input of a batch: ``idx`` is one index tensor or slice (the same rows for every group: (1, B, F)) or a
+    list of G index tensors (G, B, F). ``x`` is (N, F) shared by the groups (tensor or memory map) or a (G, N, F)
+    tensor, one per group."""
     per_group = torch.is_tensor(x) and x.ndim == 3
-    if torch.is_tensor(idx):
+    if torch.is_tensor(idx) or isinstance(idx, slice):
         if per_group:
-            return x[:, idx.to(x.device)].to(device, non_blocking=True).float()
+            part = x[:, idx] if isinstance(idx, slice) else x.index_select(1, idx.to(x.device))
+            return part.to(device, non_blocking=True).float()
         return rows(x, idx, device).unsqueeze(0)
     if per_group:
-        return torch.stack([x[g, i.to(x.device)] for g, i in enumerate(idx)]).to(device, non_blocking=True).float()
+        return torch.stack([x[g].index_select(0, i.to(x.device)) for g, i in enumerate(idx)]).to(
+            device, non_blocking=True).float()
     if len(idx) == 1:
         return rows(x, idx[0], device).unsqueeze(0)
     return torch.stack([rows(x, i, device) for i in idx])
@@ -436,13 +547,13 @@ def evaluate(module, x, y, chunk=4096, row_groups=None):
     top1 = top5 = loss = 0
     preds = []
     for i in range(0, n, chunk):
-        if row_groups is None:
-            idx = torch.arange(i, min(i + chunk, n))
-            inp, yy = gather(x, idx, device), y[idx.to(y.device)].to(device).unsqueeze(0)
+        if row_groups is None:   # consecutive rows: views, no copies
+            idx = slice(i, min(i + chunk, n))
+            inp, yy = gather(x, idx, device), y[idx].to(device).unsqueeze(0)
         else:
             idx = [r[i:i + chunk] for r in row_groups]
             inp = gather(x, idx, device)
-            yy = torch.stack([y[r.to(y.device)] for r in idx]).to(device)
+            yy = torch.stack([y.index_select(0, r.to(y.device)) for r in idx]).to(device)
         logits = module(inp).float()
         yy = yy.expand(len(logits), -1) if len(yy) == 1 else yy[module.groups]
         h, b, c = logits.shape
@@ -481,9 +592,10 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
         otherwise by val top-1, as linear-probe evaluations customarily report.
 
     Each batch's rows are taken in sorted order (reads from a memory map stay sequential-ish; the loss is a mean, so
-    the order inside a batch does not matter). A head whose training loss becomes NaN/Inf stops there: it is no longer
-    updated, the epoch it happened in is recorded in ``diverged``, and it keeps its best earlier epoch (``epoch`` 0 and
-    NaN accuracies when there was none).
+    the order inside a batch does not matter). A head whose training loss, or its loss on the rows that choose its
+    epoch (dev, else val), becomes NaN/Inf stops there: it is no longer updated, the epoch it happened in is recorded
+    in ``diverged``, and it keeps its best earlier epoch (``epoch`` 0 and NaN accuracies when there was none). With
+    dev rows, val is evaluated once, after training, on each head's kept parameters.
 
     Returns a dict of per-head arrays: top1, top5, select_top1, epoch (1-based, the one kept), train_loss, val_loss,
     diverged (0 = never), pred (H, N_val) predicted classes at the kept epoch (-1 where none).
@@ -519,7 +631,7 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
         for i in range(0, n_train, batch_size):
             idx = [p[i:i + batch_size].sort().values for p in perms]
             inp = gather(x_train, idx if len(idx) > 1 else idx[0], device)
-            yb = torch.stack([y_train[j.to(y_train.device)] for j in idx]).to(device)
+            yb = torch.stack([y_train.index_select(0, j.to(y_train.device)) for j in idx]).to(device)
             with matmul_precision(device, precision):
                 logits = module(inp)
             h, b, c = logits.shape
@@ -530,28 +642,39 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
             alive &= finite
             opt.step(torch.autograd.grad(torch.where(finite, loss, 0.0).sum(), params), alive)
             loss_sum += torch.where(finite, loss.detach(), 0.0).double() * b
-        top1, top5, vloss, pred = evaluate(module, x_val, y_val)
-        sel = top1
-        if holdout:
-            sel = evaluate(module, x_train, y_train, row_groups=[s.dev for s in splits])[0]
-        ok = alive.cpu().numpy() & np.isfinite(vloss)
+        if holdout:   # the dev rows choose; val is evaluated once, at the end, from the kept parameters
+            sel, _, sel_loss, _ = evaluate(module, x_train, y_train, row_groups=[s.dev for s in splits])
+        else:
+            top1, top5, vloss, pred = evaluate(module, x_val, y_val)
+            sel, sel_loss = top1, vloss
+        ok = alive.cpu().numpy() & np.isfinite(sel_loss)
         newly = (diverged == 0) & ~ok
         diverged[newly] = epoch
         alive &= torch.as_tensor(ok, device=device)
         better = ok & (sel > best["select_top1"])
-        for k, v in (("top1", top1), ("top5", top5), ("select_top1", sel), ("val_loss", vloss),
-                     ("train_loss", (loss_sum / n_train).cpu().numpy()), ("epoch", np.full(n_heads, epoch))):
+        fields = [("select_top1", sel), ("train_loss", (loss_sum / n_train).cpu().numpy()),
+                  ("epoch", np.full(n_heads, epoch))]
+        if not holdout:
+            fields += [("top1", top1), ("top5", top5), ("val_loss", vloss)]
+            best["pred"][better] = pred[better]
+        for k, v in fields:
             best[k][better] = v[better]
-        best["pred"][better] = pred[better]
         mask = torch.as_tensor(better, device=device)
         for p, bp in zip(params, best_params):
             bp[mask] = p.detach()[mask]
         opt.lrs.mul_(lr_decay)
-        bar.set_postfix(best_top1=f"{np.nanmax(best['top1']) if np.isfinite(best['top1']).any() else 0:.1f}",
+        chosen = best["select_top1"][np.isfinite(best["select_top1"])]
+        bar.set_postfix({"best_dev" if holdout else "best_top1": f"{chosen.max() if len(chosen) else 0:.1f}"},
                         refresh=False)
     with torch.no_grad():
         for p, bp in zip(params, best_params):
             p.copy_(bp)
+    if holdout:   # the same evaluation as at the chosen epoch, on the same parameters: the same numbers
+        kept = best["epoch"] > 0
+        top1, top5, vloss, pred = evaluate(module, x_val, y_val)
+        for k, v in (("top1", top1), ("top5", top5), ("val_loss", vloss)):
+            best[k][kept] = v[kept]
+        best["pred"][kept] = pred[kept]
     best["select_top1"][best["epoch"] == 0] = np.nan
     best["epoch"] = best["epoch"].astype(np.int64)
     best["diverged"] = diverged
