@@ -29,7 +29,6 @@ import tempfile
 import time
 from collections import defaultdict
 
-import numpy as np
 import torch
 
 from bench.bench_heads import synthetic
@@ -125,8 +124,8 @@ def instrumented(regions):
             (S, "features", "features to device"), (S, "concept_scores", "concept scores"),
             (S, "make_splits", "splits"),
             (S, "fit", lambda *a, **kw: f"fit: {kw.get('desc', 'heads')}"), (S, "save", "write results"),
-            (H, "gather", "batch rows"), (H, "topk_mask", "top-k mask"), (F, "cross_entropy", "cross-entropy"),
-            (torch.autograd, "grad", "backward"), (H._Adam, "step", "Adam"),
+            (H, "gather", "batch rows"), (H, "keep_weights", "top-k mask"), (H, "topk_mask", "top-k mask"),
+            (F, "cross_entropy", "cross-entropy"), (torch.autograd, "grad", "backward"), (H._Adam, "step", "Adam"),
             (H, "evaluate", lambda *a, **kw: "evaluate " + ("dev" if kw.get("row_groups") is not None else "val"))):
         _wrap(owner, attr, label, regions, patches)
     for cls in (H.LinearProbes, H.SparseConceptHeads):
@@ -227,11 +226,15 @@ def op_table(args, paths, device, n):
     with profile(activities=acts) as prof:
         T.main(targs)
     ev = prof.key_averages()
-    cuda = device.type == "cuda"
-    key = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    total = sum(key(e) for e in ev) or 1
-    rows = sorted(ev, key=key, reverse=True)[:n]
-    return [(e.key, e.count, key(e) / 1e6, 100 * key(e) / total) for e in rows], "CUDA" if cuda else "CPU"
+    if device.type == "cuda":   # the kernels themselves, by device time
+        rows = [e for e in ev if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA] or list(ev)
+        key = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))   # noqa: E731
+    else:
+        rows, key = list(ev), (lambda e: e.self_cpu_time_total)   # noqa: E731
+    total = sum(key(e) for e in rows) or 1
+    top = sorted(rows, key=key, reverse=True)[:n]
+    return [(e.key[:90], e.count, key(e) / 1e6, 100 * key(e) / total) for e in top], \
+        ("CUDA kernel" if device.type == "cuda" else "CPU")
 
 
 def table(header, rows, fmt):
@@ -274,7 +277,7 @@ def main(args):
              f"{args.seeds}, batch {args.batch_size or 'protocol default'}, {torch.get_num_threads()} threads, on "
              f"{device}{', in memory' if args.in_memory else ''}{', regions synchronised' if sync else ''}")
     total = regions.wall[("trainer main",)]
-    lines = [f"# Head-sweep profile\n", f"`{' '.join(['python -m bench.profile_sweep'] + sys.argv[1:])}`\n",
+    lines = ["# Head-sweep profile\n", f"`{' '.join(['python -m bench.profile_sweep'] + sys.argv[1:])}`\n",
              f"{shape}  \nhardware: {hardware()}  \nmachine load (1-min average) at the end: "
              f"{os.getloadavg()[0]:.1f}; workload prepared in {prep:.1f} s (not counted)\n",
              "## Start-up (fresh interpreter)\n",

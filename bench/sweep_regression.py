@@ -1,5 +1,5 @@
-r"""Do the trainer's results survive a change to the sweep's code? Runs the visual trainer on fixed workloads, saves what
-it wrote, and compares with a saved run.
+r"""Do the trainer's results survive a change to the sweep's code? Runs the visual trainer on fixed workloads, saves
+what it wrote, and compares with a saved run.
 
     python -m bench.sweep_regression --save /tmp/before.json      # on the old code
     python -m bench.sweep_regression --compare /tmp/before.json   # on the new: identical, or how far apart
@@ -42,6 +42,7 @@ def get_args_parser():
     g.add_argument("--compare", help="compare this run with a saved one")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "iis_sweep_regression"))
     p.add_argument("--only", nargs="+", default=None, choices=list(CONFIGS), help="these configurations only")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 2)")
     return p
 
 
@@ -84,7 +85,7 @@ def compare(name, old, new):
 
 
 def main(args):
-    torch.set_num_threads(min(2, os.cpu_count() or 1))   # the result must not depend on it; fix it anyway
+    torch.set_num_threads(args.threads or min(2, os.cpu_count() or 1))   # results should not depend on it
     os.makedirs(args.workdir, exist_ok=True)
     paths = write_workload(argparse.Namespace(workdir=args.workdir, **WORKLOAD), torch.device("cpu"))
     saved = None

@@ -542,6 +542,8 @@ def evaluate(module, x, y, chunk=4096, row_groups=None):
     """
     device = _device_of(module)
     n = len(y) if row_groups is None else len(row_groups[0])
+    if row_groups is not None and torch.is_tensor(x):   # to x's device once, not once per chunk
+        row_groups = [r.to(x.device) for r in row_groups]
     was_training = module.training
     module.eval()
     top1 = top5 = loss = 0
