@@ -60,9 +60,10 @@ _INDEX = {}
 def _np_mask(a, k, j, rule, out):
     """Masks of rows ``a`` (n, K) by absolute value into ``out`` (bool or float 0/1); row r keeps ``k[r]`` and its
     threshold is its ``j[r]``-th smallest |a|."""
-    a = np.abs(a)
-    # NumPy >= 2 sorts float32 rows with AVX-512/AVX2 networks: for K = 200 faster than introselect (np.partition)
-    thr = np.take_along_axis(np.sort(a, axis=-1), j[:, None], axis=-1)
+    srt = np.abs(a)
+    srt.sort(axis=-1)   # NumPy >= 2 sorts float32 rows with SIMD networks: for K = 200 faster than np.partition
+    thr = np.take_along_axis(srt, j[:, None], axis=-1)
+    a = np.abs(a, out=srt)
     if rule == "reference":   # strictly above the (K - k - 1)-th smallest, as the original thresholds
         np.greater(a, thr, out=out)
     else:                     # at or above the k-th largest: exactly k per row unless values tie there
@@ -121,7 +122,9 @@ def torch_masks(mags, keep, rule):
         above, tied = mags > thr, mags == thr
         need = k - above.sum(-1, keepdim=True)   # how many of the tied values a row still keeps
         m = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= need))
-    return (m & (k > 0)) | (k >= k_all)
+    if min(keep) <= 0 or max(keep) >= k_all:   # heads keeping none or all (known here: no kernel otherwise)
+        m = (m & (k > 0)) | (k >= k_all)
+    return m
 
 
 def _masks(a, keep, rule, dtype):
@@ -454,31 +457,33 @@ class _Adam:
 
     @torch.no_grad()
     def step(self, grads, active=None):
-        """p -= lr * (m / c1) / (sqrt(v / c2) + eps), written into two scratch buffers per parameter instead of six
-        new tensors (the same operations, so the same bits)."""
+        """p -= lr * (m / c1) / (sqrt(v / c2) + eps), every parameter at once: torch's _foreach_ ops are a few kernels
+        in all on a GPU instead of a dozen per parameter, and on the CPU the same per-tensor operations (same bits)."""
         self.t += 1
         b1, b2 = self.betas
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        if not hasattr(self, "scratch"):
-            self.scratch = [(torch.empty_like(p), torch.empty_like(p)) for p in self.params]
         # a stopped head's NaN gradient never enters its moments, and its lr is 0; on the CPU, with every head
         # running, masking changes nothing and is skipped (asking on a GPU would wait for it)
         if active is not None and active.device.type == "cpu" and bool(active.all()):
             active = None
-        for p, g, m, v, (step, denom) in zip(self.params, grads, self.m, self.v, self.scratch):
-            shape = (-1,) + (1,) * (p.ndim - 1)
-            lr = self.lrs.view(shape)
-            if active is not None:
-                on = active.view(shape)
-                g = torch.where(on, g, 0.0)
-                lr = lr * on
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            if self.wd:
-                p.mul_(1 - lr * self.wd)
-            torch.div(v, c2, out=denom).sqrt_().add_(self.eps)
-            torch.div(m, c1, out=step).mul_(lr)
-            p.addcdiv_(step, denom, value=-1.0)
+        shapes = [(-1,) + (1,) * (p.ndim - 1) for p in self.params]
+        lrs, grads = [self.lrs.view(s) for s in shapes], list(grads)
+        if active is not None:
+            on = [active.view(s) for s in shapes]
+            grads = [torch.where(o, g, 0.0) for o, g in zip(on, grads)]
+            lrs = [lr * o for lr, o in zip(lrs, on)]
+        torch._foreach_mul_(self.m, b1)
+        torch._foreach_add_(self.m, grads, alpha=1 - b1)
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
+        if self.wd:
+            torch._foreach_mul_(self.params, [1 - lr * self.wd for lr in lrs])
+        denom = torch._foreach_div(self.v, c2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, self.eps)
+        step = torch._foreach_div(self.m, c1)
+        torch._foreach_mul_(step, lrs)                    # lr * (m / c1): one lr per head, broadcast
+        torch._foreach_addcdiv_(self.params, step, denom, value=-1.0)
 
 
 def rows(x, idx, device):
@@ -633,7 +638,8 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
         for i in range(0, n_train, batch_size):
             idx = [p[i:i + batch_size].sort().values for p in perms]
             inp = gather(x_train, idx if len(idx) > 1 else idx[0], device)
-            yb = torch.stack([y_train.index_select(0, j.to(y_train.device)) for j in idx]).to(device)
+            yb = torch.stack([y_train.index_select(0, j.to(y_train.device)) for j in idx]).to(device) if len(idx) > 1 \
+                else y_train.index_select(0, idx[0].to(y_train.device)).to(device).unsqueeze(0)
             with matmul_precision(device, precision):
                 logits = module(inp)
             h, b, c = logits.shape
@@ -642,8 +648,9 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
             loss = loss.mean(1)
             finite = torch.isfinite(loss)
             alive &= finite
-            opt.step(torch.autograd.grad(torch.where(finite, loss, 0.0).sum(), params), alive)
-            loss_sum += torch.where(finite, loss.detach(), 0.0).double() * b
+            loss = torch.where(finite, loss, 0.0)
+            opt.step(torch.autograd.grad(loss.sum(), params), alive)
+            loss_sum += loss.detach().double() * b
         if holdout:   # the dev rows choose; val is evaluated once, at the end, from the kept parameters
             sel, _, sel_loss, _ = evaluate(module, x_train, y_train, row_groups=[s.dev for s in splits])
         else:
