@@ -61,7 +61,7 @@ def _np_mask(a, k, j, rule, out):
     """Masks of rows ``a`` (n, K) by absolute value into ``out`` (bool or float 0/1); row r keeps ``k[r]`` and its
     threshold is its ``j[r]``-th smallest |a|."""
     srt = np.abs(a)
-    srt.sort(axis=-1)   # NumPy >= 2 sorts float32 rows with SIMD networks: for K = 200 faster than np.partition
+    srt.sort(axis=-1)   # SIMD sorting networks (x86-simd-sort) in NumPy: for K = 200 faster than its np.partition
     thr = np.take_along_axis(srt, j[:, None], axis=-1)
     a = np.abs(a, out=srt)
     if rule == "reference":   # strictly above the (K - k - 1)-th smallest, as the original thresholds
@@ -232,8 +232,14 @@ class MaskedLinearHeads(_Grouped):
 
 
 def _autocast_dtype(device):
+    """The dtype torch.autocast computes products in on ``device`` now, or None when it is off."""
     kind = device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    try:
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    except (AttributeError, TypeError):   # torch < 2.4
+        if kind == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
 class _SparseLinear(torch.autograd.Function):
@@ -241,9 +247,10 @@ class _SparseLinear(torch.autograd.Function):
     0/1 top-k weights of a (:func:`keep_weights`).
 
     The arithmetic is autograd's of that expression, op for op and in the same precision (under autocast: the
-    products in its dtype, the rest float32), so the results are the same bits; what goes is work autograd adds:
-    z * 1 and z's broadcast materialised for the gain's gradient, the activations and the mask kept apart, a graph of
-    eight nodes. Inputs: z (H, B, K) (an expanded view is fine), gain and shift (H, K), weight (H, K, C), bias (H, C).
+    products in its dtype, the rest float32), so the results are the same bits (a test checks it); what goes is what
+    autograd adds around it: the broadcast z materialised (z * 1) for the gain's gradient, a * keep as a new tensor,
+    a graph of eight nodes. Inputs: z (H, B, K) (an expanded view is fine), gain and shift (H, K), weight (H, K, C),
+    bias (H, C).
     """
 
     @staticmethod
