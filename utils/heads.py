@@ -660,7 +660,7 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
             alive &= finite
             loss = torch.where(finite, loss, 0.0)
             opt.step(torch.autograd.grad(loss.sum(), params), alive)
-            loss_sum += loss.detach().double() * b
+            loss_sum.add_(loss.detach(), alpha=b)   # in float64: the product is exact, as loss.double() * b
         if holdout:   # the dev rows choose; val is evaluated once, at the end, from the kept parameters
             sel, _, sel_loss, _ = evaluate(module, x_train, y_train, row_groups=[s.dev for s in splits])
         else:
