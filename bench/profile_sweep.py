@@ -288,7 +288,7 @@ def main(args):
                    [(n, c, w, cpu, 100 * w / total) for n, c, w, cpu in regions.rows()],
                    ["{}", "{}", "{:.2f}", "{:.2f}", "{:.1f}"])]
     if ops:
-        lines += [f"\n## Operators by self {what} time, {args.ops_epochs} epochs under torch.profiler\n",
+        lines += [f"\n## Operators by self {what} time, {args.ops_epochs} epoch(s) under torch.profiler\n",
                   table(["operator", "calls", f"self {what} s", "%"], ops, ["`{}`", "{}", "{:.3f}", "{:.1f}"])]
     text = "\n".join(lines) + "\n"
     print(text)
