@@ -1,7 +1,7 @@
 r"""Where a head sweep's time goes: the visual trainer run end to end on the bench_heads workload, start-up included.
 
     python -m bench.profile_sweep                                  # CPU, --protocol reference, float32
-    python -m bench.profile_sweep --precision bfloat16 --md bench/results/profile_sweep_cpu.md
+    python -m bench.profile_sweep --threads 1 --precision bfloat16 --md /tmp/p.md   # as profile_sweep_cpu.md
     python -m bench.profile_sweep --protocol iis                   # holdout selection, 2 lrs, batch 256
     python -m bench.profile_sweep --device cuda --imagenet         # the GPU profile: 1.28 M x 2048, 1 000 classes
 
@@ -13,10 +13,11 @@ the same arrays without a store, so reading and validating them is not measured.
 How: the trainer's steps and the sweep's inner calls (batch gather, forward, top-k mask, cross-entropy, backward,
 Adam, evaluation) are wrapped in timers for that one run; each region's wall time and process CPU time (all threads)
 are inclusive and nested as they are called. On CUDA every region ends with a synchronisation (``--sync off`` to
-skip: regions then time kernel launches, not kernels), which serialises the host and the device, so the regions' sum
-exceeds an unprofiled run a little. Then ``--ops_epochs`` epochs run under torch.profiler for the operators' self
-times (CPU, and CUDA kernels on a GPU). Start-up: ``python -X importtime`` of the trainer in a fresh interpreter.
-Timings on a loaded machine are noisy: compare CPU seconds, or ratios taken in one run.
+skip: regions then time kernel launches, not kernels), which serialises the host and the device, so the total
+exceeds an unprofiled run (``python -m bench.bench_heads --imagenet`` times that). Then ``--ops_epochs`` epochs run
+under torch.profiler for the operators' self times (CPU, and CUDA kernels on a GPU). Start-up: ``python -X
+importtime`` of the trainer in a fresh interpreter. Timings on a loaded machine are noisy: compare CPU seconds, or
+ratios taken in one run.
 """
 import argparse
 import contextlib
