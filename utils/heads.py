@@ -87,18 +87,21 @@ def _np_masks(a, keep, rule, dtype):
     keep = np.repeat(np.asarray(keep, dtype=np.int64), n)
     j = np.clip(k_all - keep - (rule == "reference"), 0, k_all - 1)
     threads = torch.get_num_threads()
-    step = PIECE
 
-    def work(i):
-        _np_mask(rows[i:i + step], keep[i:i + step], j[i:i + step], rule, out[i:i + step])
-    if threads == 1 or step >= len(rows):
-        for i in range(0, len(rows), step):
-            work(i)
-    else:
-        if threads not in _POOL:
-            from concurrent.futures import ThreadPoolExecutor
-            _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="topk")
-        list(_POOL[threads].map(work, range(0, len(rows), step)))
+    def work(start, stop):
+        for i in range(start, stop, PIECE):
+            e = min(i + PIECE, stop)
+            _np_mask(rows[i:e], keep[i:e], j[i:e], rule, out[i:e])
+    # one share of rows per thread, each worked through piece by piece; this thread takes the last share itself
+    share = max(PIECE, -(-len(rows) // threads))
+    starts = list(range(0, len(rows), share)) or [0]
+    if len(starts) > 1 and threads - 1 not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL[threads - 1] = ThreadPoolExecutor(threads - 1, thread_name_prefix="topk")
+    others = [_POOL[threads - 1].submit(work, i, i + share) for i in starts[:-1]]
+    work(starts[-1], len(rows))
+    for f in others:
+        f.result()
     return torch.from_numpy(out.reshape(a.shape))
 
 
