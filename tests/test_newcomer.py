@@ -145,7 +145,7 @@ def test_original_yaml_format_and_unexpanded_shell_variables(tmp_path):
 
 
 def test_readme_renders_the_alias_table():
-    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    readme = open(os.path.join(REPO, "docs", "original.md"), encoding="utf-8").read()
     assert aliases.markdown_table() in readme
 
 
