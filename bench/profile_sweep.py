@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 from bench.bench_heads import synthetic
@@ -113,7 +114,7 @@ def _wrap(owner, attr, label, regions, patches):
 
 
 @contextlib.contextmanager
-def instrumented(regions):
+def instrumented(regions, fits):
     import torch.nn.functional as F
 
     import utils.heads as H
@@ -124,7 +125,7 @@ def instrumented(regions):
             (S, "load_split", "read + validate entries"), (T, "make_heads", "concepts + heads"),
             (S, "features", "features to device"), (S, "concept_scores", "concept scores"),
             (S, "make_splits", "splits"),
-            (S, "fit", lambda *a, **kw: f"fit: {kw.get('desc', 'heads')}"), (S, "save", "write results"),
+            (S, "fit", lambda *a, **kw: _record_fit(fits, *a, **kw)), (S, "save", "write results"),
             (H, "gather", "batch rows"), (H, "keep_weights", "top-k mask"), (H, "topk_mask", "top-k mask"),
             (F, "cross_entropy", "cross-entropy"), (torch.autograd, "grad", "backward"), (H._Adam, "step", "Adam"),
             (H, "evaluate", lambda *a, **kw: "evaluate " + ("dev" if kw.get("row_groups") is not None else "val"))):
@@ -138,6 +139,55 @@ def instrumented(regions):
     finally:
         for owner, attr, fn in reversed(patches):
             setattr(owner, attr, fn)
+
+
+def _record_fit(fits, module, lrs, x_train, y_train, x_val, y_val, **kw):
+    """The region name of one fit call; notes its product shapes for :func:`gemm_floor`."""
+    desc = kw.get("desc", "heads")
+    weight = getattr(module, "heads", module).weight
+    splits = kw.get("splits")
+    fits.append(dict(desc=desc, weight=tuple(weight.shape), batch=kw.get("batch_size", 256),
+                     precision=kw.get("precision", "float32"), epochs=kw.get("epochs", 30),
+                     rows=len(splits[0].train) if splits else len(y_train), val=len(y_val),
+                     dev=len(splits[0].dev) if splits and splits[0].dev is not None else 0,
+                     sparse=desc != "standard probe"))
+    return f"fit: {desc}"
+
+
+def _bmm_seconds(shape_a, shape_b, dtype, device, reps=7):
+    """(wall, process CPU) seconds of one batched product (H, m, k) @ (H, k, n) on ``device`` in ``dtype``: the
+    fastest of ``reps`` calls, each clock on its own (a floor; on a shared machine the mean carries the others' load)."""
+    a = torch.randn(shape_a, device=device).to(dtype)
+    b = torch.randn(shape_b, device=device).to(dtype)
+    best = np.full(2, np.inf)
+    for _ in range(reps + 1):   # the first call warms up
+        w, c = time.perf_counter(), time.process_time()
+        a.bmm(b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = np.minimum(best, [time.perf_counter() - w, time.process_time() - c])
+    return best
+
+
+def gemm_floor(fits, regions, device):
+    """[(fit, training products (wall, CPU) s, evaluation products (wall, CPU) s)]: the sweep's matrix products alone, timed here at its
+    shapes and scaled to the run's batches and evaluated rows: per training batch the forward product and the
+    weights' gradient, and for concept heads the activations' gradient too (H x B x F x C each); per evaluation the
+    forward product, in float32 as evaluate computes it. A sweep cannot go below it on this device without fewer or
+    cheaper products; the rest of its time is everything else."""
+    out = []
+    for f in fits:
+        (h, k, c), b = f["weight"], f["batch"]
+        dt = torch.bfloat16 if f["precision"] == "bfloat16" else torch.float32
+        steps = f["epochs"] * f["rows"] / b
+        per_step = _bmm_seconds((h, b, k), (h, k, c), dt, device) + _bmm_seconds((h, k, b), (h, b, c), dt, device)
+        if f["sparse"]:
+            per_step += _bmm_seconds((h, b, c), (h, c, k), dt, device)
+        path = ("trainer main", f"fit: {f['desc']}")
+        evaluated = sum(regions.calls.get(path + ("evaluate " + w,), 0) * f[w] for w in ("val", "dev"))
+        ev = evaluated / 4096 * _bmm_seconds((h, 4096, k), (h, k, c), torch.float32, device)   # evaluate's chunks
+        out.append((f["desc"], steps * per_step, ev))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -267,10 +317,11 @@ def main(args):
         ctx = contextlib.nullcontext(write_workload(args, device))
     with ctx as paths:
         prep = time.perf_counter() - t
-        regions = Regions(sync)
+        regions, fits = Regions(sync), []
         out = os.path.join(args.workdir, f"run-{os.getpid()}")
-        with instrumented(regions), regions("trainer main"):
+        with instrumented(regions, fits), regions("trainer main"):
             T.main(trainer_args(args, paths, out, args.epochs))
+        floor = gemm_floor(fits, regions, device)
         ops, what = op_table(args, paths, device, args.top_ops) if args.ops_epochs else ([], "")
 
     shape = (f"{args.n_train} x {args.dim} train, {args.n_val} val, {args.n_classes} classes, {args.n_concepts} "
@@ -288,6 +339,16 @@ def main(args):
              table(["region", "calls", "wall s", "CPU s", "% of main"],
                    [(n, c, w, cpu, 100 * w / total) for n, c, w, cpu in regions.rows()],
                    ["{}", "{}", "{:.2f}", "{:.2f}", "{:.1f}"])]
+    floor.append(("trainer main", sum(f[1] for f in floor), sum(f[2] for f in floor)))
+    rows = []
+    for desc, train, ev in floor:
+        path = ("trainer main",) + ((f"fit: {desc}",) if desc != "trainer main" else ())
+        spent = np.array([regions.wall[path], regions.cpu[path]])
+        rows.append((path[-1], *train, *ev, *(train + ev), *(100 * (train + ev) / spent)))
+    lines += ["\n## The matrix products alone (timed here at the run's shapes and scaled to its batches: the floor "
+              "without fewer or cheaper products)\n",
+              table(["", "training wall s", "training CPU s", "evaluation wall s", "evaluation CPU s", "wall s",
+                     "CPU s", "% of its wall", "% of its CPU"], rows, ["{}"] + ["{:.2f}"] * 6 + ["{:.0f}"] * 2)]
     if ops:
         lines += [f"\n## Operators by self {what} time, {args.ops_epochs} epoch(s) under torch.profiler\n",
                   table(["operator", "calls", f"self {what} s", "%"], ops, ["`{}`", "{}", "{:.3f}", "{:.1f}"])]
