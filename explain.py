@@ -22,10 +22,13 @@ import torch
 from PIL import Image
 
 from utils import cli, store, sweep, validate
+from utils.backbones import Backbone
 from utils.data import get_source, load_image
-from utils.explain import Run, contributions
-from utils.report import _pyplot, _save
-from utils.store import atomic_write_bytes
+from utils.errors import UserError
+from utils.explanations import Run, contributions
+from utils.fileio import atomic_write_bytes
+from utils.report import pyplot, save_png
+from utils.specs import BackboneSpec
 
 
 def get_args_parser():
@@ -81,12 +84,12 @@ def val_data(run, verify=None):
     classes, indices inside the dataset, all streamed over the memory map before anything is loaded."""
     entry = run.meta.get("inputs", {}).get("val")
     if not entry or not os.path.isdir(entry):
-        raise cli.UserError(f"the run's val features ({entry}) are gone; re-extract them")
+        raise UserError(f"the run's val features ({entry}) are gone; re-extract them")
     arrays, meta = sweep.load_split(entry, verify, dim=run.meta.get("feature_dim"), dim_of="the run's heads")
     validate.require_arrays(entry, arrays, ("indices",))
     info = meta["info"]
     if info["classes"] != run.classes:
-        raise cli.UserError(f"{entry}: its class list differs from the run's ({len(info['classes'])} vs "
+        raise UserError(f"{entry}: its class list differs from the run's ({len(info['classes'])} vs "
                             f"{len(run.classes)} classes)")
     source = get_source(info["dataset"], "val", info.get("data_root", "data"))
     validate.check_labels(entry, "indices", arrays["indices"], len(source),
@@ -95,7 +98,6 @@ def val_data(run, verify=None):
 
 
 def embed_image(run, path):
-    from utils.backbones import Backbone, BackboneSpec
     train = store.read_meta(run.meta["inputs"]["train"])
     bb = Backbone(BackboneSpec(**train["info"]["backbone"]))
     with torch.no_grad():
@@ -117,7 +119,7 @@ def explain_one(run, h, x, img, label, name, args, out):
     ratio, lr = run.grid[h]
     title = f"{name}: predicted {run.classes[pred]}" + (f", true {run.classes[label]}" if label is not None else "")
 
-    plt = _pyplot()
+    plt = pyplot()
     n = len(top)
     fig = plt.figure(figsize=(2.2 * (n + 1), 3.2), dpi=110)
     ax = fig.add_subplot(1, n + 1, 1)
@@ -138,7 +140,7 @@ def explain_one(run, h, x, img, label, name, args, out):
         ax.axis("off")
     fig.suptitle(f"{title}   (head s={ratio:g}, lr={lr:g}; contribution = activation x weight)", fontsize=9)
     fig.tight_layout()
-    png = _save(fig, os.path.join(out, f"explain_{name}.png"))
+    png = save_png(fig, os.path.join(out, f"explain_{name}.png"))
 
     page = Page(out, title)
     page.add(f"<p>{page.image(img, f'{name}_input.png', 160)}</p>")
@@ -160,7 +162,7 @@ def gallery(run, h, args, out, data):
     used = run.t["concept.weight"][h].abs().sum(1)
     concepts = [int(k) for k in torch.argsort(used, descending=True)[:args.concepts]]
     m = args.per_concept
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(concepts), m + 1, figsize=(1.5 * (m + 1), 1.6 * len(concepts)), dpi=100,
                              squeeze=False)
     page = Page(out, f"Concept gallery: {run.meta['concept_type']} concepts, {run.meta['backbone']} @ "
@@ -185,7 +187,7 @@ def gallery(run, h, args, out, data):
         page.add(f"<tr><td>{concept_cell(run, page, h, k, 'gallery')}</td><td>{''.join(cells)}</td></tr>")
     page.add("</table>")
     fig.tight_layout()
-    return _save(fig, os.path.join(out, "gallery.png")), page.write("gallery.html")
+    return save_png(fig, os.path.join(out, "gallery.png")), page.write("gallery.html")
 
 
 def main(args):
@@ -194,11 +196,11 @@ def main(args):
     out = args.out or os.path.join(args.run, "explanations")
     if args.image:
         if not os.path.isfile(args.image):
-            raise cli.UserError(f"image {args.image} does not exist")
+            raise UserError(f"image {args.image} does not exist")
     else:   # the val entry is checked before anything is written
         data = val_data(run, args.verify)
         if not args.gallery and not 0 <= args.index < len(data[0]):
-            raise cli.UserError(f"--index must be in [0, {len(data[0])})")
+            raise UserError(f"--index must be in [0, {len(data[0])})")
     os.makedirs(out, exist_ok=True)
     if run.elements_missing:
         print(f"note: concepts are shown without their element images: {run.elements_missing}", file=sys.stderr)

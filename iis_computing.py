@@ -29,10 +29,11 @@ import os
 
 import numpy as np
 
-from utils import cli, stats
+from utils import cli, compat, stats
+from utils.errors import UserError
+from utils.fileio import atomic_write_json, read_json
 from utils.iis import load_predictions, score_with_stats
 from utils.report import plot_curves, plot_scatter, table_rows, write_table
-from utils.store import atomic_write_json, read_json
 
 
 def default_results():
@@ -78,10 +79,10 @@ def score_path(path, args):
     """Score one results file or folder: (label, scored dict as written to iis.json, results, paired material)."""
     f = os.path.join(path, "results.json") if os.path.isdir(path) else path
     if not os.path.isfile(f):
-        raise cli.UserError(f"no results.json at {path}: run IP_training first")
+        raise UserError(f"no results.json at {path}: run IP_training first")
     res = read_json(f)
     if "runs" not in res:
-        raise cli.UserError(f"{f} is not a results file (no 'runs')")
+        raise UserError(f"{f} is not a results file (no 'runs')")
     preds = load_predictions(res, os.path.dirname(f))
     s, paired = score_with_stats(res, preds, args.metric, args.bootstrap, args.bootstrap_seed)
     s.update(results=os.path.abspath(f), meta={k: res["meta"].get(k) for k in (
@@ -167,15 +168,15 @@ def print_table(scored, metric):
 def main(args):
     args.results = args.results or default_results()
     if args.compare and len(args.results) != 2:
-        raise cli.UserError(f"--compare takes exactly two runs (A B), got {len(args.results)}; "
+        raise UserError(f"--compare takes exactly two runs (A B), got {len(args.results)}; "
                             f"--report gives the paired verdicts between neighbouring rows of many")
     if args.bootstrap < 0:
-        raise cli.UserError(f"--bootstrap must be 0 (no interval) or a number of resamples, got {args.bootstrap}")
+        raise UserError(f"--bootstrap must be 0 (no interval) or a number of resamples, got {args.bootstrap}")
     entries = [score_path(p, args) for p in args.results]
     if args.compare:   # refuse before writing anything, so a refused comparison leaves no half-done outputs
         reason = not_comparable(*entries)
         if reason:
-            raise cli.UserError(f"cannot compare: {reason}")
+            raise UserError(f"cannot compare: {reason}")
     scored = [(lbl, s) for lbl, s, _ in entries]
     for lbl, s in scored:
         out_dir = os.path.dirname(s["results"])
@@ -230,4 +231,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    cli.run(main, get_args_parser())
+    cli.run(main, get_args_parser(), dialect=compat.dialect(__file__))

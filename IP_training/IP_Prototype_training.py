@@ -10,7 +10,7 @@ sparsity x lr grid.
 Concept types: prototype = element embeddings themselves; cluster = KMeans centres of them; end2end = a hard
 Gumbel-softmax assignment of elements to concepts learnt together with each head.
 
-Output in --out: results.json (schema in README: one row per head with ratio, lr, top-1, top-5, the epoch kept and
+Output in --out: results.json (schema in docs/files.md: one row per head with ratio, lr, top-1, top-5, the epoch kept and
 its losses) and heads.pt (torch.load(..., weights_only=True): concepts, the element rows they came from, every head's
 parameters). Features stay resident in memory (on the GPU if there is one); all heads of a sweep train together.
 """
@@ -20,8 +20,11 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, sweep
+from utils import cli, compat, sweep
+from utils.cli import flags
 from utils.concepts import SELECTIONS, cluster_centres, select_prototypes
+from utils.device import resolve_device
+from utils.errors import UserError
 from utils.heads import End2EndConceptHeads, SparseConceptHeads
 
 CONCEPT_TYPES = ("prototype", "cluster", "end2end")
@@ -29,7 +32,7 @@ CONCEPT_TYPES = ("prototype", "cluster", "end2end")
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sweep.add_io_args(p, "--concepts", "store entry of element embeddings (visual_element_emb_extractor)")
+    flags.add_io_args(p, "--concepts", "store entry of element embeddings (visual_element_emb_extractor)")
     g = p.add_argument_group("concepts")
     g.add_argument("--concept_type", default="prototype", choices=CONCEPT_TYPES, help="where concepts come from")
     g.add_argument("--n_concepts", type=int, default=200,
@@ -45,18 +48,18 @@ def get_args_parser():
     g.add_argument("--e2e_gain", type=float, default=5.0,
                    help="end2end: initial gain of the LayerNorm on the assignment logits (how sharp the initial "
                         "partition around the seed elements is; see utils/heads.py)")
-    sweep.add_training_args(p)
+    flags.add_training_args(p)
     return p
 
 
 def check_compatible(train_meta, val_meta, concept_meta, dims):
     bb = [m["key"]["backbone"] for m in (train_meta, val_meta, concept_meta)]
     if not bb[0] == bb[1] == bb[2]:
-        raise cli.UserError("train, val and concept features come from different backbones/layers/preprocessing")
+        raise UserError("train, val and concept features come from different backbones/layers/preprocessing")
     if len(set(dims)) != 1:
-        raise cli.UserError(f"feature dimensions differ: train/val/concepts = {dims}")
+        raise UserError(f"feature dimensions differ: train/val/concepts = {dims}")
     if train_meta["info"].get("classes") != val_meta["info"].get("classes"):
-        raise cli.UserError("train and val features have different class lists")
+        raise UserError("train and val features have different class lists")
 
 
 def concept_set(args, emb, emb_labels, seed):
@@ -69,18 +72,18 @@ def concept_set(args, emb, emb_labels, seed):
         return centres, rows, None
     rows = select_prototypes(emb_labels, args.e2e_pool, args.concept_selection, seed)
     if args.n_concepts > len(rows):
-        raise cli.UserError(f"{args.n_concepts} end2end concepts need at least as many candidate elements, "
+        raise UserError(f"{args.n_concepts} end2end concepts need at least as many candidate elements, "
                             f"have {len(rows)}")
     return emb[rows], rows, select_prototypes(emb_labels[rows], args.n_concepts, args.concept_selection, seed)
 
 
-def make_heads(args, emb, emb_labels, n_classes, grid, keep_rule):
+def make_heads(args, cfg, emb, emb_labels, n_classes, grid):
     """The sweep's concept heads (one per (seed, ratio, lr) of ``grid``, each seed its own concepts) and the element
     rows behind their concepts, (K,) for one seed or (G, K) for several."""
-    sets = [concept_set(args, emb, emb_labels, s) for s in args.seeds]
+    sets = [concept_set(args, emb, emb_labels, s) for s in cfg.seeds]
     vectors = torch.as_tensor(np.stack([v for v, _, _ in sets]))
     rows = np.stack([r for _, r, _ in sets])
-    common = dict(seed=[s for s, _, _ in grid], keep_rule=keep_rule, groups=sweep.groups_of(grid, args.seeds))
+    common = dict(seed=[s for s, _, _ in grid], keep_rule=cfg.keep_rule, groups=sweep.groups_of(grid, cfg.seeds))
     ratios = [r for _, r, _ in grid]
     if args.concept_type == "end2end":
         heads = End2EndConceptHeads(vectors, np.stack([e for _, _, e in sets]), n_classes, ratios, tau=args.tau,
@@ -91,33 +94,33 @@ def make_heads(args, emb, emb_labels, n_classes, grid, keep_rule):
 
 
 def main(args):
-    ratios, lrs, grid = sweep.grid_of(args)
-    keep_rule = sweep.PROTOCOLS[args.protocol]["keep_rule"]
+    cfg = sweep.resolve_protocol(cli.config(sweep.SweepConfig, args))
+    ratios, lrs, grid = sweep.grid_of(cfg)
     if args.n_concepts < 0 or (args.concept_type != "prototype" and args.n_concepts < 1):
-        raise cli.UserError(f"--n_concepts must be positive for {args.concept_type} concepts")
+        raise UserError(f"--n_concepts must be positive for {args.concept_type} concepts")
     tr, mtr = sweep.load_split(args.train_features, args.verify)
     dim = tr["features"].shape[1]
     (va, mva), (co, mco) = (sweep.load_split(p, args.verify, dim=dim) for p in (args.val_features, args.concepts))
     xtr, ytr, xva, yva = tr["features"], tr["labels"], va["features"], va["labels"]
     emb, emb_labels = co["features"], co["labels"]
     check_compatible(mtr, mva, mco, (xtr.shape[1], xva.shape[1], emb.shape[1]))
-    key = sweep.training_key(args, train=mtr["key_hash"], val=mva["key_hash"], concepts=mco["key_hash"],
+    key = sweep.training_key(cfg, train=mtr["key_hash"], val=mva["key_hash"], concepts=mco["key_hash"],
                              concept_type=args.concept_type, n_concepts=args.n_concepts,
                              concept_selection=args.concept_selection)
     if args.concept_type == "end2end":
         key.update(e2e_pool=args.e2e_pool, tau=args.tau, e2e_gain=args.e2e_gain)
     if sweep.is_done(args.out, key):
         return
-    device = cli.resolve_device(args.device)
-    torch.manual_seed(args.seeds[0])   # end2end's Gumbel noise
+    device = resolve_device(args.device)
+    torch.manual_seed(cfg.seeds[0])   # end2end's Gumbel noise
     classes = mtr["info"]["classes"]
-    heads, rows = make_heads(args, np.asarray(emb), np.asarray(emb_labels), len(classes), grid, keep_rule)
+    heads, rows = make_heads(args, cfg, np.asarray(emb), np.asarray(emb_labels), len(classes), grid)
     heads = heads.to(device)
     k = heads.weight.shape[1]
     print(f"{len(ytr)} train / {len(yva)} val samples, {xtr.shape[1]}-d features, {len(classes)} classes, "
-          f"{k} {args.concept_type} concepts, {len(ratios)} ratios x {len(lrs)} lrs x {len(args.seeds)} seeds on "
-          f"{device} ({args.protocol} protocol, epochs chosen on {args.select_on})")
-    place = dict(placement=args.features_on, dtype=args.feature_dtype)
+          f"{k} {args.concept_type} concepts, {len(ratios)} ratios x {len(lrs)} lrs x {len(cfg.seeds)} seeds on "
+          f"{device} ({cfg.protocol} protocol, epochs chosen on {cfg.select_on})")
+    place = dict(placement=cfg.features_on, dtype=cfg.feature_dtype)
     probe_data = (sweep.features(xtr, device, **place), sweep.tensor(ytr, device),
                   sweep.features(xva, device, **place), sweep.tensor(yva, device))
     if args.concept_type == "end2end":   # learnt concepts: activations are recomputed at every step
@@ -126,8 +129,8 @@ def main(args):
         module = heads.on_scores()
         head_data = (sweep.concept_scores(heads, probe_data[0], device), probe_data[1],
                      sweep.concept_scores(heads, probe_data[2], device), probe_data[3])
-    splits = sweep.make_splits(ytr, args.seeds, args.select_on, args.holdout_fraction)
-    runs, probes, preds = sweep.train(args, module, grid, probe_data, head_data, len(classes), device, splits)
+    splits = sweep.make_splits(ytr, cfg.seeds, cfg.select_on, cfg.holdout_fraction)
+    runs, probes, preds = sweep.train(cfg, module, grid, probe_data, head_data, len(classes), device, splits)
 
     heads.eval()
     with torch.no_grad():
@@ -137,7 +140,7 @@ def main(args):
                       "concept_rows": torch.as_tensor(rows)}
         if args.concept_type == "end2end":   # per head, the concept each pool element (concept_rows) went to
             provenance["assignment"] = heads.assignment().argmax(-1).cpu()
-    meta = sweep.run_meta(args, mtr, mva, concept_type=args.concept_type,
+    meta = sweep.run_meta(cfg, mtr, mva, concept_type=args.concept_type,
                           elements=mco["info"].get("elements_index"), n_concepts=k, n_train=len(ytr), n_val=len(yva),
                           feature_dim=int(xtr.shape[1]), device=str(device),
                           inputs={"train": os.path.abspath(args.train_features),
@@ -147,4 +150,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    cli.run(main, get_args_parser())
+    cli.run(main, get_args_parser(), dialect=compat.dialect(__file__))

@@ -19,14 +19,17 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, store, sweep, validate
+from utils import cli, compat, store, sweep, validate
+from utils.cli import flags
+from utils.device import resolve_device
+from utils.errors import UserError
 from utils.heads import MaskedLinearHeads, with_ranks
 from utils.text import Standardiser, clip_activations, fit_projection, top5_mean
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sweep.add_io_args(p, "--clip", "folder made by textual_emb_extractor (text/, train/, val/)")
+    flags.add_io_args(p, "--clip", "folder made by textual_emb_extractor (text/, train/, val/)")
     g = p.add_argument_group("concept filtering and projection")
     g.add_argument("--clip_cutoff", type=float, default=0.25,
                    help="drop concepts whose mean top-5 CLIP activation over train images is below this "
@@ -37,7 +40,7 @@ def get_args_parser():
     g.add_argument("--proj_batch_size", type=int, default=2048, help="projection batch size")
     g.add_argument("--proj_epochs", type=int, default=200, help="projection epochs at most")
     g.add_argument("--proj_patience", type=int, default=10, help="stop after this many epochs without val gain")
-    sweep.add_training_args(p)
+    flags.add_training_args(p)
     return p
 
 
@@ -47,43 +50,44 @@ def load_aligned(backbone_path, clip_path, verify=None):
     arrays, cmeta = sweep.load_split(clip_path, verify)
     if len(arrays["features"]) != len(x) or (bb_idx is not None and not np.array_equal(arrays["indices"], bb_idx)) \
             or not np.array_equal(arrays["labels"], y):
-        raise cli.UserError(f"{clip_path} and {backbone_path} hold different images; extract both with the same "
+        raise UserError(f"{clip_path} and {backbone_path} hold different images; extract both with the same "
                             f"dataset, split, subset size and seed")
     return x, y, meta, np.asarray(arrays["features"]), cmeta
 
 
 def main(args):
-    ratios, lrs, grid = sweep.grid_of(args)
+    cfg = sweep.resolve_protocol(cli.config(sweep.SweepConfig, args))
+    ratios, lrs, grid = sweep.grid_of(cfg)
     xtr, ytr, mtr, ctr, cmtr = load_aligned(args.train_features, os.path.join(args.clip, "train"), args.verify)
     xva, yva, mva, cva, cmva = load_aligned(args.val_features, os.path.join(args.clip, "val"), args.verify)
     text, tmeta = store.read(os.path.join(args.clip, "text"), verify=args.verify)
     validate.check_finite(os.path.join(args.clip, "text"), "features", text["features"])
     concepts = tmeta["info"]["concepts"]
     if mtr["key"]["backbone"] != mva["key"]["backbone"]:
-        raise cli.UserError("train and val features come from different backbones/layers/preprocessing")
-    key = sweep.training_key(args, train=mtr["key_hash"], val=mva["key_hash"], text=tmeta["key_hash"],
+        raise UserError("train and val features come from different backbones/layers/preprocessing")
+    key = sweep.training_key(cfg, train=mtr["key_hash"], val=mva["key_hash"], text=tmeta["key_hash"],
                              clip_train=cmtr["key_hash"], clip_val=cmva["key_hash"], clip_cutoff=args.clip_cutoff,
                              interpretability_cutoff=args.interpretability_cutoff, proj_lr=args.proj_lr,
                              proj_batch_size=args.proj_batch_size, proj_epochs=args.proj_epochs,
                              proj_patience=args.proj_patience, concept_type="text")
     if sweep.is_done(args.out, key):
         return
-    device = cli.resolve_device(args.device)
-    torch.manual_seed(args.seeds[0])
+    device = resolve_device(args.device)
+    torch.manual_seed(cfg.seeds[0])
     classes = mtr["info"]["classes"]
 
     a_tr, a_va = clip_activations(ctr, text["features"]), clip_activations(cva, text["features"])
     top5 = top5_mean(a_tr)
     seen = np.flatnonzero(top5 >= args.clip_cutoff)
     if len(seen) == 0:
-        raise cli.UserError(f"no concept passes --clip_cutoff {args.clip_cutoff}: the highest mean top-5 CLIP "
+        raise UserError(f"no concept passes --clip_cutoff {args.clip_cutoff}: the highest mean top-5 CLIP "
                             f"activation is {top5.max():.3f}")
     x_tr, x_va = sweep.tensor(xtr, device).float(), sweep.tensor(xva, device).float()
     w, sim = fit_projection(x_tr, sweep.tensor(a_tr[:, seen], device), x_va, sweep.tensor(a_va[:, seen], device),
-                            args.proj_lr, args.proj_batch_size, args.proj_epochs, args.proj_patience, args.seeds[0])
+                            args.proj_lr, args.proj_batch_size, args.proj_epochs, args.proj_patience, cfg.seeds[0])
     fits = sim >= args.interpretability_cutoff
     if not fits.any():
-        raise cli.UserError(f"no concept passes --interpretability_cutoff {args.interpretability_cutoff}: the best "
+        raise UserError(f"no concept passes --interpretability_cutoff {args.interpretability_cutoff}: the best "
                             f"val similarity is {sim.max():.3f}")
     kept, w = seen[fits], w[torch.as_tensor(fits, device=device)]
     standardise = Standardiser(x_tr @ w.T)
@@ -91,19 +95,18 @@ def main(args):
     dropped_clip = [concepts[i] for i in np.flatnonzero(top5 < args.clip_cutoff)]
     dropped_fit = [concepts[i] for i in seen[~fits]]
     print(f"{len(concepts)} concepts: {len(dropped_clip)} below the CLIP cutoff, {len(dropped_fit)} below the "
-          f"interpretability cutoff, {len(kept)} kept; {len(ratios)} ratios x {len(lrs)} lrs x {len(args.seeds)} seeds "
-          f"on {device} ({args.protocol} protocol, epochs chosen on {args.select_on})")
+          f"interpretability cutoff, {len(kept)} kept; {len(ratios)} ratios x {len(lrs)} lrs x {len(cfg.seeds)} seeds "
+          f"on {device} ({cfg.protocol} protocol, epochs chosen on {cfg.select_on})")
 
     y_tr, y_va = sweep.tensor(ytr, device), sweep.tensor(yva, device)
     # the activations are fixed from here on, so each sample's concept ranks (its top-k masks) are computed once;
     # seeds change the heads' initialisation and batch order (the projection is fitted once, with the first seed)
     heads = MaskedLinearHeads(len(kept), len(classes), [r for _, r, _ in grid], [s for s, _, _ in grid], ranked=True,
-                              keep_rule=sweep.PROTOCOLS[args.protocol]["keep_rule"],
-                              groups=sweep.groups_of(grid, args.seeds)).to(device)
-    splits = sweep.make_splits(ytr, args.seeds, args.select_on, args.holdout_fraction)
-    runs, probes, preds = sweep.train(args, heads, grid, (x_tr, y_tr, x_va, y_va),
+                              keep_rule=cfg.keep_rule, groups=sweep.groups_of(grid, cfg.seeds)).to(device)
+    splits = sweep.make_splits(ytr, cfg.seeds, cfg.select_on, cfg.holdout_fraction)
+    runs, probes, preds = sweep.train(cfg, heads, grid, (x_tr, y_tr, x_va, y_va),
                                       (with_ranks(z_tr), y_tr, with_ranks(z_va), y_va), len(classes), device, splits)
-    meta = sweep.run_meta(args, mtr, mva, concept_type="text", n_concepts=len(kept), n_train=len(ytr),
+    meta = sweep.run_meta(cfg, mtr, mva, concept_type="text", n_concepts=len(kept), n_train=len(ytr),
                           n_val=len(yva), feature_dim=int(xtr.shape[1]), device=str(device),
                           concepts=[concepts[i] for i in kept], concept_val_similarity=[float(s) for s in sim[fits]],
                           dropped_clip_cutoff=dropped_clip, dropped_interpretability_cutoff=dropped_fit,
@@ -114,5 +117,6 @@ def main(args):
                {"projection": w.cpu(), "concept_index": torch.as_tensor(kept), "standardise_mean":
                 standardise.mean.cpu(), "standardise_std": standardise.std.cpu()})
 
+
 if __name__ == "__main__":
-    cli.run(main, get_args_parser())
+    cli.run(main, get_args_parser(), dialect=compat.dialect(__file__))

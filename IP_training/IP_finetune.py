@@ -1,15 +1,15 @@
 r"""Fine-tune a backbone with interpretability maximisation (or plainly, with --lambda_interp 0: the baseline arm).
 
-    python -m IP_training.IP_finetune --model_config efficientnet_lite0 --dataset fashion_mnist \\
-        --train_size 1000 --val_size 1000 --elements concept_library/prototype/segments \\
-        --lambda_interp 1 --ratio 0.1 --n_concepts 200 --train_layers 2 --epochs 4 --seed 0 \\
+    python -m IP_training.IP_finetune --model_config efficientnet_lite0 --dataset fashion_mnist \
+        --train_size 1000 --val_size 1000 --elements concept_library/prototype/segments \
+        --lambda_interp 1 --ratio 0.1 --n_concepts 200 --train_layers 2 --epochs 4 --seed 0 \
         --out outputs/finetune/fashion_mnist/efficientnet_lite0/interp1_seed0
 
 Objective: CE of a linear classifier on the pooled feature + lambda x CE of a sparse concept head on the same feature
 (the sweep's head: LayerNorm(feature . unit concepts), each sample keeps its top round((1 - ratio) K) activations by
 absolute value, linear). Concepts are the element library's embeddings through the current backbone (--refresh:
 recomputed at every step with gradient into the backbone, the default; every epoch; or frozen at the pretrained
-backbone — README: what each measured). Both terms train the chosen layers; lambda = 0 is plain fine-tuning (the concept head then only watches). Light augmentation (random
+backbone — docs/finetune.md: what each measured). Both terms train the chosen layers; lambda = 0 is plain fine-tuning (the concept head then only watches). Light augmentation (random
 resized crop of 50-100 % of the area, aspect 3/4-4/3, horizontal flip), identical in both arms; the backbone runs in
 eval mode (BatchNorm statistics stay as pretrained). With --train_layers N or module names, the input of the first
 trained module is computed once per image view and cached (--cache_views views per train image, default one per
@@ -22,13 +22,15 @@ RNG) is written atomically: a killed run started again with the same flags resum
 """
 import argparse
 
-from utils import cli, finetune
+from utils import cli
+from utils.cli import flags
+from utils.finetune.trainer import CONCEPT_TYPES, REFRESH, FinetuneConfig, run
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_backbone_args(p)
-    g = cli.add_dataset_args(p)
+    flags.add_backbone_args(p)
+    g = flags.add_dataset_args(p)
     g.add_argument("--train_size", type=int, default=0,
                    help="seeded subset of the train split to fine-tune on (0 = all; the same rows as "
                         "dataset_feature_extractor --max_images)")
@@ -36,13 +38,13 @@ def get_args_parser():
     g = p.add_argument_group("concepts")
     g.add_argument("--elements", default="concept_library/prototype/segments",
                    help="element library folder (holds index.json) from segment_extractor or patch_extractor")
-    g.add_argument("--concept_type", default="prototype", choices=finetune.CONCEPT_TYPES,
+    g.add_argument("--concept_type", default="prototype", choices=CONCEPT_TYPES,
                    help="prototype: element embeddings chosen evenly across classes; cluster: means of KMeans "
                         "clusters of all element embeddings (membership fixed by the pretrained backbone)")
     g.add_argument("--n_concepts", type=int, default=200, help="concepts K")
     g.add_argument("--concept_seed", type=int, default=0,
                    help="seed of the prototype choice / KMeans (0 = the concepts the scoring sweep uses by default)")
-    g.add_argument("--refresh", default="step", choices=finetune.REFRESH,
+    g.add_argument("--refresh", default="step", choices=REFRESH,
                    help="how often concept vectors are recomputed through the current backbone: every step, with "
                         "gradient into the backbone (default; costs a forward/backward of the K concept elements per "
                         "step), every epoch (no gradient through them), or frozen at the pretrained backbone's")
@@ -72,16 +74,15 @@ def get_args_parser():
     g.add_argument("--cache_dir", default=None,
                    help="where cached activations go (default OUT/cache); runs with the same backbone, data, views "
                         "and first trained module share them")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (ignored on CPU)")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    flags.add_device_arg(g)
+    flags.add_amp_arg(g)
+    flags.add_workers_arg(g)
     p.add_argument("--out", required=True, help="output folder: backbone.safetensors, finetune.json")
     return p
 
 
 def main(args):
-    finetune.run(args)
+    run(cli.config(FinetuneConfig, args))
 
 
 if __name__ == "__main__":

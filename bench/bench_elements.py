@@ -17,7 +17,8 @@ from PIL import Image
 
 from bench.common import hardware
 from utils.data import get_source
-from utils.elements import build_library, segments
+from utils.elements import segments
+from utils.library import build_library
 
 
 def photos():

@@ -21,7 +21,6 @@ import os
 import shutil
 import tempfile
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -30,8 +29,8 @@ from PIL import Image
 from bench.common import Timer, hardware
 from utils.backbones import LayerTaps, Preprocess
 from utils.data import to_rgb
-from utils.extraction import (CacheFeed, GroupedImages, ImageFeed, Output, Pass, assign_groups, build_decoded_cache,
-                              extract_passes, plan_cache)
+from utils.extraction import (CacheFeed, ExtractConfig, GroupedImages, ImageFeed, Output, Pass, assign_groups,
+                              build_decoded_cache, extract_passes, plan_cache)
 
 # 14 torchvision architectures cheap enough to run together; their default weights use 6 distinct preprocessings
 MANY = ["resnet50", "vit_b_16", "resnet18", "resnet34", "resnet101", "resnext50_32x4d", "densenet121",
@@ -142,8 +141,8 @@ def run_pass(models, source, n, decode, args, device, tmp, cache=None):
     else:
         images, labels, plan = cache
         feed = CacheFeed(images[:n], labels[:n], plan, groups, threads=args.workers)
-    opts = SimpleNamespace(batch_size=args.batch_size, chunk_size=50000, dtype="float32", device=str(device),
-                           amp=True)
+    opts = ExtractConfig(batch_size=args.batch_size, workers=args.workers, chunk_size=50000, dtype="float32",
+                         device=str(device), amp=True)
     feed = TimedFeed(feed)
     with Timer() as t, contextlib.redirect_stdout(io.StringIO()):
         extract_passes(passes, feed, {"bench": n, "decode": decode}, opts, desc=f"{decode} pass")

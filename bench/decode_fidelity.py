@@ -21,7 +21,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from bench.bench_extract import default_preprocess
-from utils.backbones import Backbone, Preprocess, load_spec
+from utils.backbones import Backbone, Preprocess
+from utils.specs import load_spec
 from utils.data import load_image
 from utils.extraction import CacheTransform, DecodeImages, plan_cache
 

@@ -12,7 +12,11 @@ import argparse
 import os
 import time
 
-from utils import cli, finetune, store
+from utils import cli
+from utils.fileio import atomic_write_bytes
+from utils.finetune.compare import write_comparison
+from utils.finetune.trainer import CHECKPOINT, CONCEPT_TYPES, REFRESH
+from utils.specs import model_tag
 
 
 def get_args_parser():
@@ -24,13 +28,13 @@ def get_args_parser():
     p.add_argument("--val_size", type=int, default=2000)
     p.add_argument("--images_per_class", type=int, default=4)
     p.add_argument("--library", default="concept_library/prototype")
-    p.add_argument("--concept_type", default="prototype", choices=finetune.CONCEPT_TYPES)
+    p.add_argument("--concept_type", default="prototype", choices=CONCEPT_TYPES)
     p.add_argument("--n_concepts", type=int, default=200)
     p.add_argument("--ratio", type=float, default=0.1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.5, 1.0])
     p.add_argument("--train_layers", nargs="+", default=["all"])
-    p.add_argument("--refresh", default="step", choices=finetune.REFRESH)
+    p.add_argument("--refresh", default="step", choices=REFRESH)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--head_lr", type=float, default=1e-3)
@@ -52,7 +56,7 @@ def stage(module, argv):
 def main(args):
     t0 = time.time()
     tag_data = os.path.basename(args.dataset.rstrip("/"))
-    tag_model = os.path.basename(args.model_config).removesuffix(".yaml")
+    tag_model = model_tag(args.model_config)
     base = os.path.join(args.out, "finetune", tag_data, tag_model)
     report = args.report or os.path.join(args.out, "reports", f"finetune_{tag_data}_{tag_model}")
     data = ["--dataset", args.dataset, "--data_root", args.data_root]
@@ -96,12 +100,12 @@ def main(args):
                 "--head_lr", args.head_lr, "--batch_size", args.batch_size, "--seed", seed, "--cache_dir",
                 os.path.join(base, "cache"), "--workers", args.workers, "--device", args.device, "--out", out])
             times[f"finetune {tag}"] = round(time.time() - t, 1)
-            manifest.append((arm, f"{lam:g}", str(seed), score(tag, os.path.join(out, finetune.CHECKPOINT))))
+            manifest.append((arm, f"{lam:g}", str(seed), score(tag, os.path.join(out, CHECKPOINT))))
     os.makedirs(report, exist_ok=True)
     path = os.path.join(base, "manifest.tsv")
-    store.atomic_write_bytes(path, "".join("\t".join(r) + "\n" for r in manifest).encode())
+    atomic_write_bytes(path, "".join("\t".join(r) + "\n" for r in manifest).encode())
     stage("iis_computing", runs + ["--report", report, "--plot", os.path.join(report, "curves.png")])
-    finetune.write_comparison(path, report)
+    write_comparison(path, report)
     print("seconds per step: " + ", ".join(f"{k} {v}" for k, v in times.items()))
     print(f"total {time.time() - t0:.0f} s; table: {report}/finetune_compare.md")
 

@@ -17,7 +17,9 @@ import os
 
 from utils import cli
 from utils.concept_sets import WordNet, filter_concepts, read_class_concepts
-from utils.store import atomic_write_bytes, atomic_write_json
+from utils.data import get_source
+from utils.errors import UserError
+from utils.fileio import atomic_write_bytes, atomic_write_json
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "concept_library", "textual")
 
@@ -46,7 +48,6 @@ def class_names(spec, data_root):
     shipped = os.path.join(SHIPPED, f"{spec}.json")
     if os.path.isfile(shipped):           # the class lists of the named datasets, without needing their images
         return list(read_class_concepts(shipped))
-    from utils.data import get_source
     return get_source(spec, "train", data_root).classes
 
 
@@ -55,7 +56,7 @@ def main(args):
         by_class = read_class_concepts(args.from_json)
     else:
         if not args.classes:
-            raise cli.UserError("--from_wordnet needs --classes")
+            raise UserError("--from_wordnet needs --classes")
         wn = WordNet(args.wordnet)
         by_class = {c: wn.concepts(c, args.senses) for c in class_names(args.classes, args.data_root)}
         missing = [c for c, v in by_class.items() if not v]
@@ -64,7 +65,7 @@ def main(args):
                   + (" ..." if len(missing) > 10 else ""))
     kept, dropped = filter_concepts(by_class, args.max_words, args.max_chars, args.class_similarity)
     if not kept:
-        raise cli.UserError("every concept was filtered out")
+        raise UserError("every concept was filtered out")
     atomic_write_bytes(args.out, ("\n".join(kept) + "\n").encode())
     atomic_write_json(args.out + ".dropped.json", dropped)
     reasons = {r: sum(1 for v in dropped.values() if v == r) for r in sorted(set(dropped.values()))}

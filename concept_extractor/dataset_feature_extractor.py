@@ -19,11 +19,11 @@ indices (N,) int64 (rows of the split), keyed by backbone, weights, layer, pooli
 subset — the same bytes a separate run of each writes. --out is the entry for one (backbone, layer); for several, a
 parent folder (entries at <out>/<model>[@<layer>]/<split>, run_pipeline.sh's layout under outputs/features/<dataset>)
 or a template with {model}, {split} and {dataset}. <model> is the config's name (the --backbone name with ':' as '_'),
-with @<layer> when a layer was named.
+with @<layer> when a layer was named (utils/specs.model_tag).
 
 --decode cache (the fast path for GPUs) first writes a one-time uint8 copy of the split, decoded and resized once at
 the largest size the backbones need, under --decode_cache; batches are then cut and normalised on the device. See
-README, "At ImageNet scale", for its numerical difference; its entries are keyed apart from the default PIL path's.
+docs/scale.md, "Where a GPU waits: decoding", for its numerical difference; its entries are keyed apart from the default PIL path's.
 """
 import argparse
 import os
@@ -31,25 +31,20 @@ from dataclasses import asdict
 
 import numpy as np
 
-from utils import cli, store
-from utils.backbones import config_path, load_spec
+from utils import cli, compat
+from utils.cli import flags
 from utils.data import get_source, subset_indices, subset_key
-from utils.extraction import (CacheFeed, GroupedImages, ImageFeed, backbone_passes, build_decoded_cache, cache_key,
-                              describe_row, extract_passes, plan_cache)
+from utils.errors import UserError
+from utils.extraction import (CacheFeed, ExtractConfig, GroupedImages, ImageFeed, backbone_passes,
+                              build_decoded_cache, cache_key, describe_row, extract_passes, plan_cache)
+from utils.fileio import key_hash
+from utils.specs import config_path, load_spec, model_tag
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                conflict_handler="resolve")
-    g = cli.add_backbone_args(p)
-    g.add_argument("--model_config", nargs="+", default=["efficientnet_lite0"], metavar="CONFIG[:LAYER]",
-                   help="one or more YAMLs in model_configs/ (names without .yaml) or paths, each optionally with "
-                        ":LAYER; --backbone, --weights and --pooling override every one of them")
-    g.add_argument("--layer", nargs="+", default=None,
-                   help="module name(s) whose output is the feature, read in one forward (see the error message for "
-                        "valid names); 'pre_logits' = the input of the classifier. Applies to every --model_config "
-                        "given without :LAYER")
-    cli.add_dataset_args(p)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flags.add_backbone_args(p, several=True)
+    flags.add_dataset_args(p)
     p.add_argument("--split", default="train", choices=["train", "val"], help="which split")
     p.add_argument("--max_images", type=int, default=None, help="a seeded random subset of this many images")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset")
@@ -59,20 +54,11 @@ def get_args_parser():
     p.add_argument("--decode", default="pil", choices=["pil", "cache"],
                    help="pil: decode and preprocess in loader workers, exactly the weights' transform; cache: a "
                         "one-time resized uint8 copy of the split, cut and normalised on the device (fast on GPUs; "
-                        "see README)")
+                        "see docs/scale.md)")
     p.add_argument("--decode_cache", default=os.path.join("outputs", "decoded"),
                    help="where --decode cache keeps its decoded copies (one keyed entry per split and size)")
-    cli.add_loader_args(p)
+    flags.add_loader_args(p)
     return p
-
-
-def model_tag(name, layer):
-    """The folder name run_pipeline.sh gives a backbone: the config's (or --backbone's) base name, ':' and '/' as '_',
-    then @<layer> when a layer was named."""
-    base = os.path.basename(name.rstrip("/"))
-    if base.endswith(".yaml") and base != ".yaml":
-        base = base[:-5]
-    return base.replace(":", "_").replace("/", "_") + (f"@{layer}" if layer else "")
 
 
 def targets(args):
@@ -83,18 +69,18 @@ def targets(args):
         if ":" in mc and config_path(mc) is None:
             name, layer = mc.split(":", 1)
             if not layer:
-                raise cli.UserError(f"--model_config {mc!r}: no layer after ':'")
+                raise UserError(f"--model_config {mc!r}: no layer after ':'")
         for lay in ([layer] if layer else (args.layer or [None])):
             items.append((name, lay))
     if args.backbone and len({n for n, _ in items}) > 1:
-        raise cli.UserError("--backbone replaces the architecture of one model config; with several, put each "
+        raise UserError("--backbone replaces the architecture of one model config; with several, put each "
                             "architecture in its own model config")
     out = [(model_tag(args.backbone or name, lay), load_spec(name, args.backbone, args.weights, lay, args.pooling))
            for name, lay in items]
     tags = [t for t, _ in out]
     dup = sorted({t for t in tags if tags.count(t) > 1})
     if dup:
-        raise cli.UserError(f"{dup[0]} is asked for twice")
+        raise UserError(f"{dup[0]} is asked for twice")
     return out
 
 
@@ -104,10 +90,10 @@ def out_paths(out, tags, split, dataset):
         try:
             paths = [out.format(model=t, split=split, dataset=dataset) for t in tags]
         except (KeyError, IndexError, ValueError, AttributeError):
-            raise cli.UserError(f"--out {out!r}: a template may use {{model}}, {{split}} and {{dataset}} only") \
+            raise UserError(f"--out {out!r}: a template may use {{model}}, {{split}} and {{dataset}} only") \
                 from None
         if len(set(paths)) < len(paths):
-            raise cli.UserError(f"--out {out!r} gives several entries one folder: put {{model}} in it")
+            raise UserError(f"--out {out!r} gives several entries one folder: put {{model}} in it")
         return paths
     if len(tags) == 1:
         return [out]
@@ -131,13 +117,13 @@ def main(args):
         plan = plan_cache([p.preprocess for p in passes])
         path = os.path.join(args.decode_cache, tag_data,
                             f"{args.split}-{plan.resize}-{plan.crop}-{plan.interpolation}-"
-                            f"{store.key_hash(cache_key(data_key, plan))[:8]}")
+                            f"{key_hash(cache_key(data_key, plan))[:8]}")
         images, labels = build_decoded_cache(path, source, idx, data_key, plan, args.workers)
         probe = GroupedImages(source, idx, [])
         feed = CacheFeed(images, labels, plan, groups, lambda r: describe_row(probe, r), threads=args.workers)
-    extract_passes(passes, feed, data_key, args, desc=f"{args.split} features",
+    extract_passes(passes, feed, data_key, cli.config(ExtractConfig, args), desc=f"{args.split} features",
                    extra_arrays={"indices": np.asarray(idx, np.int64)})
 
 
 if __name__ == "__main__":
-    cli.run(main, get_args_parser())
+    cli.run(main, get_args_parser(), dialect=compat.dialect(__file__))

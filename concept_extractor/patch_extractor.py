@@ -7,14 +7,16 @@ Output: concept_library/prototype/patches/<class>/*.png and concept_library/prot
 import argparse
 from functools import partial
 
-from concept_extractor._element_flags import add_element_args, run_extractor
-from utils import cli
+from utils import cli, compat
+from utils.cli import flags
 from utils.elements import patches
+from utils.errors import UserError
+from utils.library import LibraryConfig, build
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_element_args(p)
+    flags.add_element_args(p)
     p.add_argument("--grids", type=int, nargs="+", default=[2, 3],
                    help="grid sizes g: each image gives g x g patches per g")
     return p
@@ -22,9 +24,10 @@ def get_args_parser():
 
 def main(args):
     if min(args.grids) < 1:
-        raise cli.UserError("--grids must be at least 1")
+        raise UserError("--grids must be at least 1")
     params = dict(grids=list(args.grids), out_size=args.out_size)
-    run_extractor(args, "patches", partial(patches, **params), params)
+    build(cli.config(LibraryConfig, args), "patches", partial(patches, **params), params)
+
 
 if __name__ == "__main__":
-    cli.run(main, get_args_parser())
+    cli.run(main, get_args_parser(), dialect=compat.dialect(__file__))

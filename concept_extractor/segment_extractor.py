@@ -4,19 +4,20 @@ class and save them as images, with an index recording where each came from.
     python -m concept_extractor.segment_extractor --dataset fashion_mnist --images_per_class 4
 
 Output: concept_library/prototype/segments/<class>/*.png and concept_library/prototype/segments/index.json
-(schema in utils/elements.py). Re-running with the same settings does nothing; a killed run resumes by class.
+(schema in utils/library.py). Re-running with the same settings does nothing; a killed run resumes by class.
 """
 import argparse
 from functools import partial
 
-from concept_extractor._element_flags import add_element_args, run_extractor
-from utils import cli
+from utils import cli, compat
+from utils.cli import flags
 from utils.elements import FILL, SLIC_SCALES, segments
+from utils.library import LibraryConfig, build
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_element_args(p)
+    flags.add_element_args(p)
     g = p.add_argument_group("SLIC")
     g.add_argument("--n_segments", type=int, nargs="+", default=list(SLIC_SCALES), help="SLIC scales (n_segments)")
     g.add_argument("--compactness", type=float, default=10.0, help="SLIC compactness")
@@ -33,7 +34,8 @@ def main(args):
     params = dict(scales=list(args.n_segments), compactness=args.compactness, sigma=args.sigma,
                   max_per_scale=args.max_per_scale, max_jaccard=args.max_jaccard, min_area=args.min_area,
                   fill=args.fill, out_size=args.out_size)
-    run_extractor(args, "segments", partial(segments, **params), params)
+    build(cli.config(LibraryConfig, args), "segments", partial(segments, **params), params)
+
 
 if __name__ == "__main__":
-    cli.run(main, get_args_parser())
+    cli.run(main, get_args_parser(), dialect=compat.dialect(__file__))

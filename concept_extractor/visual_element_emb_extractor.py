@@ -11,36 +11,33 @@ import argparse
 import os
 from dataclasses import asdict
 
-from utils import cli
+from utils import cli, compat
 from utils.backbones import Backbone
+from utils.cli import flags
 from utils.data import ElementImages
-from utils.extraction import extract_to_store
-from utils.store import file_digest
-from utils.validate import check_element_index
+from utils.extraction import ExtractConfig, extract_to_store
+from utils.fileio import file_digest
+from utils.library import read_index
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_backbone_args(p)
+    flags.add_backbone_args(p)
     p.add_argument("--elements", default="concept_library/prototype/segments",
                    help="an element library folder (holds index.json) made by segment_extractor or patch_extractor")
     p.add_argument("--out", required=True, help="store entry folder to write")
-    cli.add_loader_args(p)
+    flags.add_loader_args(p)
     return p
 
 
 def main(args):
-    index_path = os.path.join(args.elements, "index.json")
-    if not os.path.isfile(index_path):
-        raise cli.UserError(f"no element library at {args.elements} (no index.json): run segment_extractor or "
-                            f"patch_extractor first")
-    index = check_element_index(index_path)
-    bb = Backbone.from_args(args)
+    index_path, index = read_index(args.elements)
+    bb = Backbone(cli.backbone_spec(args))
     data = ElementImages(args.elements, index["elements"], bb.preprocess.element_transform())
     extract_to_store(bb.extractor, bb.key(), data, {"elements": file_digest(index_path)}, args.out,
                      {"elements_index": os.path.abspath(index_path), "classes": index["classes"],
-                      "backbone": asdict(bb.spec)}, args, desc="element embeddings")
+                      "backbone": asdict(bb.spec)}, cli.config(ExtractConfig, args), desc="element embeddings")
 
 
 if __name__ == "__main__":
-    cli.run(main, get_args_parser())
+    cli.run(main, get_args_parser(), dialect=compat.dialect(__file__))

@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
+export IIS_COMPAT=off   # our flags only: the original code's dialect (utils/compat.py) is for its commands
 
 models=efficientnet_lite0; report=""; out=outputs; dataset=fashion_mnist; elements=segments; concept_types=prototype
 element_seed=0
@@ -55,7 +56,8 @@ for m in $models; do
   echo "=== $config${layer:+ at $layer}"
   bash scripts/run_pipeline.sh --model_config "$config" ${layer:+--layer "$layer"} --dataset "$dataset" \
     --elements "$elements" --element_seed "$element_seed" --concept_types "$concept_types" --out "$out" "${pass[@]}"
-  tag_model=$(basename "$config" .yaml)${layer:+@$layer}
+  bbname=$(flag backbone)
+  tag_model=$("$PY" scripts/model_tag.py "${bbname:-$config}" --layer "$layer")   # as run_pipeline.sh names it
   for ct in $concept_types; do
     if [ "$ct" = text ]; then runs+=("$out/runs/$tag_data/$tag_model/text")
     else runs+=("$out/runs/$tag_data/$tag_model/${ct}_$tag_el"); fi

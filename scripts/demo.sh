@@ -5,6 +5,7 @@
 #   bash scripts/demo.sh            (extra flags go to scripts/run_pipeline.sh, e.g. --train_size 5000)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+export IIS_COMPAT=off   # our flags only: the original code's dialect (utils/compat.py) is for its commands
 start=$SECONDS
 
 # Fashion-MNIST: already under data/ -> Debian's dataset-fashion-mnist -> torchvision's download (tried in Python).

@@ -29,6 +29,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
 export PYTHON="$PY"      # the runners it calls use the same interpreter
+export IIS_COMPAT=off   # our flags only: the original code's dialect (utils/compat.py) is for its commands
 
 model_config=efficientnet_lite0; backbone=""; weights=""; layer=""; dataset=fashion_mnist; data_root=data
 train_size=0; val_size=0; images_per_class=10; elements=segments; library=concept_library/prototype
@@ -50,7 +51,7 @@ bb=(--model_config "$model_config")
 [ -n "$backbone" ] && bb+=(--backbone "$backbone")
 [ -n "$layer" ] && bb+=(--layer "$layer")
 start_weights=(); [ -n "$weights" ] && start_weights=(--weights "$weights")
-tag_model=$(basename "${backbone:-$model_config}" .yaml | tr ':/' '__')${layer:+@$layer}
+tag_model=$("$PY" scripts/model_tag.py "${backbone:-$model_config}" --layer "$layer")
 tag_data=$(basename "$dataset")
 base="$out/finetune/$tag_data/$tag_model"
 report=${report:-$out/reports/finetune_${tag_data}_$tag_model}
@@ -89,6 +90,5 @@ for seed in $seeds; do
 done
 mv "$manifest" "$base/manifest.tsv"
 "$PY" iis_computing.py "${runs[@]}" --report "$report" --plot "$report/curves.png"
-"$PY" -c "import sys; from utils.finetune import write_comparison; write_comparison(sys.argv[1], sys.argv[2])" \
-  "$base/manifest.tsv" "$report"
+"$PY" -m IP_training.IP_finetune_compare "$base/manifest.tsv" --out "$report"
 echo "table: $report/finetune_compare.md (and .csv); fine-tuning logs: $base/ft/*/finetune.json"

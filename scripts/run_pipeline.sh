@@ -35,6 +35,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
+export IIS_COMPAT=off   # our flags only: the original code's dialect (utils/compat.py) is for its commands
 
 model_config=efficientnet_lite0; backbone=""; weights=""; layer=""; dataset=fashion_mnist; data_root=data
 train_size=0; val_size=0; images_per_class=10; elements=segments; element_workers=1; element_seed=0
@@ -56,7 +57,7 @@ loader=(--device "$device")
 [ -n "$workers" ] && loader+=(--workers "$workers")
 [ -n "$batch_size" ] && loader+=(--batch_size "$batch_size")
 
-tag_model=$(basename "${backbone:-$model_config}" .yaml | tr ':/' '__')${layer:+@$layer}
+tag_model=$("$PY" scripts/model_tag.py "${backbone:-$model_config}" --layer "$layer")
 tag_data=$(basename "$dataset")
 feat="$out/features/$tag_data/$tag_model"
 extractor=segment_extractor; [ "$elements" = patches ] && extractor=patch_extractor
@@ -89,7 +90,7 @@ echo "== dataset features"
 "$PY" -m concept_extractor.dataset_feature_extractor "${bb[@]}" "${data[@]}" "${loader[@]}" \
   --split val --max_images "$val_size" --out "$feat/val"
 echo "== standard probe + sparse concept heads, IIS"
-bash scripts/ip_train.sh --features "$feat" --elements "$tag_el" --concept_types "$concept_types" \
+bash scripts/train_heads.sh --features "$feat" --elements "$tag_el" --concept_types "$concept_types" \
   --n_concepts "$n_concepts" --epochs "$epochs" --lrs "$lrs" --device "$device" \
   --seeds "$seeds" --protocol "$protocol" --select_on "$select_on" --out "$out/runs/$tag_data/$tag_model" \
   --clip "$clip_dir" --clip_cutoff "$clip_cutoff" --interpretability_cutoff "$interpretability_cutoff"

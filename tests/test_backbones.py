@@ -5,8 +5,9 @@ import pytest
 import torch
 import torchvision
 
-from utils.backbones import Backbone, FeatureExtractor, load_spec, pool
-from utils.cli import UserError
+from utils.backbones import Backbone, FeatureExtractor, pool
+from utils.errors import UserError
+from utils.specs import load_spec
 
 
 def test_pool_known_values():

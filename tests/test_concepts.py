@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.concepts import cluster_centres, select_prototypes
 from utils.heads import End2EndConceptHeads
 

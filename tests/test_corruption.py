@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_image_folder
-from utils import store, validate
-from utils.cli import UserError
+from utils import fileio, store, validate
+from utils.errors import UserError
 
 CLASSES = ["blue", "green", "red"]          # make_image_folder's classes, sorted as ImageFolder sorts them
 D = 8
@@ -38,7 +38,7 @@ def run(*args, env=None):
 # IIS_TEST_EXEC=1 to run every case with a plain `python ...` instead (same assertions).
 ZYGOTE = r"""
 import io, json, os, runpy, sys, traceback
-import numpy, torch, PIL.Image, utils.store, utils.sweep, utils.heads, utils.concepts, utils.explain, utils.report
+import numpy, torch, PIL.Image, utils.store, utils.sweep, utils.heads, utils.concepts, utils.explanations, utils.report
 import utils.backbones, utils.data, utils.text, matplotlib
 for line in sys.stdin:
     job = json.loads(line)
@@ -192,7 +192,7 @@ def case_copy(base, tmp_path, output):
         shutil.copytree(base / "outputs" / "prototype", tmp_path / "run")
         res = json.load(open(tmp_path / "run" / "results.json"))
         res["meta"]["inputs"] = {k: str(tmp_path / "entries" / k) for k in ("train", "val", "concepts")}
-        store.atomic_write_json(str(tmp_path / "run" / "results.json"), res)
+        fileio.atomic_write_json(str(tmp_path / "run" / "results.json"), res)
     return tmp_path / "entries", out
 
 
@@ -383,7 +383,7 @@ def write_library(root):
         for i in range(2):
             Image.new("RGB", (16, 16), (40 * c, 80, 200 - 40 * i)).save(root / name / f"{i}.png")
             elements.append({"file": f"{name}/{i}.png", "label": c, "class": name})
-    store.atomic_write_json(str(root / "index.json"), {"schema": 1, "classes": CLASSES, "elements": elements})
+    fileio.atomic_write_json(str(root / "index.json"), {"schema": 1, "classes": CLASSES, "elements": elements})
 
 
 def index_truncated(lib):
@@ -413,7 +413,7 @@ def element_missing(lib):
 def _edit_index(lib, f):
     index = json.loads((lib / "index.json").read_text())
     f(index)
-    store.atomic_write_json(str(lib / "index.json"), index)
+    fileio.atomic_write_json(str(lib / "index.json"), index)
 
 
 def index_label_n_classes(lib):
@@ -491,7 +491,7 @@ def test_meta_shape_or_dtype_differing_from_the_file(tmp_path):
     meta = store.read_meta(path)
     for spec, found in (([[4, 3], "float32"], "found [4, 2] float32"), ([[4, 2], "float64"], "found [4, 2] float32")):
         meta["arrays"]["features"] = spec
-        store.atomic_write_json(os.path.join(path, "meta.json"), meta)
+        fileio.atomic_write_json(os.path.join(path, "meta.json"), meta)
         with pytest.raises(UserError, match=rf"array 'features': expected .* \(meta.json\), {re.escape(found)}"):
             store.read(path)
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils import store
-from utils.cli import UserError
+from utils import fileio, store
+from utils.errors import UserError
 from utils.data import get_source, per_class_indices, subset_indices, to_rgb
 
 
@@ -59,7 +59,7 @@ def test_store_roundtrip_key_and_atomicity(tmp_path):
     assert isinstance(arrays["features"], np.memmap) and arrays["features"][2, 1] == 5
     assert store.is_current(path, key) and not store.is_current(path, dict(key, layer="z"))
     with pytest.raises(RuntimeError):
-        with store.TempDir(path) as tmp:
+        with fileio.TempDir(path) as tmp:
             np.save(os.path.join(tmp, "features.npy"), np.zeros(1))
             raise RuntimeError("killed")
     assert store.is_current(path, key)                     # the old entry is untouched

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from utils import aliases as compat   # utils/compat.py on the refactor branch: the one line to change when it lands
-from utils import backbones, data, heads, sweep
+from utils import compat
+from utils import data, heads, specs, sweep
 
 DOCS = os.path.join(REPO, "docs")
 PAGES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(DOCS, "*.md")))
@@ -284,7 +284,7 @@ def protocol_table():
 
 def model_config_table():
     """docs/backbones.md's table: one row per model_configs/*.yaml (a missing key shows BackboneSpec's default)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(backbones.BackboneSpec)
+    defaults = {f.name: f.default for f in dataclasses.fields(specs.BackboneSpec)
                 if f.default is not dataclasses.MISSING}
     cols = ["name", "source", "arch", "weights", "layer", "pooling", "layout"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -5,7 +5,8 @@ import numpy as np
 from PIL import Image
 
 from utils.data import get_source
-from utils.elements import (build_library, crop_masked, grid_boxes, patches, segments, select_masks)
+from utils.elements import crop_masked, grid_boxes, patches, segments, select_masks
+from utils.library import build_library
 
 
 def halves(n=10, swap=False):

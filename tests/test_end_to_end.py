@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import REPO, make_image_folder
-from utils import store
-from utils.explain import Run
+from utils import fileio, store
+from utils.explanations import Run
 from utils.iis import iis
 
 TYPES = ["prototype", "cluster", "end2end", "text"]
@@ -125,11 +125,11 @@ def test_a_rebuilt_element_library_is_not_shown_as_the_runs_concepts(pipeline, t
     res = json.load(open(run_dir / "results.json"))
     shutil.copytree(os.path.dirname(res["meta"]["elements"]), lib)
     res["meta"]["elements"] = str(lib / "index.json")
-    store.atomic_write_json(str(run_dir / "results.json"), res)
+    fileio.atomic_write_json(str(run_dir / "results.json"), res)
     assert Run(str(run_dir)).elements is not None                    # the same library, moved: its images are shown
     index = json.load(open(lib / "index.json"))
     index["elements"] = index["elements"][::-1]                      # rebuilt: other images under the same rows
-    store.atomic_write_json(str(lib / "index.json"), index)
+    fileio.atomic_write_json(str(lib / "index.json"), index)
     assert "was rebuilt since this run" in Run(str(run_dir)).elements_missing
     r = subprocess.run([pipeline["env"]["PYTHON"], "explain.py", str(run_dir), "--index", "3", "--top", "4"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -3,7 +3,6 @@ stops the run naming its image; the decoded-copy fast path is exact for its own 
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,9 +15,11 @@ from conftest import REPO
 from concept_extractor import dataset_feature_extractor as dfe
 from utils import store
 from utils.backbones import LayerTaps, Preprocess
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.data import ImageSource, TransformedImages, get_source
-from utils.extraction import CachePlan, CacheTransform, DecodeImages, extract_to_store, plan_cache
+from utils.extraction import (CachePlan, CacheTransform, DecodeImages, ExtractConfig, extract_to_store,
+                              plan_cache)
+from utils.specs import model_tag
 
 LOADER = ["--workers", "0", "--device", "cpu", "--batch_size", "3", "--chunk_size", "4"]
 
@@ -92,8 +93,15 @@ def test_out_names_and_refused_target_lists():
         dfe.out_paths("f/{split}", ["a", "b"], "train", "d")
     with pytest.raises(UserError, match="{model}, {split} and {dataset} only"):
         dfe.out_paths("f/{modle}", ["a"], "train", "d")
-    assert dfe.model_tag("model_configs/resnet50.yaml", None) == "resnet50"
-    assert dfe.model_tag("timm:resnet18", "layer2") == "timm_resnet18@layer2"
+    assert model_tag("model_configs/resnet50.yaml", None) == "resnet50"
+    assert model_tag("timm:resnet18", "layer2") == "timm_resnet18@layer2"
+    # the runners' folder names come from the same rule (scripts/model_tag.py), not from a copy of it in bash
+    for argv, tag in ((["model_configs/resnet50.yaml"], "resnet50"), (["timm:resnet18", "--layer", "layer2"],
+                                                                      "timm_resnet18@layer2"),
+                      (["timm:hf-hub:org/vit_x.a", "--layer", ""], "vit_x.a")):
+        r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "model_tag.py"), *argv], capture_output=True,
+                           text=True, timeout=60)
+        assert (r.returncode, r.stdout) == (0, tag + "\n"), r.stderr
     parse = dfe.get_args_parser().parse_args
     tags = [t for t, _ in dfe.targets(parse(["--model_config", "resnet18", "swin_t:features.3", "--layer", "layer2",
                                              "layer3", "--out", "o"]))]
@@ -125,7 +133,7 @@ def test_non_finite_feature_stops_the_run_naming_its_image(image_folder, tmp_pat
     data = TransformedImages(source, np.arange(len(source)), T.Compose([T.Resize((8, 8)), T.ToTensor()]))
     assert source.ident(5) == os.path.join("green", "002.png")
     planted = Planted(data[5][0], value)
-    args = SimpleNamespace(batch_size=2, chunk_size=4, workers=0, device="cpu", amp=False, dtype="float32")
+    args = ExtractConfig(batch_size=2, chunk_size=4, workers=0, device="cpu", amp=False, dtype="float32")
     out = str(tmp_path / "feats")
     with pytest.raises(UserError) as e:
         extract_to_store(lambda: planted, {"planted": 1}, data, {"d": 1}, out, {}, args, "planted")

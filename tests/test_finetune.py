@@ -1,4 +1,4 @@
-"""Fine-tuning with interpretability maximisation (IP_training/IP_finetune.py, utils/finetune.py), on timm's tiny
+"""Fine-tuning with interpretability maximisation (IP_training/IP_finetune.py, utils/finetune/), on timm's tiny
 random-init test_efficientnet and the planted-colour ImageFolder: lambda = 0 is plain fine-tuning, the concept term's
 gradient reaches exactly the trained parameters, the cached partial forward is the full forward, the checkpoint is
 what the pipeline's --weights loads, a killed run resumes to the same weights, bad flags are refused."""
@@ -15,8 +15,12 @@ import torch.nn.functional as F
 
 from conftest import REPO, make_image_folder
 from IP_training.IP_finetune import get_args_parser
-from utils import finetune as ft
-from utils import store
+from utils import cli, store
+from utils.backbones import FeatureExtractor, build_model
+from utils.finetune import augment, objective, surgery
+from utils.finetune import trainer as ft
+from utils.finetune.compare import write_comparison
+from utils.specs import load_spec
 
 TINY = ["--backbone", "timm:test_efficientnet", "--weights", "none"]
 
@@ -39,8 +43,8 @@ def argv_for(world, out, *extra):
             *extra]
 
 
-def args_for(world, out, *extra):
-    return get_args_parser().parse_args(argv_for(world, out, *extra))
+def config_for(world, out, *extra):
+    return cli.config(ft.FinetuneConfig, get_args_parser().parse_args(argv_for(world, out, *extra)))
 
 
 def checkpoint(world, out):
@@ -56,10 +60,10 @@ def same_tensors(a, b):
 def runs(world):
     """Three finished runs: plain (lambda 0), plain with other concept settings, interpretability (lambda 1)."""
     out = {}
-    out["plain"] = ft.run(args_for(world, "plain", "--lambda_interp", "0"))
-    out["plain_other"] = ft.run(args_for(world, "plain_other", "--lambda_interp", "0", "--concept_type", "cluster",
+    out["plain"] = ft.run(config_for(world, "plain", "--lambda_interp", "0"))
+    out["plain_other"] = ft.run(config_for(world, "plain_other", "--lambda_interp", "0", "--concept_type", "cluster",
                                          "--n_concepts", "5", "--ratio", "0.6", "--refresh", "step"))
-    out["interp"] = ft.run(args_for(world, "interp", "--lambda_interp", "1"))
+    out["interp"] = ft.run(config_for(world, "interp", "--lambda_interp", "1"))
     return out
 
 
@@ -68,17 +72,17 @@ def test_block_names_and_last_blocks():
     import timm
     import torchvision
     m = timm.create_model("test_efficientnet", pretrained=False).eval()
-    blocks = ft.block_names(m)
+    blocks = surgery.block_names(m)
     assert blocks == [f"blocks.{i}.{j}" for i, n in enumerate(len(s) for s in m.blocks) for j in range(n)]
     r = torchvision.models.resnet18(weights=None).eval()
-    assert ft.block_names(r) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
-    ext = ft.FeatureExtractor(r, "pre_logits")
-    got = ft.resolve_trained(r, ext, ["2"], torch.zeros(2, 3, 64, 64))
+    assert surgery.block_names(r) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    ext = FeatureExtractor(r, "pre_logits")
+    got = surgery.resolve_trained(r, ext, ["2"], torch.zeros(2, 3, 64, 64))
     assert got["cut"] == "layer4.0" and got["modules"] == ["layer4.0", "layer4.1"]
     assert set(got["params"]) == {n for n, _ in r.named_parameters() if n.startswith("layer4.")}
-    every = ft.resolve_trained(r, ext, ["all"], torch.zeros(2, 3, 64, 64))
+    every = surgery.resolve_trained(r, ext, ["all"], torch.zeros(2, 3, 64, 64))
     assert set(every["params"]) == {n for n, _ in r.named_parameters() if not n.startswith("fc.")}   # fc: after
-    e = ft.resolve_trained(m, ft.FeatureExtractor(m, "pre_logits"), ["1"], torch.zeros(2, 3, 64, 64))
+    e = surgery.resolve_trained(m, FeatureExtractor(m, "pre_logits"), ["1"], torch.zeros(2, 3, 64, 64))
     assert e["modules"] == [blocks[-1], "conv_head", "bn2"]
 
 
@@ -92,12 +96,12 @@ def test_cached_partial_forward_gives_the_full_forward_gradients(arch, layers):
     import timm
     torch.manual_seed(0)
     m = timm.create_model(arch, pretrained=False).eval()
-    ext = ft.FeatureExtractor(m, "pre_logits")
+    ext = FeatureExtractor(m, "pre_logits")
     x = torch.randn(4, 3, 160, 160)
-    tr = ft.resolve_trained(m, ext, [layers], x[:2])
+    tr = surgery.resolve_trained(m, ext, [layers], x[:2])
     for n, p in m.named_parameters():
         p.requires_grad_(n in set(tr["params"]))
-    top = ft.TopForward(m, ext, tr["cut"], tr["calls"], tr["outputs"], x.shape)
+    top = surgery.TopForward(m, ext, tr["cut"], tr["calls"], tr["outputs"], x.shape)
     assert top.matches(x)
     params = [p for p in m.parameters() if p.requires_grad]
     w = torch.randn(ext(x).shape[1], 3)
@@ -123,32 +127,28 @@ def test_cached_path_is_refused_where_it_would_change_the_network():
             return self.fc((self.block2(self.block1(s)) + s).mean((2, 3)))
     torch.manual_seed(0)
     m = Skip().eval()
-    ext = ft.FeatureExtractor(m, "pre_logits")
+    ext = FeatureExtractor(m, "pre_logits")
     x = torch.randn(2, 3, 8, 8)
-    tr = ft.resolve_trained(m, ext, ["block2"], x)
+    tr = surgery.resolve_trained(m, ext, ["block2"], x)
     assert tr["cut"] == "block2" and tr["params"] == ["block2.weight", "block2.bias"]
-    assert not ft.TopForward(m, ext, tr["cut"], tr["calls"], tr["outputs"], x.shape).matches(x)
+    assert not surgery.TopForward(m, ext, tr["cut"], tr["calls"], tr["outputs"], x.shape).matches(x)
 
 
 def test_interp_gradient_reaches_every_trained_parameter_and_no_frozen_one(world):
-    args = args_for(world, "grad", "--refresh", "step", "--lambda_interp", "1")
-    tuner = ft.prepare(args)
-    ctx = tuner.ctx
-    tuner.build(tuner.backbone_key)
-    tuner.build_caches()
-    tuner.init_concepts()
+    plan = ft.plan(config_for(world, "grad", "--refresh", "step", "--lambda_interp", "1"))
+    tuner = ft.FineTuner(plan)
     x, y, cached = next(tuner.train_stream(0))
     assert cached
     trained = dict((n, p) for n, p in tuner.model.named_parameters() if p.requires_grad)
     frozen = [p for p in tuner.model.parameters() if not p.requires_grad]
-    assert trained and frozen and set(trained) == set(ctx["trained"]["params"])
+    assert trained and frozen and set(trained) == set(plan.trained["params"])
 
     def concept_grads(lam):
         for p in tuner.model.parameters():
             p.grad = None
         f = tuner.features_of(x, True)
-        tuner.head.set_concepts(ft.grad_scale(tuner.concept_vectors(grad=True), lam))
-        F.cross_entropy(tuner.head(ft.grad_scale(f, lam))[0], y).backward()
+        tuner.head.set_concepts(objective.grad_scale(tuner.concept_vectors(grad=True), lam))
+        F.cross_entropy(tuner.head(objective.grad_scale(f, lam))[0], y).backward()
         return {n: None if p.grad is None else p.grad.clone() for n, p in trained.items()}
     g1 = concept_grads(1.0)
     assert all(g is not None and g.abs().sum() > 0 for g in g1.values()), [n for n, g in g1.items() if g is None]
@@ -172,7 +172,7 @@ def test_lambda_zero_is_plain_finetuning(world, runs):
     changed = {k for k in plain if not torch.equal(plain[k], interp[k])}
     assert changed and changed <= trained
     # the pretrained (here: random-init, seed-independent) frozen part is untouched by either arm
-    fresh = ft.build_model(ft.load_spec("efficientnet_lite0", "timm:test_efficientnet", "none")).state_dict()
+    fresh = build_model(load_spec("efficientnet_lite0", "timm:test_efficientnet", "none")).state_dict()
     assert {k for k in plain if not torch.equal(plain[k], fresh[k])} <= trained
 
 
@@ -189,8 +189,8 @@ def test_checkpoint_reloads_through_weights_with_the_same_features(world, runs):
     arrays, meta = store.read(out)
     tuner = runs["interp"]
     src = get_source(world["folder"], "val")
-    mine, labels = extract(tuner.ext, TransformedImages(src, subset_indices(len(src), None),
-                                                        tuner.pre.image_transform()), workers=0)
+    mine, labels = extract(tuner.extractor, TransformedImages(src, subset_indices(len(src), None),
+                                                              tuner.preprocess.image_transform()), workers=0)
     assert np.array_equal(labels, arrays["labels"])
     np.testing.assert_allclose(arrays["features"], mine, rtol=0, atol=1e-5)
     assert np.abs(mine).max() > 1e-3                                  # not trivially equal
@@ -204,8 +204,9 @@ def test_checkpoint_reloads_through_weights_with_the_same_features(world, runs):
 @pytest.mark.slow
 def test_resume_after_a_kill_gives_the_uninterrupted_weights(world, runs):
     # SIGKILL (no clean-up of any kind) in the middle of the second epoch, from inside the training loop
-    kill = ("import os, sys; from IP_training.IP_finetune import get_args_parser; from utils import finetune as ft; "
-            "ft.run(get_args_parser().parse_args(sys.argv[1:]), "
+    kill = ("import os, sys; from IP_training.IP_finetune import get_args_parser; from utils import cli; "
+            "from utils.finetune import trainer as ft; "
+            "ft.run(cli.config(ft.FinetuneConfig, get_args_parser().parse_args(sys.argv[1:])), "
             "on_step=lambda e, s: os.kill(os.getpid(), 9) if (e, s) == (1, 1) else None)")
     argv = argv_for(world, "resumed", "--lambda_interp", "1")
     r = subprocess.run([sys.executable, "-c", kill, *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -216,7 +217,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(world, runs):
     assert not log["finished"] and [e["epoch"] for e in log["epochs"]] == [1]
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
     steps = []
-    resumed = ft.run(get_args_parser().parse_args(argv), on_step=lambda e, s: steps.append((e, s)))
+    resumed = ft.run(cli.config(ft.FinetuneConfig, get_args_parser().parse_args(argv)),
+                     on_step=lambda e, s: steps.append((e, s)))
     assert steps and {e for e, _ in steps} == {1}                       # only the unfinished epoch ran again
     assert resumed.info["epochs"][0] == log["epochs"][0]                 # epoch 1 (its timing too) came from state.pt
     assert [r["epoch"] for r in resumed.info["epochs"]] == [1, 2]
@@ -225,22 +227,22 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(world, runs):
     def no_times(rows):
         return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
     assert no_times(resumed.info["epochs"]) == no_times(runs["interp"].info["epochs"])
-    again = ft.run(get_args_parser().parse_args(argv))                         # finished: nothing to do
+    again = ft.run(cli.config(ft.FinetuneConfig, get_args_parser().parse_args(argv)))    # finished: nothing to do
     assert again.info["key_hash"] == resumed.info["key_hash"] and not (out / ft.STATE).exists()
 
 
 @pytest.mark.slow
 def test_uncached_partial_run_matches_the_cached_one_and_all_layers_train(world, runs):
-    off = ft.run(args_for(world, "interp_nocache", "--lambda_interp", "1", "--cache", "off"))
+    off = ft.run(config_for(world, "interp_nocache", "--lambda_interp", "1", "--cache", "off"))
     assert off.info["trained"]["cache"].startswith("off")
     assert runs["interp"].info["trained"]["cache"].startswith("inputs")
     for a, b in zip(off.info["epochs"], runs["interp"].info["epochs"]):      # caching changes the time, not the run
         for k in ("train_loss_linear", "train_loss_concept"):
             assert a[k] == pytest.approx(b[k], rel=1e-3)
-    every = ft.run(args_for(world, "all_layers", "--lambda_interp", "1", "--train_layers", "all", "--epochs", "1"))
+    every = ft.run(config_for(world, "all_layers", "--lambda_interp", "1", "--train_layers", "all", "--epochs", "1"))
     assert every.info["trained"]["cut"] is None and every.info["reload_check"]["max_abs_diff"] <= 1e-5
-    ckpt, fresh = checkpoint(world, "all_layers"), ft.build_model(
-        ft.load_spec("efficientnet_lite0", "timm:test_efficientnet", "none")).state_dict()
+    ckpt, fresh = checkpoint(world, "all_layers"), build_model(
+        load_spec("efficientnet_lite0", "timm:test_efficientnet", "none")).state_dict()
     assert not torch.equal(ckpt["conv_stem.weight"], fresh["conv_stem.weight"])       # the stem trained too
     assert torch.equal(ckpt["classifier.weight"], fresh["classifier.weight"])          # past the feature: untouched
 
@@ -286,14 +288,14 @@ def test_augmented_views_are_deterministic_and_differ_by_view(tmp_path):
     folder = make_image_folder(str(tmp_path / "s"), n_train=2, n_val=1)
     src = get_source(folder, "train")
     pre = Preprocess(40, 32, "bilinear", (0.5,) * 3, (0.5,) * 3)
-    a = ft.AugmentedImages(src, [0, 3], pre, [0, 1], aug_seed=7)
-    b = ft.AugmentedImages(src, [0, 3], pre, [1], aug_seed=7)
+    a = augment.AugmentedImages(src, [0, 3], pre, [0, 1], aug_seed=7)
+    b = augment.AugmentedImages(src, [0, 3], pre, [1], aug_seed=7)
     assert len(a) == 4 and a[0][0].shape == (3, 32, 32)
     assert torch.equal(a[2][0], b[0][0]) and torch.equal(a[3][0], b[1][0])     # view 1 is view 1 wherever drawn
     assert not torch.equal(a[0][0], a[2][0])
     rng = np.random.default_rng(0)
     for _ in range(200):
-        top, left, h, w = ft.crop_params(40, 30, rng)
+        top, left, h, w = augment.crop_params(40, 30, rng)
         assert 0 <= top and top + h <= 30 and 0 <= left and left + w <= 40
         assert 0.5 * 1200 * 0.9 <= h * w <= 1200 and 0.7 <= w / h <= 1.4
 
@@ -309,7 +311,7 @@ def test_comparison_table_known_answer(tmp_path):
                                                 "accuracies": [top1, top1 - 1, top1 - 10]}))
         rows.append("\t".join([arm, lam, str(seed), str(d)]))
     (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
-    table = ft.write_comparison(str(tmp_path / "m.tsv"), str(tmp_path / "report"))
+    table = write_comparison(str(tmp_path / "m.tsv"), str(tmp_path / "report"))
     by = {r["arm"]: r for r in table}
     assert [r["arm"] for r in table] == ["pretrained", "plain", "interp"]
     assert by["plain"]["top1"] == pytest.approx((86.0, np.sqrt(2.0)))
@@ -321,3 +323,13 @@ def test_comparison_table_known_answer(tmp_path):
     assert "| interp | 1 | 2 | 86.00 ± 0.00 | 0.8450 ± 0.0212 |" in md
     csv = (tmp_path / "report" / "finetune_compare.csv").read_text().splitlines()
     assert csv[0].startswith("arm,lambda,n_seeds,top1_mean") and len(csv) == 4
+    # the script scripts/finetune_compare.sh calls writes the same table; a malformed manifest is one error line
+    r = subprocess.run([sys.executable, "-m", "IP_training.IP_finetune_compare", str(tmp_path / "m.tsv"), "--out",
+                        str(tmp_path / "again")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "again" / "finetune_compare.md").read_text() == md
+    (tmp_path / "bad.tsv").write_text("plain\t0\n")
+    r = subprocess.run([sys.executable, "-m", "IP_training.IP_finetune_compare", str(tmp_path / "bad.tsv"), "--out",
+                        str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    one_line_error(r, "bad.tsv: line 1 has 2 tab-separated fields")
+    assert not (tmp_path / "bad").exists()

@@ -1,6 +1,6 @@
 import pytest
 
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.heads import SPARSITY_GRID
 from utils.iis import iis, score
 

@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 
+from concept_extractor import dataset_feature_extractor as dfe
 from conftest import REPO, make_image_folder
-from utils import aliases, store
-from utils.cli import UserError
+from utils import compat, fileio, store
+from utils.errors import UserError
 
 SCRIPTS = {"segment_extractor": "concept_extractor", "patch_extractor": "concept_extractor",
            "visual_element_emb_extractor": "concept_extractor", "dataset_feature_extractor": "concept_extractor",
@@ -31,13 +32,26 @@ def script_path(name):
 
 
 def parse(name, argv):
-    """Our parsed flags for the original ``argv`` given to script ``name``, its checks run."""
+    """Our parsed flags for the original ``argv`` given to script ``name``, its checks run; the commands of ours it
+    stands for first (the original textual_emb_extractor's backbone features) are parsed too, as ``args.first``:
+    {split: dataset_feature_extractor's parsed flags}."""
     module = importlib.import_module(f"{SCRIPTS[name]}.{name}" if SCRIPTS[name] else name)
-    ours, checks = aliases.translate(script_path(name), REQUIRED.get(name, []) + argv)
+    ours, ctx = compat.translate(script_path(name), REQUIRED.get(name, []) + argv)
     args = module.get_args_parser().parse_args(ours)
-    for check in checks:
+    for check in ctx.checks:
         check(args)
+    args.first = {}
+    for cmd in ctx.before:
+        assert cmd[:2] == ["-m", "concept_extractor.dataset_feature_extractor"]
+        step = dfe.get_args_parser().parse_args(cmd[2:])
+        args.first[step.split] = step
     return args
+
+
+def lookup(args, key):
+    """``args.<key>``, or for "train:<key>" / "val:<key>" that attribute of the backbone run of that split."""
+    split, _, name = key.rpartition(":")
+    return getattr(args.first[split] if split else args, name)
 
 
 def fake_entry(path, n=12, dim=4, classes=("a", "b"), name="resnet18", seed=0):
@@ -74,7 +88,10 @@ def case(flag, name, tmp):
         "--dataset": (["--dataset", "imagenet"], {"dataset": os.path.join(".", "datasets", "imagenet")}),
         "--model_config": (["--model_config", "resnet50_IMAGENET1K_V1"], {   # the dataset extractor takes several
             "model_config": ["resnet50"] if name == "dataset_feature_extractor" else "resnet50",
-            "weights": "IMAGENET1K_V1"}),
+            "weights": "IMAGENET1K_V1"}) if name != "textual_emb_extractor" else (   # for its backbone runs
+            ["--dataset", "imagenet", "--activation_dir", "a", "--model_config", "resnet50_IMAGENET1K_V1"],
+            {"train:model_config": ["resnet50"], "train:weights": "IMAGENET1K_V1", "val:model_config": ["resnet50"],
+             "val:weights": "IMAGENET1K_V1"}),
         "--config_yaml": (["--config_yaml", "../model_configs/resnet50_IMAGENET1K_V1.yaml"],
                           {"model_config": "resnet50", "weights": "IMAGENET1K_V1"}),
         "--model": (["--model", "resnet18"], {"model_config": "resnet18", "backbone": None}),
@@ -91,11 +108,14 @@ def case(flag, name, tmp):
         if name == "textual_emb_extractor" else (activation + ["--concept_set", "c/mine.txt"],
                                                  {"clip": "a/imagenet_clip_mine"}),
         "--clip_name": (["--clip_name", "ViT-B/16"], {"clip_model": "ViT-B-16"}),
-        "--backbone": (["--backbone", "resnet50"], {"model_config": "resnet50", "backbone": None}),
-        "--feature_layer": (["--feature_layer", "layer3"], {"layer": "layer3"}),
+        "--backbone": (["--dataset", "imagenet", "--activation_dir", "a", "--backbone", "resnet50"],
+                       {"train:model_config": ["resnet50"], "train:backbone": None}),
+        "--feature_layer": (["--dataset", "imagenet", "--backbone", "resnet18", "--activation_dir", "a",
+                             "--feature_layer", "layer3"], {"train:layer": ["layer3"], "val:layer": ["layer3"]}),
         "--activation_dir": (activation + ["--concept_set", "c/imagenet_filtered.txt"], {
-            "backbone_out": "a/imagenet_{split}_resnet18_layer4", "out": "a/imagenet_clip_imagenet_filtered",
-            "layer": "layer4", "model_config": "resnet18"}) if name == "textual_emb_extractor" else (activation, {
+            "train:out": "a/imagenet_train_resnet18_layer4", "val:out": "a/imagenet_val_resnet18_layer4",
+            "out": "a/imagenet_clip_imagenet_filtered", "train:layer": ["layer4"],
+            "train:model_config": ["resnet18"]}) if name == "textual_emb_extractor" else (activation, {
                 "train_features": "a/imagenet_train_resnet18_layer4", "val_features": "a/imagenet_val_resnet18_layer4",
                 "clip": "a/imagenet_clip_imagenet_filtered"}),
         "--train_pt": (["--train_pt", str(tmp / "e.pt")], {"train_features": str(tmp / "e")}),
@@ -110,11 +130,12 @@ def case(flag, name, tmp):
         "--sparsity_ratio": (["--sparsity_ratio"], {"ratios": [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98]}),
         "--sparsity_ratio_value": (["--sparsity_ratio_value", "0.5"], UserError),
         "--model_root": (["--model_root", "d"], {"results": ["d"]}),
+        "--seed": (["--seeds", "1", "2", "--seed", "3"], {"seeds": [3]}),
     }[flag]
 
 
-@pytest.mark.parametrize("alias,flag,name", [(a, f, s) for a in aliases.ALIASES for f in a.flags for s in a.scripts],
-                         ids=lambda v: "" if isinstance(v, aliases.Alias) else v)
+@pytest.mark.parametrize("alias,flag,name", [(a, f, s) for a in compat.ALIASES for f in a.flags for s in a.scripts],
+                         ids=lambda v: "" if isinstance(v, compat.Alias) else v)
 def test_each_alias_becomes_our_flag(place, alias, flag, name):
     argv, expected = case(alias.flags[0], name, place)
     if alias.apply is not None:                          # each spelling of one flag (a composed row uses them all)
@@ -124,7 +145,7 @@ def test_each_alias_becomes_our_flag(place, alias, flag, name):
             parse(name, argv)
         return
     args = parse(name, argv)
-    assert {k: getattr(args, k) for k in expected} == expected
+    assert {k: lookup(args, k) for k in expected} == expected
 
 
 def test_data_root_keeps_its_meaning_when_it_is_not_a_folder_of_class_folders(place):
@@ -144,9 +165,49 @@ def test_original_yaml_format_and_unexpanded_shell_variables(tmp_path):
         parse("IP_Text_training", ["--backbone", "m", "--activation_dir", "${nowhere}"])
 
 
+def test_original_textual_command_runs_the_backbone_features_first(place):
+    """The original's textual_emb_extractor wrote the backbone's train/val features too: here two runs of
+    dataset_feature_extractor (its backbone, data, subsets and compute flags), then the CLIP features."""
+    argv = ["--dataset", "imagenet", "--concept_set", "c/mine.txt", "--backbone", "resnet18", "--activation_dir", "a",
+            "--weights", "none", "--max_train", "5", "--seed", "2", "--workers", "0", "--no-amp", "--clip_name", "RN50"]
+    args = parse("textual_emb_extractor", argv)
+    assert (args.out, args.concepts, args.clip_model, args.seed, args.max_train) == (
+        "a/imagenet_clip_mine", "c/mine.txt", "RN50", 2, 5)
+    for split, n in (("train", 5), ("val", None)):
+        step = args.first[split]
+        assert (step.model_config, step.weights, step.layer, step.out, step.max_images, step.seed, step.workers,
+                step.amp, step.dataset) == (["resnet18"], "none", ["layer4"], f"a/imagenet_{split}_resnet18_layer4",
+                                            n, 2, 0, False, os.path.join(".", "datasets", "imagenet"))
+    with pytest.raises(UserError, match="--activation_dir"):          # where would the backbone's features go?
+        parse("textual_emb_extractor", ["--backbone", "resnet18"])
+    assert not parse("textual_emb_extractor", ["--dataset", "imagenet"]).first     # CLIP features only
+
+
+def test_this_projects_runners_never_pass_through_the_dialect(tmp_path):
+    """run_pipeline.sh and the other runners of this project export IIS_COMPAT=off: the stage scripts they call then
+    read their command lines as this project's flags only (an original flag is an unknown one); the original-named
+    runners keep the dialect."""
+    ours = ["run_pipeline.sh", "compare_backbones.sh", "finetune_compare.sh", "train_heads.sh", "demo.sh"]
+    for runner in sorted(os.listdir(os.path.join(REPO, "scripts"))):
+        if not runner.endswith(".sh") or runner.startswith("_") or runner == "test.sh":
+            continue
+        text = open(os.path.join(REPO, "scripts", runner)).read()
+        exported = re.search(r"^export IIS_COMPAT=off\b", text, re.M) is not None
+        assert exported == (runner in ours), runner
+    assert compat.dialect(script_path("segment_extractor")) is not None
+    env = dict(os.environ, IIS_COMPAT="off")
+    r = run_file(script_path("segment_extractor"), "--image_per_class", "2", "--out_dir", str(tmp_path / "lib"),
+                 cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "unrecognized arguments: --image_per_class" in r.stderr, r.stderr
+    r = run_file(script_path("segment_extractor"), "--help", cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "original code's flags" not in r.stdout
+    r = run_file(script_path("segment_extractor"), "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "original code's flags" in r.stdout
+
+
 def test_readme_renders_the_alias_table():
     readme = open(os.path.join(REPO, "docs", "original.md"), encoding="utf-8").read()
-    assert aliases.markdown_table() in readme
+    assert compat.markdown_table() in readme
 
 
 def run_file(script, *args, cwd, env=None):
@@ -195,7 +256,7 @@ def test_runners_use_the_venv_without_activation(tmp_path):
     feats = tmp_path / "features"
     for split, seed in (("train", 0), ("val", 1), ("elements_segments", 2)):
         fake_entry(feats / split, n=24, dim=6, classes=("a", "b", "c"), seed=seed)
-    cmd = ["bash", "scripts/ip_train.sh", "--features", str(feats), "--out", str(tmp_path / "runs"), "--epochs", "2",
+    cmd = ["bash", "scripts/train_heads.sh", "--features", str(feats), "--out", str(tmp_path / "runs"), "--epochs", "2",
            "--n_concepts", "6", "--device", "cpu"]
     cmd[1] = os.path.join(REPO, cmd[1])                  # from another folder, too
     env = plain_shell_env()
@@ -267,7 +328,7 @@ def test_original_readme_sequence_gets_an_iis(checkout):
         assert no_warning(r.stderr), r.stderr[-3000:]
     assert re.search(r"resnet18@layer4 prototype .*\nresnet18@layer4 text .*\n(.*\n)*IIS = \d\.\d{4}", r.stdout), r.stdout
     for run in ("IP_training/IP_Prototype/resnet18", "IP_training/output"):
-        scored = store.read_json(str(checkout / run / "iis.json"))
+        scored = fileio.read_json(str(checkout / run / "iis.json"))
         assert scored["meta"]["n_train"] == 18 and scored["meta"]["n_val"] == 9 and scored["meta"]["layer"] == "layer4"
         assert 0 <= scored["iis"] <= 2
 

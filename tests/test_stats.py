@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 from fixtures_results import GRID, balanced_labels, flip_concept_hits, planted_heads, random_heads, write_run
 from utils import stats
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.iis import iis, load_predictions, score, score_with_stats
 
 CURVE = (80, 80, 78, 75, 70, 60, 50, 40)   # a plausible informative run: top-1 (%) at each ratio of GRID

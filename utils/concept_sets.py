@@ -11,7 +11,7 @@ import json
 import os
 import re
 
-from .cli import UserError
+from .errors import UserError
 from .text import normalise_concept
 
 WORDNET_DIRS = ("/usr/share/wordnet", "/usr/share/wordnet/dict", "/usr/local/share/wordnet")

@@ -1,7 +1,7 @@
 """Concept vectors from element embeddings."""
 import numpy as np
 
-from .cli import UserError
+from .errors import UserError
 
 SELECTIONS = ("first", "random", "balanced")
 

@@ -10,8 +10,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from .cli import UserError
-from .store import atomic_write_bytes
+from .errors import UserError
+from .fileio import atomic_write_bytes
 
 BUILTIN = ("fashion_mnist", "cifar10", "cifar100")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")

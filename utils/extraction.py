@@ -10,7 +10,7 @@ One pass over a split feeds any number of *passes* (one forward of one model per
   by PIL at the largest size any backbone of the pass needs (:func:`plan_cache`; a keyed, memory-mapped store entry).
   Threads only copy contiguous rows out of it; the device crops, resizes and normalises each preprocessing group in
   batches. A group whose resize and interpolation are the cache's reads exactly the pixels the PIL path would give it
-  (bit-identical features on CPU); the others are resampled twice (see README, "At ImageNet scale").
+  (bit-identical features on CPU); the others are resampled twice (see docs/scale.md, "Where a GPU waits: decoding").
 
 Rows are written in chunks (``--chunk_size``), each atomically, so a killed run resumes at its first unfinished chunk;
 under torchrun rank r extracts chunks r, r + world, ... and rank 0 merges them. Every batch of features is checked
@@ -26,9 +26,25 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .cli import UserError
+from . import store
+from .backbones import Backbone
+from .device import resolve_device
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How an extraction runs (the extractors' flags of these names): images per forward, DataLoader workers, device,
+    bf16 autocast on CUDA, the stored dtype and the rows per atomically written chunk."""
+    batch_size: int
+    workers: int
+    device: str
+    amp: bool
+    dtype: str
+    chunk_size: int
 
 
 def distributed():
@@ -85,7 +101,6 @@ def assign_groups(passes):
 def backbone_passes(targets):
     """Passes for ``targets`` = [(spec, out, info, name)]: one per distinct (source, arch, weights), reading every layer
     asked of it in that one forward. Returns (passes, distinct preprocessings)."""
-    from .backbones import Backbone
     by_model = {}
     for spec, out, info, name in targets:
         ident = (spec.source, spec.arch, spec.weights)
@@ -146,7 +161,6 @@ class ImageFeed:
 
     def batches(self, batches, device):
         """Yield (inputs per group on ``device``, labels int64 ndarray) for each list of rows in ``batches``."""
-        from torch.utils.data import DataLoader
         groups = len(getattr(self.dataset, "transforms", [None]))    # batches in flight hold every group's input
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False,
@@ -215,9 +229,6 @@ def build_decoded_cache(path, source, indices, data_key, plan, workers=2):
     """Write the decoded copy of ``source`` rows ``indices`` to the store entry ``path`` unless it is current:
     ``images`` (N, crop, crop, 3) uint8, ``labels`` (N,) int64. Chunked, resumable and torchrun-sharded like features.
     Returns (images, labels), memory-mapped."""
-    from torch.utils.data import DataLoader
-
-    from . import store
     key = cache_key(data_key, plan)
     if store.is_current(path, key):
         print(f"{path} is up to date")
@@ -428,16 +439,14 @@ class _Todo:
     missing: set = field(default_factory=set)       # chunks this rank writes
 
 
-def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
+def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None):
     """Fill the store entry of every output of ``passes`` in one pass over ``feed``, skipping entries whose key is
-    current and, on a resumed run, chunks already written. ``args`` supplies batch_size, chunk_size, dtype, device, amp.
-    Returns the entry paths."""
-    from . import store
-    from .cli import resolve_device
+    current and, on a resumed run, chunks already written. ``cfg`` (an :class:`ExtractConfig`) supplies batch_size,
+    chunk_size, dtype, device, amp. Returns the entry paths."""
     todo = []
     for pi, p in enumerate(passes):
         for oi, o in enumerate(p.outputs):
-            key = entry_key(o.model_key, data_key, args.dtype, feed.key)
+            key = entry_key(o.model_key, data_key, cfg.dtype, feed.key)
             if store.is_current(o.out, key):
                 print(f"{o.out} is up to date")
             else:
@@ -449,7 +458,7 @@ def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
     if n == 0:
         raise UserError(f"{desc}: nothing to extract (empty dataset)")
     rank, world = distributed()
-    size = args.chunk_size
+    size = cfg.chunk_size
     n_chunks = -(-n // size)
     for t in todo:
         # the chunk size is part of the partial folder's name: a run resumed with another size starts afresh
@@ -458,14 +467,14 @@ def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
         t.missing = {c for c in range(rank, n_chunks, world) if not done[c]}
         if any(done) and rank == 0:
             print(f"resuming {t.output.out}: {sum(done)} of {n_chunks} chunks already extracted")
-    bs = args.batch_size
+    bs = cfg.batch_size
     work = []                                # (rows, chunk, pass ids); batches never straddle a chunk
     for c in sorted(set().union(*(t.missing for t in todo))):
         pids = sorted({t.pass_id for t in todo if c in t.missing})
         work += [(list(range(i, min(i + bs, (c + 1) * size, n))), c, pids)
                  for i in range(c * size, min((c + 1) * size, n), bs)]
     if work:
-        device = resolve_device(args.device)
+        device = resolve_device(cfg.device)
         needed = sorted({pi for _, _, pids in work for pi in pids})
         modules = {pi: (passes[pi].make().to(device).to(memory_format=torch.channels_last), passes[pi].group)
                    for pi in needed}
@@ -474,14 +483,14 @@ def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
         writer = _ChunkWriter()
         try:
             current = None
-            for (rows, c, _), out, y in _stream(feed, work, modules, device, args.amp):
+            for (rows, c, _), out, y in _stream(feed, work, modules, device, cfg.amp):
                 if c != current:
                     active = [t for t in todo if c in t.missing]
                     feats, labels, got, current = [[] for _ in active], [], 0, c
                 for t, acc in zip(active, feats):
                     f32 = out[t.pass_id][t.index]
-                    stored = f32.astype(args.dtype)
-                    _check_finite(f32, stored, rows, feed, t.output, args.dtype)
+                    stored = f32.astype(cfg.dtype)
+                    _check_finite(f32, stored, rows, feed, t.output, cfg.dtype)
                     acc.append(stored)
                 labels.append(y)
                 got += len(rows)
@@ -497,7 +506,7 @@ def extract_passes(passes, feed, data_key, args, desc, extra_arrays=None):
         for t in todo:
             store.merge_chunks(t.partial, t.output.out, n_chunks, t.key, t.output.info, extra_arrays)
             arrays, _ = store.read(t.output.out, verify=False)   # its digest was just computed
-            print(f"{arrays['features'].shape[0]} x {arrays['features'].shape[1]} {args.dtype} features "
+            print(f"{arrays['features'].shape[0]} x {arrays['features'].shape[1]} {cfg.dtype} features "
                   f"-> {t.output.out}")
     _barrier(world)
     return paths
@@ -520,7 +529,7 @@ class _AsList(nn.Module):
         return [self.module(x)]
 
 
-def extract_to_store(make_extractor, model_key, dataset, data_key, out, info, args, desc, extra_arrays=None):
+def extract_to_store(make_extractor, model_key, dataset, data_key, out, info, cfg, desc, extra_arrays=None):
     """Extract ``dataset`` (map-style, (input tensor, label)) features with ``make_extractor()`` (a module returning
     (N, D)) into the store entry ``out`` unless an entry with the same key is there.
 
@@ -528,7 +537,7 @@ def extract_to_store(make_extractor, model_key, dataset, data_key, out, info, ar
     the stored dtype and ``data_key``. Chunked, resumable, torchrun-sharded and checked as :func:`extract_passes`.
     """
     p = Pass(make=lambda: _AsList(make_extractor()), outputs=[Output(out, model_key, info, desc)])
-    extract_passes([p], ImageFeed(dataset, args.workers), data_key, args, desc, extra_arrays)
+    extract_passes([p], ImageFeed(dataset, cfg.workers), data_key, cfg, desc, extra_arrays)
     return out
 
 

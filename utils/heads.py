@@ -291,7 +291,7 @@ class _SparseLinear(torch.autograd.Function):
         return dz, d_gain, d_shift, d_weight, d_bias, None, None
 
 
-class _SparseHeads(MaskedLinearHeads):
+class SparseHeads(MaskedLinearHeads):
     """H heads: activations = LayerNorm(x . unit concepts), keep each sample's top-k by |activation|, then linear.
 
     Subclasses say where the concepts come from (:meth:`concept_matrix`).
@@ -338,7 +338,7 @@ class _SparseHeads(MaskedLinearHeads):
         return F.layer_norm(s, s.shape[-1:])
 
 
-class SparseConceptHeads(_SparseHeads):
+class SparseConceptHeads(SparseHeads):
     """Sparse heads over fixed concept vectors (Prototype or Cluster concepts).
 
     Because the concepts are fixed, LayerNorm(x . unit concepts) without its affine part is fixed too: :meth:`scores`
@@ -394,7 +394,7 @@ class _OnScores(nn.Module):
         return self.heads.forward_scores(z)
 
 
-class End2EndConceptHeads(_SparseHeads):
+class End2EndConceptHeads(SparseHeads):
     """Sparse heads whose concepts are learnt jointly: each head assigns every candidate element to one concept.
 
     Each head has assignment logits (E, K) over the E candidate element embeddings of its group. A LayerNorm over K

@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 
 from . import stats
-from .cli import UserError
+from .errors import UserError
 
 SCHEMA_2 = "iis.results/2"
 

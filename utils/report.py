@@ -1,21 +1,27 @@
 """Figures and tables from scored results."""
+import csv
+import io
 import os
 
-from .store import atomic_write_bytes
+import numpy as np
+
+from .fileio import atomic_write_bytes
+from .stats import correlation_interval
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (imported on first use: only plotting needs it)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig, path):
-    import io
+def save_png(fig, path):
+    """Write ``fig`` as a PNG atomically and close it; returns the absolute path."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return os.path.abspath(path)
 
@@ -25,7 +31,7 @@ def plot_curves(scored, path, title="Accuracy kept under sparsity"):
 
     A run with a bootstrap interval gets a shaded band (the per-ratio interval of its normalised curve); a single run
     without one keeps the shaded area under its curve (the area is the IIS)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     top = 1.05
     for label, s in scored:
@@ -53,7 +59,7 @@ def plot_curves(scored, path, title="Accuracy kept under sparsity"):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7 if len(scored) > 6 else 8, loc="lower left")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -119,8 +125,6 @@ def _with_interval(v, lo, hi, std=None):
 def write_table(rows, md_path, csv_path, comparisons=None):
     """report.csv: every column of ``rows`` as numbers; report.md: the same values laid out for reading (value ±
     std over seeds [interval]), chance-level runs marked, then the paired verdicts between neighbouring rows."""
-    import csv
-    import io
     cols = list(COLUMNS) + [c for c in rows[0] if c not in COLUMNS and c not in VERSUS] + \
         [c for c in VERSUS if c in rows[0]]
     buf = io.StringIO()
@@ -151,7 +155,6 @@ def write_table(rows, md_path, csv_path, comparisons=None):
 
 def correlations(x, y):
     """(Pearson r, Spearman rho) of two sequences; NaN when fewer than 3 points or no spread."""
-    import numpy as np
     x, y = np.asarray(x, float), np.asarray(y, float)
     if len(x) < 3 or x.std() == 0 or y.std() == 0:
         return float("nan"), float("nan")
@@ -169,7 +172,6 @@ def correlations(x, y):
 def correlation_summary(rows):
     """Correlations of IIS with standard top-1 over the rows not flagged chance-level (a chance-level IIS is noise
     near the grid's width and would dominate them), with Fisher-z 95 % intervals. Returns a dict."""
-    from .stats import correlation_interval
     kept = [r for r in rows if r.get("chance_level") != "yes"]
     pearson, spearman = correlations([r["standard_top1"] for r in kept], [r["iis"] for r in kept])
     return {"n": len(kept), "left_out": len(rows) - len(kept), "pearson": pearson, "spearman": spearman,
@@ -180,7 +182,7 @@ def correlation_summary(rows):
 def plot_scatter(rows, path):
     """IIS against standard top-1, one point per run (marker by concept type) with error bars (their bootstrap
     intervals); chance-level runs hollow and left out of the correlations, which carry Fisher-z intervals."""
-    plt = _pyplot()
+    plt = pyplot()
     corr = correlation_summary(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     markers = dict(zip(sorted({r["concept_type"] for r in rows}), "osD^vP*X"))
@@ -218,4 +220,4 @@ def plot_scatter(rows, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path), corr
+    return save_png(fig, path), corr

@@ -8,108 +8,25 @@ A *store entry* is a directory::
 ``key`` holds everything that determines the arrays (backbone, weights, layer, pooling, preprocessing, data, subset,
 code schema). An entry is reused only when its key hash equals the one asked for, so a stale cache is never picked up.
 Entries are built in a sibling temp directory and renamed into place, so a killed run leaves either the old entry or
-the new one, never half of one. Single files are written the same way (temp + rename).
+the new one, never half of one (utils/fileio.py).
 
 meta.json also records a digest of each array's data bytes (``"digests": {name: "sha256:<hex>"}``). Reading an entry
 always checks its structure (each array file present, its .npy header, shape, dtype and size as meta.json records;
 utils/validate.py); the digests are re-checked on request (``verify=True``: the ``--verify`` flag or IIS_VERIFY=1).
 """
-import hashlib
+import io
 import json
 import os
 import shutil
 import sys
-import uuid
 
 import numpy as np
 
 from . import validate
-from .cli import UserError
+from .errors import UserError
+from .fileio import TempDir, atomic_write_bytes, key_hash, read_json
 
 SCHEMA = 1
-
-
-def key_hash(key):
-    """Stable short hash of a JSON-able dict."""
-    blob = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def file_digest(path, chunk=1 << 20):
-    """sha256 of a file's bytes (used to key on local checkpoints and element indexes)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def _tmp_name(path):
-    return f"{os.fspath(path).rstrip('/')}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def atomic_write_bytes(path, data):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
-
-
-def atomic_torch_save(path, obj):
-    import io
-
-    import torch
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def replace_dir(tmp, path):
-    """Move a finished temp directory to ``path``, replacing whatever was there."""
-    path = os.fspath(path).rstrip("/")
-    old = None
-    if os.path.exists(path):
-        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(path, old)
-    os.rename(tmp, path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-class TempDir:
-    """A sibling temp directory that becomes ``path`` on success and vanishes on failure."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path).rstrip("/")
-        self.tmp = _tmp_name(self.path)
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        os.makedirs(self.tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            replace_dir(self.tmp, self.path)
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
 
 
 def read_meta(path):
@@ -201,7 +118,6 @@ def chunk_done(partial, c):
 
 
 def write_chunk(partial, c, arrays):
-    import io
     os.makedirs(partial, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, **arrays)

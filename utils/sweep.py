@@ -1,32 +1,19 @@
 """One training run of the IIS grid, shared by the visual and text trainers: the standard probe on the features,
-the sparse heads on their input, and the results.json / heads.pt they write (schema in README)."""
-import argparse
+the sparse heads on their input, and the results.json / heads.pt they write (schema in docs/files.md). What a run trains is a
+:class:`SweepConfig` (the trainers' training flags), completed by its protocol's presets (:data:`PROTOCOLS`)."""
 import io
 import os
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from . import iis, store, validate
-from .cli import UserError
+from .errors import UserError
+from .fileio import atomic_torch_save, atomic_write_bytes, atomic_write_json, key_hash, read_json
 from .heads import LinearProbes, Split, fit, rows
-from .store import atomic_torch_save, atomic_write_bytes, atomic_write_json, key_hash
 
 RESULTS_SCHEMA = "iis.results/2"
-
-
-def add_io_args(parser, concepts_flag, concepts_help):
-    """--train_features, --val_features, the concept input and --out, as every trainer takes them."""
-    parser.add_argument("--train_features", required=True,
-                        help="store entry of backbone train features (dataset_feature_extractor)")
-    parser.add_argument("--val_features", required=True, help="store entry of backbone val features")
-    parser.add_argument(concepts_flag, required=True, help=concepts_help)
-    parser.add_argument("--out", required=True, help="output folder for results.json and heads.pt")
-    parser.add_argument("--verify", action="store_true", default=None,
-                        help="also re-hash every input array and compare with the digest recorded when it was written "
-                             "(default: the IIS_VERIFY environment variable; structure, finite values and labels are "
-                             "always checked)")
-
 
 # What each protocol fixes unless a flag says otherwise. "iis" is this project's; "reference" is the original code's
 # (its keep rule, ExponentialLR(0.99) per epoch, batch 1024 and its single lr), for comparing with numbers it made.
@@ -36,69 +23,51 @@ PROTOCOLS = {
 }
 
 
-def add_training_args(parser):
-    from .heads import SPARSITY_GRID
-    g = parser.add_argument_group("training")
-    g.add_argument("--protocol", default="iis", choices=sorted(PROTOCOLS),
-                   help="iis: keep round((1-s)K) concepts, batch 256, lrs 1e-3 1e-2, constant lr; reference: the "
-                        "original code's K-floor(Ks)-1 concepts, batch 1024, lr 1e-2, lr x0.99 per epoch (README)")
-    g.add_argument("--ratios", type=float, nargs="+", default=list(SPARSITY_GRID), help="sparsity grid")
-    g.add_argument("--lrs", type=float, nargs="+", default=None, help="learning-rate grid (Adam; default: protocol's)")
-    g.add_argument("--epochs", type=int, default=30, help="epochs; each head keeps its best epoch (see --select_on)")
-    g.add_argument("--batch_size", type=int, default=None, help="training batch size (default: protocol's)")
-    g.add_argument("--lr_decay", type=float, default=None,
-                   help="multiply the lr by this after every epoch (default: protocol's: 1 or 0.99)")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="decoupled weight decay")
-    g.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="one run per seed, stacked as extra heads of the one sweep: each seed draws its own concepts "
-                        "(prototype/end2end pool and seeds, KMeans init), initialisation and batch order")
-    g.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)   # older single-seed spelling
-    g.add_argument("--select_on", default=None, choices=["val", "holdout"],
-                   help="what picks each head's epoch and each ratio's lr: holdout (a seeded class-balanced dev "
-                        "split carved out of train; the val accuracy of the chosen head is reported; the default of "
-                        "the iis protocol) or val (as linear-probe papers and the original do: optimistic; the "
-                        "reference protocol's)")
-    g.add_argument("--holdout_fraction", type=float, default=0.1, help="share of each class's train rows held out")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
-    g.add_argument("--features_on", default="auto", choices=["auto", "device", "stream"],
-                   help="device: hold the features on the training device; stream: read batches from the memory-"
-                        "mapped store; auto: on the device when they fit in 60%% of its free memory")
-    g.add_argument("--feature_dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="precision of resident features (halves their memory; heads compute in float32)")
-    g.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                   help="precision of the training steps' matrix products: bfloat16 (bf16 inputs, fp32 "
-                        "accumulation) is about 1.5x faster end to end on CPUs with AVX512-BF16/AMX; evaluation is "
-                        "always float32 (on CUDA, float32 products run on TF32 tensor cores, in training and "
-                        "evaluation alike)")
-    return g
+@dataclass(frozen=True)
+class SweepConfig:
+    """What one sweep trains (the trainers' flags of these names; see their --help). ``batch_size``, ``lrs``,
+    ``lr_decay`` and ``select_on`` may be None: :func:`resolve_protocol` fills them from the protocol."""
+    protocol: str
+    ratios: list
+    lrs: list
+    epochs: int
+    batch_size: int
+    lr_decay: float
+    weight_decay: float
+    seeds: list
+    select_on: str
+    holdout_fraction: float
+    features_on: str
+    feature_dtype: str
+    precision: str
+
+    @property
+    def keep_rule(self):
+        return PROTOCOLS[self.protocol]["keep_rule"]
 
 
-def resolve_protocol(args):
-    """Fill the flags left unset from the protocol's preset; check the grid makes an IIS. Returns the keep rule."""
-    preset = PROTOCOLS[args.protocol]
-    for name in ("batch_size", "lrs", "lr_decay", "select_on"):
-        if getattr(args, name) is None:
-            setattr(args, name, preset[name])
-    if args.seed is not None:
-        args.seeds = [args.seed]
-    args.seeds = list(dict.fromkeys(args.seeds))
-    for r in args.ratios:
+def resolve_protocol(cfg):
+    """``cfg`` with the values left unset taken from its protocol's preset and each seed once, after checking that the
+    grid makes an IIS."""
+    preset = PROTOCOLS[cfg.protocol]
+    cfg = replace(cfg, **{name: preset[name] for name in ("batch_size", "lrs", "lr_decay", "select_on")
+                          if getattr(cfg, name) is None}, seeds=list(dict.fromkeys(cfg.seeds)))
+    for r in cfg.ratios:
         if not 0 <= r < 1:
             raise UserError(f"sparsity ratios must be in [0, 1), got {r}")
-    if len(set(args.ratios)) < 2:
+    if len(set(cfg.ratios)) < 2:
         raise UserError("give at least two sparsity ratios (IIS is an area under the curve over them)")
-    if args.epochs < 1 or args.batch_size < 1 or min(args.lrs) <= 0 or not 0 < args.lr_decay <= 1:
+    if cfg.epochs < 1 or cfg.batch_size < 1 or min(cfg.lrs) <= 0 or not 0 < cfg.lr_decay <= 1:
         raise UserError("--epochs and --batch_size must be positive, --lrs positive and --lr_decay in (0, 1]")
-    if args.select_on == "holdout" and not 0 < args.holdout_fraction < 1:
-        raise UserError(f"--holdout_fraction must be in (0, 1), got {args.holdout_fraction}")
-    return preset["keep_rule"]
+    if cfg.select_on == "holdout" and not 0 < cfg.holdout_fraction < 1:
+        raise UserError(f"--holdout_fraction must be in (0, 1), got {cfg.holdout_fraction}")
+    return cfg
 
 
-def grid_of(args):
-    """(sorted ratios, sorted lrs, [(seed, ratio, lr) per concept head]) after resolving the protocol."""
-    resolve_protocol(args)
-    ratios, lrs = sorted(set(args.ratios)), sorted(set(args.lrs))
-    return ratios, lrs, [(s, r, lr) for s in args.seeds for r in ratios for lr in lrs]
+def grid_of(cfg):
+    """(sorted ratios, sorted lrs, [(seed, ratio, lr) per concept head]) of a resolved config."""
+    ratios, lrs = sorted(set(cfg.ratios)), sorted(set(cfg.lrs))
+    return ratios, lrs, [(s, r, lr) for s in cfg.seeds for r in ratios for lr in lrs]
 
 
 def groups_of(grid, seeds):
@@ -106,17 +75,18 @@ def groups_of(grid, seeds):
     return [seeds.index(h[0]) for h in grid]
 
 
-def training_key(args, **inputs):
-    return dict(schema=RESULTS_SCHEMA, protocol=args.protocol, keep_rule=PROTOCOLS[args.protocol]["keep_rule"],
-                ratios=sorted(set(args.ratios)), lrs=sorted(set(args.lrs)), epochs=args.epochs,
-                feature_dtype=args.feature_dtype, batch_size=args.batch_size, lr_decay=args.lr_decay,
-                weight_decay=args.weight_decay, precision=args.precision, seeds=args.seeds, select_on=args.select_on,
-                holdout_fraction=args.holdout_fraction if args.select_on == "holdout" else None, **inputs)
+def training_key(cfg, **inputs):
+    """What determines a run's results: the resolved ``cfg`` and the keys of its inputs."""
+    return dict(schema=RESULTS_SCHEMA, protocol=cfg.protocol, keep_rule=cfg.keep_rule,
+                ratios=sorted(set(cfg.ratios)), lrs=sorted(set(cfg.lrs)), epochs=cfg.epochs,
+                feature_dtype=cfg.feature_dtype, batch_size=cfg.batch_size, lr_decay=cfg.lr_decay,
+                weight_decay=cfg.weight_decay, precision=cfg.precision, seeds=cfg.seeds, select_on=cfg.select_on,
+                holdout_fraction=cfg.holdout_fraction if cfg.select_on == "holdout" else None, **inputs)
 
 
 def is_done(out, key):
     path = os.path.join(out, "results.json")
-    if os.path.exists(path) and store.read_json(path).get("key_hash") == key_hash(key):
+    if os.path.exists(path) and read_json(path).get("key_hash") == key_hash(key):
         print(f"{path} is up to date")
         return True
     return False
@@ -197,19 +167,19 @@ def _num(v):
     return None if not np.isfinite(v) else float(v)
 
 
-def train(args, module, grid, probe_data, head_data, n_classes, device, splits):
+def train(cfg, module, grid, probe_data, head_data, n_classes, device, splits):
     """Train the standard probes (one per seed x lr) on ``probe_data`` and the concept heads ``module`` (one per
     (seed, ratio, lr) of ``grid``) on ``head_data``; each *_data is (x_train, y_train, x_val, y_val).
 
     Returns (results rows, probes, predictions (R, N_val): row r = the val predictions of results row r).
     """
-    seeds, lrs = args.seeds, sorted(set(args.lrs))
+    seeds, lrs = cfg.seeds, sorted(set(cfg.lrs))
     if device.type == "cuda":   # TF32 tensor cores for every float32 matmul of the trainer process, evaluation
         # included: linear heads do not need full fp32
         torch.backends.cuda.matmul.allow_tf32 = True
     std_grid = [(s, lr) for s in seeds for lr in lrs]
-    common = dict(epochs=args.epochs, batch_size=args.batch_size, weight_decay=args.weight_decay,
-                  lr_decay=args.lr_decay, splits=splits, precision=args.precision)
+    common = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                  lr_decay=cfg.lr_decay, splits=splits, precision=cfg.precision)
     probes = LinearProbes(probe_data[0].shape[1], n_classes, len(std_grid), [s for s, _ in std_grid],
                           groups_of(std_grid, seeds)).to(device)
     std = fit(probes, [lr for _, lr in std_grid], *probe_data, desc="standard probe", **common)
@@ -278,10 +248,10 @@ def save(out, key, meta, grid, runs, preds, val_labels, heads, probes, extra_ten
           f"chosen on {meta.get('select_on', 'val')}{', mean over seeds' if len(chosen) > 1 else ''}) -> {path}")
 
 
-def run_meta(args, train_meta, val_meta, **extra):
+def run_meta(cfg, train_meta, val_meta, **extra):
     """results.json's meta: the backbone, the protocol and what identifies the val samples (for paired tests)."""
-    return dict(backbone_meta(train_meta), **extra, protocol=args.protocol, select_on=args.select_on,
-                seeds=list(args.seeds), val_samples=key_hash(val_meta["key"].get("data", val_meta["key"])))
+    return dict(backbone_meta(train_meta), **extra, protocol=cfg.protocol, select_on=cfg.select_on,
+                seeds=list(cfg.seeds), val_samples=key_hash(val_meta["key"].get("data", val_meta["key"])))
 
 
 def backbone_meta(train_meta):

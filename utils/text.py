@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cli import UserError
-from .store import file_digest
+from .errors import UserError
+from .fileio import file_digest
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Concept lists

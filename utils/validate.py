@@ -1,4 +1,4 @@
-"""Checks that keep a damaged or poisoned store entry from ever reaching a score (README, "What is checked").
+"""Checks that keep a damaged or poisoned store entry from ever reaching a score (docs/files.md, "What is checked").
 
 Two kinds:
 
@@ -9,7 +9,7 @@ Two kinds:
   finite features, labels in [0, n_classes), no empty split (:func:`check_split`). These stream over the memory map in
   blocks of about :data:`BLOCK_BYTES`, so a 10 GB entry is checked without being loaded.
 
-Every failure is one :class:`~utils.cli.UserError` whose message starts with the entry's path.
+Every failure is one :class:`~utils.errors.UserError` whose message starts with the entry's path.
 """
 import hashlib
 import os
@@ -17,9 +17,9 @@ import os
 import numpy as np
 import numpy.lib.format as npy_format
 
-from .cli import UserError
+from .errors import UserError
 
-DIGEST = "sha256"            # hardware-accelerated on current x86 and ARM CPUs: faster here than blake2b (README)
+DIGEST = "sha256"            # hardware-accelerated on current x86 and ARM CPUs: faster here than blake2b (docs/benchmarks.md)
 BLOCK_BYTES = 16 << 20       # rows per streamed block: about this many bytes
 
 

@@ -1,23 +1,37 @@
-"""The original code's flags and file flow, accepted by this project's scripts.
+"""The original code's flags, file names and commands, accepted by this project's stage scripts when they opt in.
 
 Readers of the paper type the original README's commands first: from inside the stage folders, with its flag names.
-``ALIASES`` is the one table of what each of its flags becomes here (the README's "Coming from the original code"
-table is :func:`markdown_table`). :func:`translate` rewrites a command line before argparse sees it and returns
-checks to run on the parsed flags: values the original made users repeat (``--in_channels``, ``--num_classes``) are
-read from the data here, so a given one is only compared with it.
+A stage script opts in with ``cli.run(main, parser, dialect=compat.dialect(__file__))``: before argparse sees the
+command line, :meth:`Dialect.translate` rewrites it into this project's flags (``ALIASES`` is the one table of what
+each original flag becomes; docs/original.md's table of them is :func:`markdown_table`) and returns
+what to do with the parsed flags before ``main``: checks of values the original made users repeat (``--in_channels``,
+``--num_classes``: read from the data here, so a given one is only compared with it), and the commands of ours that one
+original command stood for (its textual_emb_extractor also extracted the backbone's train/val features: here two
+dataset_feature_extractor runs, first).
 
 Files: the original wrote pickles and torch tensors (``embs/<model>/visual_element_emb.pkl``,
 ``<dataset>_train_<model>_<layer>.pt``). Here the same paths, less the extension, are store entries (folders), so the
 next command of the original sequence finds what the previous one wrote, and no pickle is ever loaded.
+
+This project's own runners (scripts/run_pipeline.sh, compare_backbones.sh, finetune_compare.sh, train_heads.sh,
+demo.sh) speak only its own flags: they export ``IIS_COMPAT=off``, under which :func:`dialect` gives None and nothing
+is translated, so a value of ours can never be read the original's way.
 """
 import itertools
 import os
 import re
-from dataclasses import dataclass
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .cli import UserError
+import yaml
+
 from .data import BUILTIN, IMAGE_EXTS
+from .errors import UserError
+from .specs import config_path
+from .store import read_meta
 
 ELEMENTS = ("segment_extractor", "patch_extractor")
 DATA_SCRIPTS = ELEMENTS + ("dataset_feature_extractor", "textual_emb_extractor")
@@ -41,10 +55,11 @@ class Alias:
 
 
 class Context:
-    """What :func:`translate` knows about one command line: the script, the original flags given, our own tokens."""
+    """What :func:`translate` knows about one command line: the script, the original flags given, our own tokens, and
+    what it collects: checks on the parsed flags, and commands of ours to run first."""
 
     def __init__(self, script, given, rest):
-        self.script, self.given, self.rest, self.checks = script, given, rest, []
+        self.script, self.given, self.rest, self.checks, self.before = script, given, rest, [], []
         self.name = os.path.splitext(os.path.basename(script))[0]
 
     def ours(self, flag):
@@ -58,9 +73,9 @@ class Context:
         return val
 
     def root(self):
-        """The checkout holding the script (stage scripts sit one folder down)."""
+        """The checkout holding the script (stage scripts sit one folder down, in a package)."""
         d = os.path.dirname(os.path.abspath(self.script))
-        return d if os.path.isdir(os.path.join(d, "model_configs")) else os.path.dirname(d)
+        return os.path.dirname(d) if os.path.isfile(os.path.join(d, "__init__.py")) else d
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -117,35 +132,31 @@ def _model(v, ctx):
         if v != name:
             raise UserError(f"--model {v} contradicts --config_yaml {cfg} (a {name} config)")
         return []
-    if os.path.isfile(os.path.join(ctx.root(), "model_configs", f"{v}.yaml")):
-        return ["--model_config", v]
-    return ["--backbone", v]
+    return _model_by_name(v)
 
 
 def config_tokens(v, ctx):
     """--config_yaml / --model_config value -> our tokens. The original's ``resnet50_IMAGENET1K_V1.yaml`` names
     model_configs/resnet50.yaml with weights IMAGENET1K_V1; a file in the original's format (model:, weights:) is read
     for those two keys."""
-    configs = os.path.join(ctx.root(), "model_configs")
     stem = os.path.splitext(os.path.basename(v))[0]
     if os.path.isfile(v):
-        import yaml
         with open(v) as f:
             cfg = yaml.safe_load(f) or {}
         if "model" in cfg and "arch" not in cfg:       # the original's format
-            tokens = _model_by_name(str(cfg["model"]), configs)
+            tokens = _model_by_name(str(cfg["model"]))
             return tokens + (["--weights", str(cfg["weights"])] if cfg.get("weights") else []), str(cfg["model"])
         return ["--model_config", v], stem
-    if os.path.isfile(os.path.join(configs, f"{stem}.yaml")):
+    if config_path(stem):
         return ["--model_config", stem], stem
     m = re.match(r"^(.+?)_((?:IMAGENET|DEFAULT)\w*)$", stem)
-    if m and os.path.isfile(os.path.join(configs, f"{m.group(1)}.yaml")):
+    if m and config_path(m.group(1)):
         return ["--model_config", m.group(1), "--weights", m.group(2)], m.group(1)
     return ["--model_config", v], stem                  # load_spec names what is available
 
 
-def _model_by_name(name, configs):
-    return ["--model_config", name] if os.path.isfile(os.path.join(configs, f"{name}.yaml")) else ["--backbone", name]
+def _model_by_name(name):
+    return ["--model_config", name] if config_path(name) else ["--backbone", name]
 
 
 def _config(v, ctx):
@@ -187,7 +198,6 @@ def _checked(flag, read):
         v = v if flag == "--model_name" else str(_int(flag, v))
 
         def check(args):
-            from .store import read_meta
             meta = read_meta(args.train_features)
             if meta is None:
                 return                                  # the trainer itself says the entry is missing
@@ -243,39 +253,78 @@ def _concept_set_name(ctx, dataset):
     return os.path.splitext(os.path.basename(ctx.given.get("--concept_set") or f"{dataset}_filtered.txt"))[0]
 
 
+# our flags of the backbone (one value each), which dataset_feature_extractor takes and textual_emb_extractor does not
+BACKBONE_FLAGS = ("--model_config", "--backbone", "--weights", "--layer", "--pooling")
+# our flags both extractors take, passed to the backbone's runs as given
+SHARED_FLAGS = ("--dataset", "--data_root", "--seed", "--batch_size", "--workers", "--device", "--dtype",
+                "--chunk_size", "--amp", "--no-amp")
+SWITCHES = ("--amp", "--no-amp")
+FEATURES = "concept_extractor.dataset_feature_extractor"
+
+
+def take(tokens, flags):
+    """(the tokens of ``flags`` in ``tokens`` -- ``--flag value``, ``--flag=value`` or a switch -- and the others)."""
+    picked, left, i = [], [], 0
+    while i < len(tokens):
+        t = tokens[i]
+        name = t.partition("=")[0]
+        if name in flags and ("=" in t or name in SWITCHES or i + 1 == len(tokens)):
+            picked.append(t)
+        elif name in flags:
+            picked += tokens[i:i + 2]
+            i += 1
+        else:
+            left.append(t)
+        i += 1
+    return picked, left
+
+
 def _compose_text_extractor(ctx):
+    """The original's textual_emb_extractor wrote the backbone's train/val features and then CLIP's into
+    --activation_dir: here two dataset_feature_extractor runs (same subsets), then this script's CLIP features."""
+    backbone, rest = take(ctx.rest, BACKBONE_FLAGS)
     if "--activation_dir" not in ctx.given:
-        return []
+        if backbone:
+            raise UserError(f"{backbone[0].partition('=')[0]}: the backbone's features are extracted (as the "
+                            f"original's textual_emb_extractor did) only with --activation_dir, where they go; give "
+                            f"it, or extract them with concept_extractor.dataset_feature_extractor")
+        return rest
     d, m, layer = _names(ctx, "layer4")
     act = ctx.given["--activation_dir"]
-    extra = [] if ctx.given.get("--feature_layer") or ctx.ours("--layer") else ["--layer", layer]
-    return extra + ["--backbone_out", os.path.join(act, f"{d}_{{split}}_{m}_{layer}"),
-                    "--out", os.path.join(act, f"{d}_clip_{_concept_set_name(ctx, d)}")]
+    if not (ctx.given.get("--feature_layer") or ctx.ours("--layer")):
+        backbone += ["--layer", layer]
+    shared = take(rest, SHARED_FLAGS)[0]
+    for split, size in (("train", "--max_train"), ("val", "--max_val")):
+        n = ctx.ours(size)
+        ctx.before.append(["-m", FEATURES, *backbone, *shared, "--split", split, "--out",
+                           os.path.join(act, f"{d}_{split}_{m}_{layer}")] + (["--max_images", n] if n else []))
+    return rest + ["--out", os.path.join(act, f"{d}_clip_{_concept_set_name(ctx, d)}")]
 
 
 def _compose_text_trainer(ctx):
     if not any(f in ctx.given for f in ("--activation_dir", "--dataset", "--backbone", "--feature_layer",
                                         "--concept_set")):
-        return []
+        return ctx.rest
     d, m, layer = _names(ctx, "layer4")
     act = ctx.given.get("--activation_dir", "saved_activations")
-    return ["--train_features", os.path.join(act, f"{d}_train_{m}_{layer}"),
-            "--val_features", os.path.join(act, f"{d}_val_{m}_{layer}"),
-            "--clip", os.path.join(act, f"{d}_clip_{_concept_set_name(ctx, d)}")]
+    return ctx.rest + ["--train_features", os.path.join(act, f"{d}_train_{m}_{layer}"),
+                       "--val_features", os.path.join(act, f"{d}_val_{m}_{layer}"),
+                       "--clip", os.path.join(act, f"{d}_clip_{_concept_set_name(ctx, d)}")]
 
 
 def _compose_element_embeddings(ctx):
     """The original wrote ./embs/<model>/visual_element_emb.pkl from inside concept_extractor/."""
     if not set(ctx.given) - {"--model_config"} or ctx.ours("--out"):
-        return []
+        return ctx.rest
     model = ctx.given.get("--model")
     if model is None:
         cfg = ctx.given.get("--config_yaml")
         model = config_tokens(cfg, ctx)[1] if cfg else (ctx.ours("--model_config") or "efficientnet_lite0")
     here = os.path.dirname(os.path.abspath(ctx.script))
-    return ["--out", os.path.join(here, "embs", model, "visual_element_emb")]
+    return ctx.rest + ["--out", os.path.join(here, "embs", model, "visual_element_emb")]
 
 
+# script -> composer: given the context (ctx.rest = our argv so far), the whole argv
 COMPOSE = {"textual_emb_extractor": _compose_text_extractor, "IP_Text_training": _compose_text_trainer,
            "visual_element_emb_extractor": _compose_element_embeddings}
 
@@ -307,9 +356,10 @@ ALIASES = [
     Alias(("--clip_name",), TEXT, "`--clip_model` (`ViT-B/16` → `ViT-B-16`)",
           lambda v, ctx: ["--clip_model", v.replace("/", "-")]),
     Alias(("--backbone",), TEXT, "`--model_config M` (or `--backbone M` where model_configs/ has no M)",
-          lambda v, ctx: _model_by_name(v, os.path.join(ctx.root(), "model_configs"))),
+          lambda v, ctx: _model_by_name(v)),
     Alias(("--feature_layer",), TEXT, "`--layer`", rename("--layer")),
-    Alias(("--activation_dir",), TEXT, "`--backbone_out DIR/<dataset>_{split}_<M>_<L> --out "
+    Alias(("--activation_dir",), TEXT, "first `dataset_feature_extractor --split train` and `--split val` into "
+          "`DIR/<dataset>_{train,val}_<M>_<L>` (the backbone's features, as the original wrote them), then `--out "
           "DIR/<dataset>_clip_<concept set name>`"),
     Alias(("--train_pt",), PROTO, "`--train_features` (`X.pt` names the store entry `X`)", _entry("--train_features")),
     Alias(("--val_pt",), PROTO, "`--val_features` (likewise)", _entry("--val_features")),
@@ -341,6 +391,8 @@ ALIASES = [
     Alias(("--print",), TXT_TRAIN, "nothing: results.json lists every dropped concept and why", _always,
           takes_value=False),
     Alias(("--model_root",), ("iis_computing",), "the results folder, as an argument", lambda v, ctx: [v]),
+    Alias(("--seed",), PROTO + TXT_TRAIN, "`--seeds N` (one seed: this project's own older spelling)",
+          rename("--seeds")),
 ]
 
 
@@ -361,12 +413,12 @@ def _expand(value, given):
 
 def _our_config(v):
     """A --model_config value this project reads as it is: a model_configs/ name or a YAML path, optionally :LAYER."""
-    from .backbones import config_path     # torch-heavy: only for the flags that need it
     return config_path(v.split(":", 1)[0]) is not None
 
 
 def translate(script, argv):
-    """(our argv, checks) for ``argv`` given to ``script`` (its file path). Our own flags pass unchanged."""
+    """(our argv, context) for ``argv`` given to ``script`` (its file path): the context holds the checks to run on
+    the parsed flags and the commands to run first. Our own flags pass unchanged."""
     name = os.path.splitext(os.path.basename(script))[0]
     table = table_for(name)
     given, rest, i = {}, [], 0
@@ -402,8 +454,8 @@ def translate(script, argv):
             out += table[flag].apply(v, ctx)
     if name in COMPOSE:
         ctx.rest = out
-        out += COMPOSE[name](ctx)
-    return out, ctx.checks
+        out = COMPOSE[name](ctx)
+    return out, ctx
 
 
 def help_text(name):
@@ -411,14 +463,57 @@ def help_text(name):
     rows = [a for a in ALIASES if name in a.scripts]
     if not rows:
         return None
-    import textwrap
     flags = ", ".join(f for a in rows for f in a.flags)
-    return textwrap.fill(f"The original code's flags are accepted too (utils/aliases.py; README, 'Coming from the "
-                         f"original code'): {flags}.", 100)
+    return textwrap.fill(f"The original code's flags are accepted too (utils/compat.py; docs/original.md): "
+                         f"{flags}.", 100)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A stage script's opt-in (utils/cli.run)
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Translation:
+    """One command line in our flags, with what runs on the parsed flags before ``main`` (:meth:`prepare`) and, once
+    that has written something, a note for any later error (``note``)."""
+    argv: list
+    checks: list = field(default_factory=list)
+    before: list = field(default_factory=list)      # argv of our commands (after ``python``), run in order
+    note: str = ""
+
+    def prepare(self, args):
+        for check in self.checks:
+            check(args)
+        for cmd in self.before:                     # our dialect: the commands never come back here
+            sys.stdout.flush()
+            sys.stderr.flush()
+            rc = subprocess.run([sys.executable, *cmd], env=dict(os.environ, IIS_COMPAT="off")).returncode
+            if rc:
+                sys.exit(rc)                        # the command printed its own error line
+        outs = [cmd[cmd.index("--out") + 1] for cmd in self.before]
+        if outs:
+            self.note = f" (the backbone features are done: {', '.join(outs)})"
+
+
+class Dialect:
+    """The original's flags of one stage script (its file path ``script``)."""
+
+    def __init__(self, script):
+        self.script = script
+        self.help = help_text(os.path.splitext(os.path.basename(script))[0])
+
+    def translate(self, argv):
+        out, ctx = translate(self.script, argv)
+        return Translation(out, ctx.checks, ctx.before)
+
+
+def dialect(script):
+    """The :class:`Dialect` of the stage script at ``script`` (pass ``__file__``), or None under ``IIS_COMPAT=off``
+    (this project's runners): then its command line is read as ours only."""
+    return None if os.environ.get("IIS_COMPAT", "").strip().lower() == "off" else Dialect(script)
 
 
 def markdown_table():
-    """The README's table: script(s) | original flag | here."""
+    """docs/original.md's table: script(s) | original flag | here."""
     lines = ["| script | original flag | here |", "|---|---|---|"]
     for a in ALIASES:
         scripts = "element extractors" if a.scripts == ELEMENTS else "extractors" if a.scripts == DATA_SCRIPTS \

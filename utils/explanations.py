@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from . import iis, store
-from .cli import UserError
+from .errors import UserError
+from .fileio import file_digest, read_json
 from .heads import MaskedLinearHeads, SparseConceptHeads
 
 
@@ -18,7 +19,7 @@ class Run:
         path = os.path.join(run_dir, "results.json")
         if not os.path.isfile(path):
             raise UserError(f"no results.json in {run_dir}: train the run first")
-        self.dir, self.results = run_dir, store.read_json(path)
+        self.dir, self.results = run_dir, read_json(path)
         self.meta = self.results["meta"]
         self.t = torch.load(os.path.join(run_dir, "heads.pt"), map_location="cpu", weights_only=True)
         self.classes = self.meta["classes"]
@@ -42,10 +43,10 @@ class Run:
             return None, f"the run's element embeddings {entry} are gone"
         emb = store.read_meta(entry)
         if emb.get("key_hash") != self.results["key"].get("concepts") or \
-                emb["key"].get("data", {}).get("elements") != store.file_digest(index):
+                emb["key"].get("data", {}).get("elements") != file_digest(index):
             return None, (f"the element library {os.path.dirname(index)} (or its embeddings) was rebuilt since this "
                           f"run, so its rows are other images; rebuild it with the run's settings to see them")
-        return store.read_json(index)["elements"], None
+        return read_json(index)["elements"], None
 
     def head(self, ratio, lr=None, seed=None):
         """Index of the head at ``ratio`` (its best lr by the run's selection accuracy unless ``lr`` is given) of

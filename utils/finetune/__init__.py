@@ -1,0 +1,4 @@
+"""Fine-tuning a backbone with interpretability maximisation (IP_training/IP_finetune.py): surgery (which parameters
+train; the network resumed from a cached input), augment (the training views and loaders), objective (the live concept
+head, the gradient scale, the lr schedule), trainer (FinetuneConfig -> plan -> FineTuner -> run), compare (the
+comparison table of scored runs)."""

@@ -1,0 +1,182 @@
+"""Element libraries on disk: visual elements cut from a few seeded images per class of a dataset (in parallel
+processes, byte-for-byte the same for any number of them), resumable class by class, with an index of every element.
+
+    <out_dir>/<method>/manifest.json            key of the library being built (a different key wipes the folder)
+    <out_dir>/<method>/<class>/elements.json    {"rows": [...], "skipped": [[why, what], ...]} of that class;
+                                                present only once the class folder is complete
+    <out_dir>/<method>/<class>/*.png            element images
+    <out_dir>/<method>/index.json               every row, written last: {"schema", "key", "key_hash", "classes",
+                                                "elements": [{"file", "label", "class", "source", "source_size",
+                                                "method", "scale", "box": [top, left, bottom, right], "area"}],
+                                                "summary"}
+
+Each class folder is built under a temp name and renamed when complete, so a killed run resumes class by class. The
+cutting itself (SLIC segments, grid patches) is utils/elements.py.
+"""
+import glob
+import multiprocessing
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .data import class_folder_source, get_source, per_class_indices, safe_name
+from .errors import UserError
+from .fileio import atomic_write_json, key_hash, read_json, replace_dir, tmp_name
+from .validate import check_element_index
+
+
+@dataclass(frozen=True)
+class LibraryConfig:
+    """Where a library's images come from and how they are chosen (the element extractors' flags of these names):
+    ``images`` (a folder of class folders) or the train split of ``dataset`` under ``data_root``."""
+    images: str
+    dataset: str
+    data_root: str
+    images_per_class: int
+    seed: int
+    image_size: int
+    min_side: int
+    workers: int
+    out_dir: str
+
+
+def build(cfg, method, cut, params):
+    """Build (or find up to date) the ``method`` library of ``cfg``'s images with ``cut`` (see :func:`build_library`).
+    Returns the index path."""
+    if cfg.images_per_class < 1 or cfg.workers < 1:
+        raise UserError("--images_per_class and --workers must be at least 1")
+    source = class_folder_source(cfg.images) if cfg.images else get_source(cfg.dataset, "train", cfg.data_root)
+    return build_library(source, method, cut, params, cfg.out_dir, cfg.images_per_class, cfg.seed, cfg.image_size,
+                         cfg.workers, cfg.min_side)
+
+
+def read_index(folder):
+    """(index path, parsed index.json) of the element library ``folder``, checked (utils/validate.py)."""
+    index_path = os.path.join(folder, "index.json")
+    if not os.path.isfile(index_path):
+        raise UserError(f"no element library at {folder} (no index.json): run concept_extractor.segment_extractor or "
+                        f"patch_extractor first")
+    return index_path, check_element_index(index_path)
+
+
+def class_folders(classes):
+    """Unique, filesystem-safe folder names for class names."""
+    names, seen = [], set()
+    for c, name in enumerate(classes):
+        folder = safe_name(name)
+        if folder in seen:
+            folder = f"{folder}_{c}"
+        seen.add(folder)
+        names.append(folder)
+    return names
+
+
+_JOB = {}
+
+
+def _start_job(source, cut, image_size, min_side):
+    """Per-process state of an extraction (set once per worker instead of pickled with every image)."""
+    _JOB.update(source=source, cut=cut, image_size=image_size, min_side=min_side)
+
+
+def _cut_image(task):
+    """Cut one image's elements into ``folder``; return (rows, None) or (None, why it was skipped)."""
+    c, i, folder, class_folder = task
+    source, size = _JOB["source"], _JOB["image_size"]
+    ident = source.ident(i)
+    try:
+        img = source.image(i)
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for corrupt / truncated files
+        return None, ("unreadable", f"{ident}: {type(e).__name__}")
+    if min(img.size) < _JOB["min_side"]:
+        return None, ("too small", f"{ident}: {img.size[0]}x{img.size[1]}")
+    arr = np.asarray(img.resize((size, size), Image.BICUBIC))
+    stem, rows = safe_name(ident), []
+    for k, el in enumerate(_JOB["cut"](arr)):
+        name = f"{stem}_{el.method[0]}{el.scale}_{k}.png"
+        el.image.save(os.path.join(folder, name), compress_level=1)  # fast zlib level: encoding was ~1/3 of the time
+        rows.append({"file": f"{class_folder}/{name}", "label": c, "class": source.classes[c], "source": ident,
+                     "source_size": list(img.size), "method": el.method, "scale": el.scale, "box": list(el.box),
+                     "area": round(el.area, 6)})
+    return rows, None
+
+
+def build_library(source, method, cut, params, out_dir, images_per_class=10, seed=0, image_size=224, workers=1,
+                  min_side=8):
+    """Cut elements from ``images_per_class`` seeded images of each class of ``source`` into ``out_dir/method``.
+
+    ``cut`` maps an RGB uint8 array (image_size x image_size) to a list of :class:`Element`; it must be picklable
+    when ``workers`` > 1. Unreadable images and images whose short side is below ``min_side`` pixels are skipped and
+    counted. The result does not depend on ``workers``. Returns the index path.
+    """
+    root = os.path.join(out_dir, method)
+    index_path, manifest_path = os.path.join(root, "index.json"), os.path.join(root, "manifest.json")
+    key = {"schema": 1, "data": source.key(), "method": method, "params": params, "min_side": min_side,
+           "images_per_class": images_per_class, "seed": seed, "image_size": image_size}
+    h = key_hash(key)
+    if os.path.exists(index_path) and read_json(index_path).get("key_hash") == h:
+        print(f"{index_path} is up to date")
+        return index_path
+    if os.path.exists(manifest_path) and read_json(manifest_path).get("key_hash") != h:
+        print(f"{root} was built with other settings: rebuilding it")
+        shutil.rmtree(root)
+    atomic_write_json(manifest_path, {"key": key, "key_hash": h})
+    for stale in glob.glob(os.path.join(root, "*.tmp-*")):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+
+    folders = class_folders(source.classes)
+    chosen = per_class_indices(source.targets, images_per_class, seed)
+    done, tmp, tasks, resumed = {}, {}, [], 0
+    for c, idxs in chosen.items():
+        marker = os.path.join(root, folders[c], "elements.json")
+        if os.path.exists(marker):
+            done[c] = read_json(marker)
+            resumed += 1
+            continue
+        tmp[c] = tmp_name(os.path.join(root, folders[c]))
+        os.makedirs(tmp[c])
+        tasks += [(c, int(i), tmp[c], folders[c]) for i in idxs]
+
+    pending = {c: {"rows": [], "skipped": []} for c in tmp}
+    left = {c: len(chosen[c]) for c in tmp}
+    pool = None
+    try:
+        if workers > 1 and len(tasks) > 1:
+            pool = multiprocessing.Pool(workers, _start_job, (source, cut, image_size, min_side))
+            results = pool.imap(_cut_image, tasks, chunksize=1)
+        else:
+            _start_job(source, cut, image_size, min_side)
+            results = map(_cut_image, tasks)
+        for (c, *_), (rows, why) in tqdm(zip(tasks, results), total=len(tasks), desc=method, unit="img",
+                                         dynamic_ncols=True):
+            if why:
+                pending[c]["skipped"].append(why)
+            else:
+                pending[c]["rows"] += rows
+            left[c] -= 1
+            if left[c] == 0:  # the class is complete: publish its folder
+                atomic_write_json(os.path.join(tmp[c], "elements.json"), pending[c])
+                replace_dir(tmp[c], os.path.join(root, folders[c]))
+                done[c] = pending.pop(c)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        for c in pending:
+            shutil.rmtree(tmp[c], ignore_errors=True)
+    rows = [r for c in sorted(done) for r in done[c]["rows"]]
+    skipped = [s for c in sorted(done) for s in done[c]["skipped"]]
+    n_images = int(sum(len(v) for v in chosen.values()))
+    counts = {why: sum(1 for w, _ in skipped if w == why) for why in ("unreadable", "too small")}
+    summary = {"images": n_images, "elements": len(rows), "skipped": len(skipped),
+               "skipped_files": [f"{w}: {m}" for w, m in skipped][:1000], "classes_resumed": resumed,
+               **{f"skipped_{w.replace(' ', '_')}": n for w, n in counts.items()}}
+    atomic_write_json(index_path, {"schema": 1, "key": key, "key_hash": h, "classes": source.classes,
+                                   "elements": rows, "summary": summary})
+    print(f"{len(rows)} elements from {n_images - len(skipped)} images "
+          f"({counts['unreadable']} unreadable and {counts['too small']} too small skipped; "
+          f"{resumed} classes resumed) -> {index_path}")
+    return index_path
