@@ -80,7 +80,8 @@ def make_heads(args, emb, emb_labels, n_classes, grid, keep_rule):
     sets = [concept_set(args, emb, emb_labels, s) for s in args.seeds]
     vectors = torch.as_tensor(np.stack([v for v, _, _ in sets]))
     rows = np.stack([r for _, r, _ in sets])
-    common = dict(seed=[s for s, _, _ in grid], keep_rule=keep_rule, groups=sweep.groups_of(grid, args.seeds))
+    common = dict(seed=[s for s, _, _ in grid], keep_rule=keep_rule, groups=sweep.groups_of(grid, args.seeds),
+                  init=sweep.PROTOCOLS[args.protocol]["init"])
     ratios = [r for _, r, _ in grid]
     if args.concept_type == "end2end":
         heads = End2EndConceptHeads(vectors, np.stack([e for _, _, e in sets]), n_classes, ratios, tau=args.tau,

@@ -99,6 +99,7 @@ def main(args):
     # seeds change the heads' initialisation and batch order (the projection is fitted once, with the first seed)
     heads = MaskedLinearHeads(len(kept), len(classes), [r for _, r, _ in grid], [s for s, _, _ in grid], ranked=True,
                               keep_rule=sweep.PROTOCOLS[args.protocol]["keep_rule"],
+                              init=sweep.PROTOCOLS[args.protocol]["init"],
                               groups=sweep.groups_of(grid, args.seeds)).to(device)
     splits = sweep.make_splits(ytr, args.seeds, args.select_on, args.holdout_fraction)
     runs, probes, preds = sweep.train(args, heads, grid, (x_tr, y_tr, x_va, y_va),

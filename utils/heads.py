@@ -33,11 +33,14 @@ def n_keep(ratio, n_concepts):
 
 
 def n_keep_reference(ratio, n_concepts):
-    """What the original code keeps: every activation strictly above the floor(K * ratio)-th smallest, i.e.
-    K - floor(K * ratio) - 1 concepts (199, 179, 139, 99, 59, 19, 9, 3 of 200 on the grid)."""
+    """What the original code keeps: every activation strictly above the int(K * ratio)-th smallest, i.e.
+    K - int(K * ratio) - 1 concepts (199, 179, 139, 99, 59, 19, 9, 3 of 200 on the grid).
+
+    int() of the floating-point product, as the original truncates it: 90 * 0.7 is 62.99999999999999, so 90 concepts
+    at s = 0.7 keep 27, not 26."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"sparsity ratio must be in [0, 1), got {ratio}")
-    return max(0, n_concepts - int(math.floor(n_concepts * ratio + 1e-9)) - 1)
+    return max(0, n_concepts - int(n_concepts * ratio) - 1)
 
 
 def keep_counts(ratios, n_concepts, rule="round"):
@@ -116,21 +119,61 @@ def topk_mask(a, keep, rule="round"):
         return ranks(mags) < torch.as_tensor(keep, device=a.device).view(-1, 1, 1)
 
 
+class _ThresholdGradient(torch.autograd.Function):
+    """``a * mask`` in value, ``factor`` times the upstream gradient in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, a, mask, factor):
+        ctx.save_for_backward(factor)
+        return a * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (factor,) = ctx.saved_tensors
+        return grad * factor, None, None
+
+
+def masked(a, mask, rule="round"):
+    """``a * mask``. Under the 'reference' rule, with the original code's gradient as well: it zeroes through
+    max(d, d - d) with d = |a| - threshold, and torch's max splits the gradient at a tie, so every element at the
+    threshold (dropped, d = 0) passes 0.5 |a| times its upstream gradient back to ``a`` (into the LayerNorm's gain and
+    bias); the others pass theirs times the mask."""
+    if rule != "reference" or not a.requires_grad:
+        return a * mask
+    mags = a.detach().abs()
+    threshold = torch.where(mask, 0.0, mags).amax(-1, keepdim=True)   # the largest dropped |a|; kept ones are above
+    factor = torch.where(mags == threshold, 0.5 * mags, mask.to(mags.dtype))
+    return _ThresholdGradient.apply(a, mask, factor)
+
+
 def with_ranks(a):
     """Fixed activations (N, K) with their per-row ranks appended, (N, 2K): the input :class:`MaskedLinearHeads`
     takes with ``ranked=True``, so masks are computed once for the whole dataset instead of at every step."""
     return torch.cat([a.float(), ranks(a).float()], dim=1)
 
 
-def _init_linear(n_in, n_out, seeds):
+INITS = ("uniform", "trunc_normal_0.02")
+
+
+def _init_linear(n_in, n_out, seeds, init="uniform"):
     """Initial weights per head from that head's seed: heads of one seed start equal (so a head's result does not
-    depend on its place in the sweep), and a seed starts the same whatever else is in the sweep."""
+    depend on its place in the sweep), and a seed starts the same whatever else is in the sweep.
+
+    ``init`` 'uniform': nn.Linear's default, weight and bias U(+-1/sqrt(n_in)); 'trunc_normal_0.02': the original
+    code's (timm's trunc_normal_ on every nn.Linear), weight N(0, 0.02^2) truncated at +-2 (an absolute bound, so in
+    effect none) and bias 0, so that ``--protocol reference`` starts from the original's distribution."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, not {init!r}")
     bound = 1.0 / math.sqrt(n_in)
     w, b = torch.empty(len(seeds), n_in, n_out), torch.empty(len(seeds), n_out)
     for s in sorted(set(seeds)):
         g = torch.Generator().manual_seed(int(s))
-        ws = (torch.rand(n_in, n_out, generator=g) * 2 - 1) * bound
-        bs = (torch.rand(n_out, generator=g) * 2 - 1) * bound
+        if init == "uniform":
+            ws = (torch.rand(n_in, n_out, generator=g) * 2 - 1) * bound
+            bs = (torch.rand(n_out, generator=g) * 2 - 1) * bound
+        else:
+            ws = nn.init.trunc_normal_(torch.empty(n_in, n_out), std=0.02, generator=g)
+            bs = torch.zeros(n_out)
         for h, sh in enumerate(seeds):
             if sh == s:
                 w[h], b[h] = ws, bs
@@ -164,12 +207,13 @@ class MaskedLinearHeads(_Grouped):
     (k from the head's sparsity ratio), the rest are zeroed. The text path feeds standardised activations here, with
     ``ranked=True`` and inputs from :func:`with_ranks`, since its activations never change during training."""
 
-    def __init__(self, n_concepts, n_classes, ratios, seed=0, ranked=False, keep_rule="round", groups=None):
+    def __init__(self, n_concepts, n_classes, ratios, seed=0, ranked=False, keep_rule="round", groups=None,
+                 init="uniform"):
         super().__init__()
         self.keep_rule = keep_rule
         self.keep_list = keep_counts(ratios, n_concepts, keep_rule)
         self.register_buffer("keep", torch.tensor(self.keep_list))
-        self.weight, self.bias = _init_linear(n_concepts, n_classes, _head_seeds(seed, len(ratios)))
+        self.weight, self.bias = _init_linear(n_concepts, n_classes, _head_seeds(seed, len(ratios)), init)
         self._set_groups(len(ratios), groups)
         self.ranked = ranked
 
@@ -186,7 +230,7 @@ class MaskedLinearHeads(_Grouped):
             return a.float() * (r < self.keep[:, None, None])
         a = self.activations(x)
         a = a if a.shape[0] == len(self.keep_list) else self.per_head(a)
-        return a * topk_mask(a, self.keep_list, self.keep_rule)
+        return masked(a, topk_mask(a, self.keep_list, self.keep_rule), self.keep_rule)
 
     def forward(self, x):
         return torch.baddbmm(self.bias.unsqueeze(1), self.masked_activations(x), self.weight)
@@ -198,8 +242,8 @@ class _SparseHeads(MaskedLinearHeads):
     Subclasses say where the concepts come from (:meth:`concept_matrix`).
     """
 
-    def __init__(self, n_concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None):
-        super().__init__(n_concepts, n_classes, ratios, seed, keep_rule=keep_rule, groups=groups)
+    def __init__(self, n_concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None, init="uniform"):
+        super().__init__(n_concepts, n_classes, ratios, seed, keep_rule=keep_rule, groups=groups, init=init)
         self.ln_weight = nn.Parameter(torch.ones(len(ratios), n_concepts))
         self.ln_bias = nn.Parameter(torch.zeros(len(ratios), n_concepts))
 
@@ -242,8 +286,8 @@ class SparseConceptHeads(_SparseHeads):
     groups : (H,) group of each head (default: all 0)
     """
 
-    def __init__(self, concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None):
-        super().__init__(concepts.shape[-2], n_classes, ratios, seed, keep_rule, groups)
+    def __init__(self, concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None, init="uniform"):
+        super().__init__(concepts.shape[-2], n_classes, ratios, seed, keep_rule, groups, init)
         c = concepts.float() if concepts.ndim == 3 else concepts.float().unsqueeze(0)
         self.register_buffer("concepts", F.normalize(c, dim=-1))
 
@@ -262,7 +306,8 @@ class SparseConceptHeads(_SparseHeads):
     def forward_scores(self, z):
         """Logits (H, B, C) from normalised scores z (G or 1, B, K)."""
         a = self.affine(self.per_head(z.float()))
-        return torch.baddbmm(self.bias.unsqueeze(1), a * topk_mask(a, self.keep_list, self.keep_rule), self.weight)
+        a = masked(a, topk_mask(a, self.keep_list, self.keep_rule), self.keep_rule)
+        return torch.baddbmm(self.bias.unsqueeze(1), a, self.weight)
 
     def on_scores(self):
         return _OnScores(self)
@@ -304,10 +349,10 @@ class End2EndConceptHeads(_SparseHeads):
     """
 
     def __init__(self, elements, seeds, n_classes, ratios, seed=0, tau=0.1, gain=5.0, keep_rule="round",
-                 groups=None):
+                 groups=None, init="uniform"):
         seeds = torch.as_tensor(np.asarray(seeds))
         seeds = seeds if seeds.ndim == 2 else seeds.unsqueeze(0)
-        super().__init__(seeds.shape[1], n_classes, ratios, seed, keep_rule, groups)
+        super().__init__(seeds.shape[1], n_classes, ratios, seed, keep_rule, groups, init)
         e = elements.float() if elements.ndim == 3 else elements.float().unsqueeze(0)
         self.register_buffer("elements", e)
         self.tau = tau
@@ -335,9 +380,9 @@ class End2EndConceptHeads(_SparseHeads):
 class LinearProbes(_Grouped):
     """H plain linear classifiers on the raw features (the standard accuracy)."""
 
-    def __init__(self, dim, n_classes, n_heads, seed=0, groups=None):
+    def __init__(self, dim, n_classes, n_heads, seed=0, groups=None, init="uniform"):
         super().__init__()
-        self.weight, self.bias = _init_linear(dim, n_classes, _head_seeds(seed, n_heads))
+        self.weight, self.bias = _init_linear(dim, n_classes, _head_seeds(seed, n_heads), init)
         self._set_groups(n_heads, groups)
 
     def forward(self, x):

@@ -29,10 +29,13 @@ def add_io_args(parser, concepts_flag, concepts_help):
 
 
 # What each protocol fixes unless a flag says otherwise. "iis" is this project's; "reference" is the original code's
-# (its keep rule, ExponentialLR(0.99) per epoch, batch 1024 and its single lr), for comparing with numbers it made.
+# (its keep rule, its trunc_normal(0.02) / zero-bias init of every linear layer, ExponentialLR(0.99) per epoch, batch
+# 1024 and its single lr), for comparing with numbers it made. keep_rule and init have no flag of their own.
 PROTOCOLS = {
-    "iis": dict(batch_size=256, lrs=[1e-3, 1e-2], lr_decay=1.0, keep_rule="round", select_on="holdout"),
-    "reference": dict(batch_size=1024, lrs=[1e-2], lr_decay=0.99, keep_rule="reference", select_on="val"),
+    "iis": dict(batch_size=256, lrs=[1e-3, 1e-2], lr_decay=1.0, keep_rule="round", select_on="holdout",
+                init="uniform"),
+    "reference": dict(batch_size=1024, lrs=[1e-2], lr_decay=0.99, keep_rule="reference", select_on="val",
+                      init="trunc_normal_0.02"),
 }
 
 
@@ -107,7 +110,8 @@ def groups_of(grid, seeds):
 
 
 def training_key(args, **inputs):
-    return dict(schema=RESULTS_SCHEMA, protocol=args.protocol, keep_rule=PROTOCOLS[args.protocol]["keep_rule"],
+    preset = PROTOCOLS[args.protocol]
+    return dict(schema=RESULTS_SCHEMA, protocol=args.protocol, keep_rule=preset["keep_rule"], init=preset["init"],
                 ratios=sorted(set(args.ratios)), lrs=sorted(set(args.lrs)), epochs=args.epochs,
                 feature_dtype=args.feature_dtype, batch_size=args.batch_size, lr_decay=args.lr_decay,
                 weight_decay=args.weight_decay, precision=args.precision, seeds=args.seeds, select_on=args.select_on,
@@ -211,7 +215,7 @@ def train(args, module, grid, probe_data, head_data, n_classes, device, splits):
     common = dict(epochs=args.epochs, batch_size=args.batch_size, weight_decay=args.weight_decay,
                   lr_decay=args.lr_decay, splits=splits, precision=args.precision)
     probes = LinearProbes(probe_data[0].shape[1], n_classes, len(std_grid), [s for s, _ in std_grid],
-                          groups_of(std_grid, seeds)).to(device)
+                          groups_of(std_grid, seeds), init=PROTOCOLS[args.protocol]["init"]).to(device)
     std = fit(probes, [lr for _, lr in std_grid], *probe_data, desc="standard probe", **common)
     con = fit(module, [lr for _, _, lr in grid], *head_data, desc="concept heads", **common)
     keep = getattr(module, "heads", module).keep_list
