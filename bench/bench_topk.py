@@ -4,8 +4,8 @@
 
 Candidates: torch.topk + scatter per head (small side: the k largest or the K - k smallest), one stable argsort
 turned into ranks for every head, one torch sort + threshold per row, NumPy's introselect (np.partition) + threshold
-per head, NumPy's sort + threshold, and what the sweep uses: utils.heads.topk_mask (NumPy's sort on the CPU, over
-torch's threads) and utils.heads.torch_masks (its GPU path: one torch sort, thresholds, ties by a running count).
+per head, NumPy's sort + threshold, and what the sweep uses: utils.masks.topk_mask (NumPy's sort on the CPU, over
+torch's threads) and utils.masks.torch_masks (its GPU path: one torch sort, thresholds, ties by a running count).
 Every candidate must give the same mask as the stable sort on tie-free data (a permutation of 0..199 per row); prints
 ms per call of an (8, batch, 200) activation block.
 """
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from bench.common import Timer, hardware
-from utils.heads import SPARSITY_GRID, n_keep, ranks, topk_mask, torch_masks
+from utils.heads import SPARSITY_GRID
+from utils.masks import n_keep, ranks, topk_mask, torch_masks
 
 
 def by_topk(m, keep):
@@ -65,8 +66,8 @@ def main():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     methods = {"topk+scatter": by_topk, "argsort ranks": by_ranks, "sort+threshold": by_sort_threshold,
                "np.partition": by_partition, "np.sort": by_np_sort,
-               "utils.heads.topk_mask": lambda m, k: topk_mask(m, k),
-               "utils.heads.torch_masks": lambda m, k: torch_masks(m.abs(), k, "round")}
+               "utils.masks.topk_mask": lambda m, k: topk_mask(m, k),
+               "utils.masks.torch_masks": lambda m, k: torch_masks(m.abs(), k, "round")}
     for dev in devices:
         for b in args.batch:
             # a permutation per row: no ties, so every exact method must agree with the stable sort

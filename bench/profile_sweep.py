@@ -126,7 +126,7 @@ def instrumented(regions, fits):
             (S, "features", "features to device"), (S, "concept_scores", "concept scores"),
             (S, "make_splits", "splits"),
             (S, "fit", lambda *a, **kw: _record_fit(fits, *a, **kw)), (S, "save", "write results"),
-            (H, "gather", "batch rows"), (H, "keep_weights", "top-k mask"), (H, "topk_mask", "top-k mask"),
+            (H, "gather", "batch rows"), (H, "keep_weights", "top-k mask"),
             (F, "cross_entropy", "cross-entropy"), (torch.autograd, "grad", "backward"), (H._Adam, "step", "Adam"),
             (H, "evaluate", lambda *a, **kw: "evaluate " + ("dev" if kw.get("row_groups") is not None else "val"))):
         _wrap(owner, attr, label, regions, patches)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.heads import SPARSITY_GRID, LinearProbes, SparseConceptHeads, evaluate, fit, n_keep, topk_mask
+from utils.heads import SPARSITY_GRID, LinearProbes, SparseConceptHeads, evaluate, fit
+from utils.masks import n_keep, topk_mask
 from utils.iis import iis
 
 
@@ -103,7 +104,8 @@ def test_mask_paths_agree_and_precomputed_ranks_give_the_same_heads():
     by_rank = torch.stack([topk_mask(a[h:h + 1], keep[h:h + 1])[0] for h in range(3)])   # one sort
     assert torch.equal(per_head, by_rank)
     assert per_head.sum(-1).tolist() == [[30] * 40, [16] * 40, [2] * 40]
-    from utils.heads import MaskedLinearHeads, with_ranks
+    from utils.heads import MaskedLinearHeads
+    from utils.masks import with_ranks
     x = torch.randn(50, 30)
     plain = MaskedLinearHeads(30, 4, [0.0, 0.5, 0.9], seed=1)
     ranked = MaskedLinearHeads(30, 4, [0.0, 0.5, 0.9], seed=1, ranked=True)
@@ -119,7 +121,7 @@ def _stable_topk(a, keep):
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_cpu_and_device_mask_paths_give_the_definition(ties):
-    from utils.heads import keep_weights, n_keep_reference, torch_masks
+    from utils.masks import keep_weights, n_keep_reference, torch_masks
     g = torch.Generator().manual_seed(2)
     a = torch.randint(-3, 4, (4, 300, 30), generator=g).float() if ties else torch.randn(4, 300, 30, generator=g)
     keep = [30, 17, 3, 1]
@@ -139,13 +141,16 @@ def test_cpu_and_device_mask_paths_give_the_definition(ties):
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_heads_compute_what_autograd_of_the_plain_expression_computes(precision):
-    """The heads' own forward/backward (one autograd Function) against autograd of affine -> mask -> linear: the same
-    logits and the same gradients, bit for bit, in float32 and under bf16 autocast."""
+@pytest.mark.parametrize("rule", ["round", "reference"])
+def test_heads_compute_what_autograd_of_the_plain_expression_computes(precision, rule):
+    """The heads' own forward/backward (one autograd Function) against autograd of affine -> mask -> linear (under
+    'reference' with the original's gradient at the threshold, utils.masks.masked): the same logits and the same
+    gradients, bit for bit, in float32 and under bf16 autocast."""
     from utils.heads import matmul_precision
+    from utils.masks import masked
     g = torch.Generator().manual_seed(4)
     heads = SparseConceptHeads(torch.randn(2, 30, 12, generator=g), 6, [0.0, 0.5, 0.9] * 2, seed=[0, 0, 0, 1, 1, 1],
-                               keep_rule="reference", groups=[0, 0, 0, 1, 1, 1])
+                               keep_rule=rule, groups=[0, 0, 0, 1, 1, 1])
     with torch.no_grad():
         heads.ln_weight.add_(0.3 * torch.randn(heads.ln_weight.shape, generator=g))
         heads.ln_bias.add_(0.3 * torch.randn(heads.ln_bias.shape, generator=g))
@@ -155,11 +160,15 @@ def test_heads_compute_what_autograd_of_the_plain_expression_computes(precision)
 
     def plain():
         a = torch.addcmul(heads.ln_bias.unsqueeze(1), heads.per_head(z), heads.ln_weight.unsqueeze(1))
-        return torch.baddbmm(heads.bias.unsqueeze(1), a * topk_mask(a, heads.keep_list, "reference").float(),
+        return torch.baddbmm(heads.bias.unsqueeze(1), masked(a, topk_mask(a, heads.keep_list, rule), rule),
                              heads.weight)
 
+    def plain_mask():   # no gradient at the threshold: what 'reference' must differ from
+        a = torch.addcmul(heads.ln_bias.unsqueeze(1), heads.per_head(z), heads.ln_weight.unsqueeze(1))
+        return torch.baddbmm(heads.bias.unsqueeze(1), a * topk_mask(a, heads.keep_list, rule), heads.weight)
+
     out = []
-    for forward in (plain, lambda: heads.on_scores()(z)):
+    for forward in (plain, lambda: heads.on_scores()(z), plain_mask):
         with matmul_precision("cpu", precision):
             logits = forward()
         loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y)
@@ -167,6 +176,8 @@ def test_heads_compute_what_autograd_of_the_plain_expression_computes(precision)
     assert out[0][0].dtype == out[1][0].dtype and torch.equal(out[0][0], out[1][0])
     for a, b in zip(out[0][1], out[1][1]):
         assert torch.equal(a, b)
+    # the LayerNorm gain's gradient: the threshold's share is there under 'reference' only
+    assert torch.equal(out[1][1][0], out[2][1][0]) == (rule == "round")
 
 
 def test_held_out_selection_reports_val_of_the_kept_parameters():

@@ -18,164 +18,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .masks import keep_counts, keep_weights, masked, threshold_factor
+
 SPARSITY_GRID = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
-KEEP_RULES = ("round", "reference")
+INITS = ("uniform", "trunc_normal_0.02")
 
 
-def n_keep(ratio, n_concepts):
-    """Concepts a sample keeps at sparsity ``ratio``: round((1 - ratio) * K), at least one.
-
-    Rounding (not truncation) matters: (1 - 0.9) * 200 is 19.999999999999996 in floating point.
-    """
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"sparsity ratio must be in [0, 1), got {ratio}")
-    return max(1, int(round((1.0 - ratio) * n_concepts)))
-
-
-def n_keep_reference(ratio, n_concepts):
-    """What the original code keeps: every activation strictly above the floor(K * ratio)-th smallest, i.e.
-    K - floor(K * ratio) - 1 concepts (199, 179, 139, 99, 59, 19, 9, 3 of 200 on the grid)."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"sparsity ratio must be in [0, 1), got {ratio}")
-    return max(0, n_concepts - int(math.floor(n_concepts * ratio + 1e-9)) - 1)
-
-
-def keep_counts(ratios, n_concepts, rule="round"):
-    if rule not in KEEP_RULES:
-        raise ValueError(f"keep rule must be one of {KEEP_RULES}, not {rule!r}")
-    f = n_keep if rule == "round" else n_keep_reference
-    return [f(r, n_concepts) for r in ratios]
-
-
-def ranks(a):
-    """Rank of each entry of ``a`` within its row by absolute value, 0 = largest (ties: lower index first)."""
-    order = a.abs().argsort(dim=-1, descending=True, stable=True)
-    return torch.empty_like(order).scatter_(-1, order, torch.arange(a.shape[-1], device=a.device).expand_as(order))
-
-
-_POOL = {}
-_INDEX = {}
-PIECE = 1024   # rows per piece of a CPU mask
-
-
-def _np_mask(a, k, j, rule, out):
-    """Masks of rows ``a`` (n, K) by absolute value into ``out`` (bool or float 0/1); row r keeps ``k[r]`` and its
-    threshold is its ``j[r]``-th smallest |a|."""
-    srt = np.abs(a)
-    srt.sort(axis=-1)   # SIMD sorting networks (x86-simd-sort) in NumPy: for K = 200 faster than its np.partition
-    thr = np.take_along_axis(srt, j[:, None], axis=-1)
-    a = np.abs(a, out=srt)
-    if rule == "reference":   # strictly above the (K - k - 1)-th smallest, as the original thresholds
-        np.greater(a, thr, out=out)
-    else:                     # at or above the k-th largest: exactly k per row unless values tie there
-        np.greater_equal(a, thr, out=out)
-        for r in np.flatnonzero(np.count_nonzero(out, axis=1) != k):   # ties: the lower indices, as a stable sort
-            out[r] = 0
-            out[r, np.argsort(-a[r], kind="stable")[:k[r]]] = 1
-    out[k <= 0] = 0
-    out[k >= a.shape[1]] = 1
-
-
-def _np_masks(a, keep, rule, dtype):
-    """CPU masks (H, N, K) of ``dtype`` (np.bool_ or float32) from activations ``a`` (H, N, K), every head's rows
-    at once, in pieces of ``PIECE`` rows: small enough to stay in cache through the sort and the comparisons (an
-    (8, 4096, 200) block in one piece takes 1.7 times as long), and spread over torch's number of threads (NumPy
-    releases the GIL while it sorts). Each row is computed alone, so the result is the same for any split."""
-    h, n, k_all = a.shape
-    rows = a.reshape(h * n, k_all)
-    out = np.empty(rows.shape, dtype=dtype)
-    keep = np.repeat(np.asarray(keep, dtype=np.int64), n)
-    j = np.clip(k_all - keep - (rule == "reference"), 0, k_all - 1)
-    threads = torch.get_num_threads()
-
-    def work(start, stop):
-        for i in range(start, stop, PIECE):
-            e = min(i + PIECE, stop)
-            _np_mask(rows[i:e], keep[i:e], j[i:e], rule, out[i:e])
-    # one share of rows per thread, each worked through piece by piece; this thread takes the last share itself
-    share = max(PIECE, -(-len(rows) // threads))
-    starts = list(range(0, len(rows), share)) or [0]
-    if len(starts) > 1 and threads - 1 not in _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL[threads - 1] = ThreadPoolExecutor(threads - 1, thread_name_prefix="topk")
-    others = [_POOL[threads - 1].submit(work, i, i + share) for i in starts[:-1]]
-    work(starts[-1], len(rows))
-    for f in others:
-        f.result()
-    return torch.from_numpy(out.reshape(a.shape))
-
-
-def _index(keep, k_all, rule, device):
-    """Per head (H, 1, 1) on ``device``: the sorted position of its threshold, and its keep count; made once per
-    device and grid, since copying them there at every step would wait for the device each time."""
-    key = (tuple(keep), k_all, rule, str(device))
-    if key not in _INDEX:
-        j = [min(max(k_all - k - (rule == "reference"), 0), k_all - 1) for k in keep]
-        _INDEX[key] = tuple(torch.tensor(v, device=device).view(-1, 1, 1) for v in (j, keep))
-    return _INDEX[key]
-
-
-def torch_masks(mags, keep, rule):
-    """The same masks from magnitudes (H, N, K) with torch ops only (the GPU path; any device): one sort of every
-    head's rows gives each row's threshold; ties at it (rule 'round') go to the lower indices by a running count.
-    No value leaves the device."""
-    k_all = mags.shape[-1]
-    j, k = _index(keep, k_all, rule, mags.device)
-    thr = mags.sort(dim=-1).values.gather(-1, j.expand(-1, mags.shape[1], 1))
-    if rule == "reference":
-        m = mags > thr
-    else:
-        above, tied = mags > thr, mags == thr
-        need = k - above.sum(-1, keepdim=True)   # how many of the tied values a row still keeps
-        m = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= need))
-    if min(keep) <= 0 or max(keep) >= k_all:   # heads keeping none or all (known here: no kernel otherwise)
-        m = (m & (k > 0)) | (k >= k_all)
-    return m
-
-
-def _masks(a, keep, rule, dtype):
-    with torch.no_grad():
-        if a.device.type == "cpu":
-            return _np_masks(a.detach().float().numpy(), keep, rule, np.float32 if dtype.is_floating_point
-                             else np.bool_)
-        return torch_masks(a.detach().abs().float(), keep, rule).to(dtype)
-
-
-def topk_mask(a, keep, rule="round"):
-    """Boolean mask of the activations each row keeps, by absolute value.
-
-    ``a`` is (N, K) with an int ``keep``, or (H, N, K) with H ints (one per head). rule 'round': exactly ``keep`` per
-    row, the largest (ties broken towards the lower index, as a stable sort would); rule 'reference': the original
-    code's strict threshold, every |a| above the (K - keep - 1)-th smallest, which keeps ``keep`` per row unless
-    values tie at the threshold.
-    """
-    if isinstance(keep, int):
-        return topk_mask(a.unsqueeze(0), [keep], rule)[0]
-    return _masks(a, [int(k) for k in keep], rule, torch.bool)
-
-
-def keep_weights(a, keep, rule="round"):
-    """:func:`topk_mask` (H, N, K) as 0/1 in ``a``'s dtype, the factor the heads multiply by: a float times a boolean
-    mask is a slow, branching loop on the CPU (several ms per (8, 1024, 200) block), a float times a float is not;
-    the products are the same."""
-    return _masks(a, [int(k) for k in keep], rule, a.dtype)
-
-
-def with_ranks(a):
-    """Fixed activations (N, K) with their per-row ranks appended, (N, 2K): the input :class:`MaskedLinearHeads`
-    takes with ``ranked=True``, so masks are computed once for the whole dataset instead of at every step."""
-    return torch.cat([a.float(), ranks(a).float()], dim=1)
-
-
-def _init_linear(n_in, n_out, seeds):
+def _init_linear(n_in, n_out, seeds, init="uniform"):
     """Initial weights per head from that head's seed: heads of one seed start equal (so a head's result does not
-    depend on its place in the sweep), and a seed starts the same whatever else is in the sweep."""
+    depend on its place in the sweep), and a seed starts the same whatever else is in the sweep.
+
+    ``init`` 'uniform': nn.Linear's default, weight and bias U(+-1/sqrt(n_in)); 'trunc_normal_0.02': the original
+    code's (timm's trunc_normal_ on every nn.Linear), weight N(0, 0.02^2) truncated at +-2 (an absolute bound, so in
+    effect none) and bias 0, so that ``--protocol reference`` starts from the original's distribution."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, not {init!r}")
     bound = 1.0 / math.sqrt(n_in)
     w, b = torch.empty(len(seeds), n_in, n_out), torch.empty(len(seeds), n_out)
     for s in sorted(set(seeds)):
         g = torch.Generator().manual_seed(int(s))
-        ws = (torch.rand(n_in, n_out, generator=g) * 2 - 1) * bound
-        bs = (torch.rand(n_out, generator=g) * 2 - 1) * bound
+        if init == "uniform":
+            ws = (torch.rand(n_in, n_out, generator=g) * 2 - 1) * bound
+            bs = (torch.rand(n_out, generator=g) * 2 - 1) * bound
+        else:
+            ws = nn.init.trunc_normal_(torch.empty(n_in, n_out), std=0.02, generator=g)
+            bs = torch.zeros(n_out)
         for h, sh in enumerate(seeds):
             if sh == s:
                 w[h], b[h] = ws, bs
@@ -209,12 +76,13 @@ class MaskedLinearHeads(_Grouped):
     (k from the head's sparsity ratio), the rest are zeroed. The text path feeds standardised activations here, with
     ``ranked=True`` and inputs from :func:`with_ranks`, since its activations never change during training."""
 
-    def __init__(self, n_concepts, n_classes, ratios, seed=0, ranked=False, keep_rule="round", groups=None):
+    def __init__(self, n_concepts, n_classes, ratios, seed=0, ranked=False, keep_rule="round", groups=None,
+                 init="uniform"):
         super().__init__()
         self.keep_rule = keep_rule
         self.keep_list = keep_counts(ratios, n_concepts, keep_rule)
         self.register_buffer("keep", torch.tensor(self.keep_list))
-        self.weight, self.bias = _init_linear(n_concepts, n_classes, _head_seeds(seed, len(ratios)))
+        self.weight, self.bias = _init_linear(n_concepts, n_classes, _head_seeds(seed, len(ratios)), init)
         self._set_groups(len(ratios), groups)
         self.ranked = ranked
 
@@ -231,7 +99,7 @@ class MaskedLinearHeads(_Grouped):
             return a.float() * (r < self.keep[:, None, None]).float()
         a = self.activations(x)
         a = a if a.shape[0] == len(self.keep_list) else self.per_head(a)
-        return a * keep_weights(a, self.keep_list, self.keep_rule)
+        return masked(a, keep_weights(a, self.keep_list, self.keep_rule), self.keep_rule)
 
     def forward(self, x):
         return torch.baddbmm(self.bias.unsqueeze(1), self.masked_activations(x), self.weight)
@@ -255,24 +123,28 @@ class _SparseLinear(torch.autograd.Function):
     The arithmetic is autograd's of that expression, op for op and in the same precision (under autocast: the
     products in its dtype, the rest float32), so the results are the same bits (a test checks it); what goes is what
     autograd adds around it: the broadcast z materialised (z * 1) for the gain's gradient, a * keep as a new tensor,
-    a graph of eight nodes. Inputs: z (H, B, K) (an expanded view is fine), gain and shift (H, K), weight (H, K, C),
-    bias (H, C).
+    a graph of eight nodes. Under the 'reference' rule the activations' gradient is the original's, as
+    :func:`utils.masks.masked` gives it (0.5 |a| at the threshold). Inputs: z (H, B, K) (an expanded view is fine),
+    gain and shift (H, K), weight (H, K, C), bias (H, C).
     """
 
     @staticmethod
     def forward(ctx, z, gain, shift, weight, bias, keep, rule):
         a = torch.addcmul(shift.unsqueeze(1), z, gain.unsqueeze(1))
         w = keep_weights(a, keep, rule)
+        back = w                                # what the activations' gradient is multiplied by
+        if rule == "reference" and any(ctx.needs_input_grad[:3]):
+            back = threshold_factor(a, w)
         am = a.mul_(w)                          # a itself is not needed again
         cast = _autocast_dtype(am.device)
         if cast is not None:                    # what autocast would hand the batched product
             am, weight, bias = am.to(cast), weight.to(cast), bias.to(cast)
-        ctx.save_for_backward(z, gain, w, am, weight)
+        ctx.save_for_backward(z, gain, back, am, weight)
         return torch.baddbmm(bias.unsqueeze(1), am, weight)
 
     @staticmethod
     def backward(ctx, g):
-        z, gain, w, am, weight = ctx.saved_tensors
+        z, gain, back, am, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         g = g.to(am.dtype)
         dz = d_gain = d_shift = d_weight = d_bias = None
@@ -281,7 +153,7 @@ class _SparseLinear(torch.autograd.Function):
         if need[4]:
             d_bias = g.sum(1).float()
         if need[0] or need[1] or need[2]:
-            da = g.bmm(weight.transpose(1, 2)).float().mul_(w)
+            da = g.bmm(weight.transpose(1, 2)).float().mul_(back)
             if need[2]:
                 d_shift = da.sum(1)
             if need[1]:
@@ -297,8 +169,8 @@ class SparseHeads(MaskedLinearHeads):
     Subclasses say where the concepts come from (:meth:`concept_matrix`).
     """
 
-    def __init__(self, n_concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None):
-        super().__init__(n_concepts, n_classes, ratios, seed, keep_rule=keep_rule, groups=groups)
+    def __init__(self, n_concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None, init="uniform"):
+        super().__init__(n_concepts, n_classes, ratios, seed, keep_rule=keep_rule, groups=groups, init=init)
         self.ln_weight = nn.Parameter(torch.ones(len(ratios), n_concepts))
         self.ln_bias = nn.Parameter(torch.zeros(len(ratios), n_concepts))
 
@@ -354,8 +226,8 @@ class SparseConceptHeads(SparseHeads):
     groups : (H,) group of each head (default: all 0)
     """
 
-    def __init__(self, concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None):
-        super().__init__(concepts.shape[-2], n_classes, ratios, seed, keep_rule, groups)
+    def __init__(self, concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None, init="uniform"):
+        super().__init__(concepts.shape[-2], n_classes, ratios, seed, keep_rule, groups, init)
         c = concepts.float() if concepts.ndim == 3 else concepts.float().unsqueeze(0)
         self.register_buffer("concepts", F.normalize(c, dim=-1))
 
@@ -415,10 +287,10 @@ class End2EndConceptHeads(SparseHeads):
     """
 
     def __init__(self, elements, seeds, n_classes, ratios, seed=0, tau=0.1, gain=5.0, keep_rule="round",
-                 groups=None):
+                 groups=None, init="uniform"):
         seeds = torch.as_tensor(np.asarray(seeds))
         seeds = seeds if seeds.ndim == 2 else seeds.unsqueeze(0)
-        super().__init__(seeds.shape[1], n_classes, ratios, seed, keep_rule, groups)
+        super().__init__(seeds.shape[1], n_classes, ratios, seed, keep_rule, groups, init)
         e = elements.float() if elements.ndim == 3 else elements.float().unsqueeze(0)
         self.register_buffer("elements", e)
         self.tau = tau
@@ -446,9 +318,9 @@ class End2EndConceptHeads(SparseHeads):
 class LinearProbes(_Grouped):
     """H plain linear classifiers on the raw features (the standard accuracy)."""
 
-    def __init__(self, dim, n_classes, n_heads, seed=0, groups=None):
+    def __init__(self, dim, n_classes, n_heads, seed=0, groups=None, init="uniform"):
         super().__init__()
-        self.weight, self.bias = _init_linear(dim, n_classes, _head_seeds(seed, n_heads))
+        self.weight, self.bias = _init_linear(dim, n_classes, _head_seeds(seed, n_heads), init)
         self._set_groups(n_heads, groups)
 
     def forward(self, x):
