@@ -2,7 +2,8 @@
 
     python -m bench.bench_heads                       # CPU: 20 000 x 2048 train, 5 000 val, 100 classes (~11 min)
     python -m bench.bench_heads --quick               # smoke test: 4 000 x 512 / 1 000, 20 classes, 10 epochs
-    python -m bench.bench_heads --skip_shipped        # without the 4-worker baseline (the slowest part)
+    python -m bench.bench_heads --baselines workers0 our_start   # without the 4-worker baseline (the slowest part)
+    python -m bench.bench_heads --precision float32 --baselines our_start   # the systematic gap alone
     python -m bench.bench_heads --imagenet            # GPU: 1.28 M x 2048, 1 000 classes, ours only
     python -m bench.bench_heads --imagenet --seeds 3  # the same with three seeds stacked as extra heads
 
@@ -20,8 +21,10 @@ The two sides draw their random numbers differently, so the gap between them hol
 systematic difference; a third baseline run ("our start", 0 workers) starts from our initial weights and replays our
 batch orders, so its gap to ours in float32 is the systematic part alone.
 
-Prints its command line, the machine and its load, every time, the four speed ratios (ours float32 / bfloat16 against
-0 / 4 workers), every IIS and per-ratio accuracy, and each gap (IIS, standard and the largest per-ratio difference).
+Prints its command line, the machine and its load, every time (wall, and CPU seconds of the process and its loader
+workers), the speed ratios (ours float32 / bfloat16 against 0 / 4 workers; "our start" is a 0-worker run too), every
+IIS and per-ratio accuracy, and each gap (IIS, standard and the largest per-ratio difference). On a machine shared with
+other work the wall ratios are not the machine's: 4 loader workers are more processes competing for the cores.
 """
 import argparse
 import os
@@ -41,6 +44,10 @@ REFERENCE = PROTOCOLS["reference"]
 SHAPE = dict(n_train=20000, n_val=5000, dim=2048, n_classes=100, n_concepts=200, epochs=30)
 QUICK = dict(n_train=4000, n_val=1000, dim=512, n_classes=20, n_concepts=100, epochs=10)
 IMAGENET = dict(n_train=1281167, n_val=50000, n_classes=1000)
+BASELINES = {"workers0": "0 loader workers, seed --seed",
+             "workers4": f"{original_loop.WORKERS_AS_SHIPPED} loader workers as shipped, seed --seed",
+             "our_start": "0 workers from our initial weights and batch orders (its gap to ours is the systematic "
+                          "one, without seed noise)"}
 
 
 def synthetic(n_train, n_val, dim=2048, n_classes=100, n_concepts=200, latent=64, sigma=2.0, seed=0, device="cpu"):
@@ -117,11 +124,9 @@ def get_args_parser():
                    help="ours: the heads' matmul precision(s) to time (each is one run of ours)")
     p.add_argument("--seeds", type=int, default=1,
                    help="ours: this many seeds stacked as extra heads (each its own concepts, init and order)")
-    p.add_argument("--skip_shipped", action="store_true", help="skip the 4-worker baseline")
-    p.add_argument("--skip_same_start", action="store_true",
-                   help="skip the third baseline run: 0 workers from our initial weights and batch orders (its gap "
-                        "to ours is the systematic one, without seed noise)")
-    p.add_argument("--skip_baseline", action="store_true", help="ours only")
+    p.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=list(BASELINES),
+                   help="runs of the original's loop: " + "; ".join(f"{k}: {v}" for k, v in BASELINES.items())
+                        + " (none given: ours only)")
     return p
 
 
@@ -131,7 +136,8 @@ def main(args):
     for name, value in shape.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.skip_baseline |= args.imagenet
+    if args.imagenet:
+        args.baselines = []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, y, xv, yv, concepts = synthetic(args.n_train, args.n_val, args.dim, args.n_classes, args.n_concepts,
                                        sigma=args.sigma, device=device)
@@ -147,23 +153,24 @@ def main(args):
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    results, times = {}, {}
+    results, times, cpu = {}, {}, {}
     for prec in args.precision:
         name = f"ours, {prec}"
         with Timer() as t:
             results[name] = ours(x, y, xv, yv, concepts, args.n_classes, args.epochs, args.batch_size, args.lr,
                                  getattr(torch, args.feature_dtype), args.seeds, prec, args.seed)
-        times[name] = t.seconds
-        print(f"{name}: {t.seconds:.1f} s ({t.seconds / args.epochs:.2f} s/epoch, all ratios + probe)", flush=True)
+        times[name], cpu[name] = t.seconds, t.cpu
+        print(f"{name}: {t.seconds:.1f} s, {t.cpu:.1f} CPU s ({t.seconds / args.epochs:.2f} s/epoch, all ratios + "
+              "probe)", flush=True)
     mine = list(results)
-    if not args.skip_baseline:
+    if args.baselines:
         xn, yn, xvn, yvn = (a.cpu() for a in (x, y, xv, yv))
         cn = (concepts if concepts.ndim == 2 else concepts[0]).cpu()
         shipped = original_loop.WORKERS_AS_SHIPPED
-        runs = [("original, 0 workers", 0, {}), (f"original, {shipped} workers", shipped, {})]
-        if args.skip_shipped:
-            runs.pop()
-        if not args.skip_same_start:
+        runs = [("original, 0 workers", 0, {})] if "workers0" in args.baselines else []
+        if "workers4" in args.baselines:
+            runs.append((f"original, {shipped} workers", shipped, {}))
+        if "our_start" in args.baselines:
             orders, init = same_start(len(yn), args.dim, args.n_classes, cn, args.epochs, args.seed)
             runs.append(("original, our start", 0, dict(orders=orders, init=init)))
         for name, workers, hooks in runs:
@@ -172,8 +179,8 @@ def main(args):
                                                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                                   workers=workers, seed=args.seed, device=device, save_dir=save_dir,
                                                   **hooks)
-            times[name] = t.seconds
-            print(f"{name}: {t.seconds:.1f} s", flush=True)
+            times[name], cpu[name] = t.seconds, t.cpu
+            print(f"{name}: {t.seconds:.1f} s, {t.cpu:.1f} CPU s", flush=True)
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     names = list(results)
     w = 22
@@ -184,11 +191,12 @@ def main(args):
     scores = {n: iis(SPARSITY_GRID, results[n][1], results[n][0]) for n in names}
     print(f"{'IIS':>8}" + "".join(f"{scores[n]:>{w}.4f}" for n in names))
     print(f"{'seconds':>8}" + "".join(f"{times[n]:>{w}.1f}" for n in names))
+    print(f"{'CPU s':>8}" + "".join(f"{cpu[n]:>{w}.1f}" for n in names))
     print()
     for m in mine:
         for n in names[len(mine):]:
             gap = max(abs(a - b) for a, b in zip(results[m][1], results[n][1]))
-            speed = "" if n.endswith("our start") else f"{times[n] / times[m]:.1f}x faster; "
+            speed = f"{times[n] / times[m]:.1f}x faster ({cpu[n] / cpu[m]:.1f}x in CPU seconds); "
             print(f"{m} against {n}: {speed}IIS {scores[m] - scores[n]:+.4f}, standard "
                   f"{results[m][0] - results[n][0]:+.2f} points, largest per-ratio gap {gap:.2f} points")
 
