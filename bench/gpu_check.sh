@@ -15,7 +15,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-quiet() { tr '\r' '\n' | grep -v -e 'epoch/s' -e 'epoch]' -e 'img/s' -e 'it/s' -e '^$'; }
+quiet() { tr '\r' '\n' | grep -v -e 'epoch/s' -e 's/epoch' -e 'epoch]' -e 'img/s' -e 'it/s' -e '^$'; }
 sections=${*:-topk heads heads_bf16 heads_seeds heads_profile heads_faithful pipeline finetune extract}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
