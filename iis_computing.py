@@ -8,6 +8,8 @@ diverged heads never count. The IIS printed is the mean over seeds, ± their sta
 interval over the val samples (--bootstrap resamples, from the per-sample predictions the trainers keep), and next to
 it the chance-corrected IIS (every accuracy taken above the majority-class rate of the val labels). A run whose
 standard top-1 is not above chance by its own interval is flagged chance-level: its IIS measures noise.
+When the trainer also trained the random-concept floor (--floor_draws), each run gets a line with its floor IIS and
+its concept lift = IIS - floor with a paired 95 % interval (iis.json "floor"; what it means: docs/validity.md).
 
 Is A more interpretable than B? A paired bootstrap on the same val samples, with a p-value and a verdict:
 
@@ -29,7 +31,7 @@ import os
 
 import numpy as np
 
-from utils import cli, compat, stats
+from utils import cli, compat, floor, stats
 from utils.errors import UserError
 from utils.fileio import atomic_write_json, read_json
 from utils.iis import load_predictions, score_with_stats
@@ -85,6 +87,7 @@ def score_path(path, args):
         raise UserError(f"{f} is not a results file (no 'runs')")
     preds = load_predictions(res, os.path.dirname(f))
     s, paired = score_with_stats(res, preds, args.metric, args.bootstrap, args.bootstrap_seed)
+    s["floor"] = floor.score(res, preds, s, paired, args.metric, args.bootstrap, args.bootstrap_seed)
     s.update(results=os.path.abspath(f), meta={k: res["meta"].get(k) for k in (
         "backbone", "weights", "layer", "dataset", "concept_type", "n_concepts", "n_train", "n_val", "select_on",
         "protocol", "val_samples")})
@@ -134,6 +137,11 @@ def summary_lines(lbl, s):
     if s.get("note"):
         out.append(f"note: {lbl}: {s['note']}")
     return out
+
+
+def lift_lines(scored):
+    """The concept-lift line of every run that has a floor."""
+    return [floor.lift_line(lbl, s["floor"]) for lbl, s in scored if s.get("floor")]
 
 
 def headline(s):
@@ -193,6 +201,8 @@ def main(args):
     for lbl, s in scored:
         for line in summary_lines(lbl, s):
             print(line)
+    for line in lift_lines(scored):
+        print(line)
     print(headline(scored[0][1]) + (" (first run)" if len(scored) > 1 else ""))
     print(f"curve: {plot}")
     if args.compare:

@@ -12,7 +12,10 @@ Gumbel-softmax assignment of elements to concepts learnt together with each head
 
 Output in --out: results.json (schema in docs/files.md: one row per head with ratio, lr, top-1, top-5, the epoch kept and
 its losses) and heads.pt (torch.load(..., weights_only=True): concepts, the element rows they came from, every head's
-parameters). Features stay resident in memory (on the GPU if there is one); all heads of a sweep train together.
+parameters). With --floor_draws N (default 3 under the iis protocol, 0 under reference) it also trains N groups of
+heads on K random directions, rows ``head: "floor"`` in results.json, from which iis_computing.py reports the floor
+and the concept lift (docs/validity.md). Features stay resident in memory (on the GPU if there is one); all heads of
+a sweep train together.
 """
 import argparse
 import os
@@ -20,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, compat, sweep
+from utils import cli, compat, floor, sweep
 from utils.cli import flags
 from utils.concepts import SELECTIONS, cluster_centres, select_prototypes
 from utils.device import resolve_device
@@ -49,6 +52,7 @@ def get_args_parser():
                    help="end2end: initial gain of the LayerNorm on the assignment logits (how sharp the initial "
                         "partition around the seed elements is; see utils/heads.py)")
     flags.add_training_args(p)
+    flags.add_floor_args(p)
     return p
 
 
@@ -96,6 +100,7 @@ def make_heads(args, cfg, emb, emb_labels, n_classes, grid):
 
 def main(args):
     cfg = sweep.resolve_protocol(cli.config(sweep.SweepConfig, args))
+    fcfg = floor.resolve(cli.config(floor.FloorConfig, args), cfg.protocol)
     ratios, lrs, grid = sweep.grid_of(cfg)
     if args.n_concepts < 0 or (args.concept_type != "prototype" and args.n_concepts < 1):
         raise UserError(f"--n_concepts must be positive for {args.concept_type} concepts")
@@ -110,6 +115,8 @@ def main(args):
                              concept_selection=args.concept_selection)
     if args.concept_type == "end2end":
         key.update(e2e_pool=args.e2e_pool, tau=args.tau, e2e_gain=args.e2e_gain)
+    if floor.key_of(fcfg) is not None:
+        key.update(floor=floor.key_of(fcfg))
     if sweep.is_done(args.out, key):
         return
     device = resolve_device(args.device)
@@ -132,6 +139,13 @@ def main(args):
                      sweep.concept_scores(heads, probe_data[2], device), probe_data[3])
     splits = sweep.make_splits(ytr, cfg.seeds, cfg.select_on, cfg.holdout_fraction)
     runs, probes, preds = sweep.train(cfg, module, grid, probe_data, head_data, len(classes), device, splits)
+    floor_info = None
+    if fcfg.floor_draws:
+        floor_runs, floor_preds, directions = floor.train(cfg, fcfg, ratios, lrs, k, np.asarray(emb), len(classes),
+                                                          probe_data, splits, device, len(preds))
+        runs, preds = runs + floor_runs, np.concatenate([preds, floor_preds])
+        floor_info = dict(floor.key_of(fcfg), paired_seeds=[floor.paired_seed(cfg.seeds, d)
+                                                           for d in range(fcfg.floor_draws)])
 
     heads.eval()
     with torch.no_grad():
@@ -141,9 +155,11 @@ def main(args):
                       "concept_rows": torch.as_tensor(rows)}
         if args.concept_type == "end2end":   # per head, the concept each pool element (concept_rows) went to
             provenance["assignment"] = heads.assignment().argmax(-1).cpu()
+    if floor_info:
+        provenance["floor_directions"] = torch.as_tensor(directions)
     meta = sweep.run_meta(cfg, mtr, mva, concept_type=args.concept_type,
                           elements=mco["info"].get("elements_index"), n_concepts=k, n_train=len(ytr), n_val=len(yva),
-                          feature_dim=int(xtr.shape[1]), device=str(device),
+                          feature_dim=int(xtr.shape[1]), device=str(device), floor=floor_info,
                           inputs={"train": os.path.abspath(args.train_features),
                                   "val": os.path.abspath(args.val_features),
                                   "concepts": os.path.abspath(args.concepts)})

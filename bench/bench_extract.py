@@ -5,11 +5,17 @@ the backbones' pure forward rate on ready-made device tensors, on the same devic
     python -m bench.bench_extract --arch resnet50 --decode pil cache --n_images 16384 --batch_size 256 --workers 14
     # 14 backbones in one pass (each with its own weights' preprocessing: 6 distinct ones)
     python -m bench.bench_extract --many 14 --decode pil cache --n_images 4096 --batch_size 256 --workers 14
+    # the three paths on ImageNet-like baseline JPEGs (the GPU measurement of issue 21)
+    python -m bench.bench_extract --arch resnet50 --decode gpu pil cache --synthetic 512 --n_images 16384 \
+        --batch_size 256 --workers 14
 
 Images are JPEGs held in memory (so disk speed is not measured): the ImageNet photos of --photos (default: the 20 in
 the foolbox wheel, if installed), else random-content 500 x 375 JPEGs, which are several times larger and slower to
-decode than photos; every image is decoded, none is reused. Random weights (no download), but each architecture's
-preprocessing is its default torchvision weights' (resize, crop, interpolation, mean, std). The forward is bf16
+decode than photos; every image is decoded, none is reused. The foolbox photos are progressive JPEGs, which --decode
+gpu leaves to PIL; ``--synthetic N`` makes N distinct baseline JPEGs (quality 90, 4:2:0, as ImageNet's are) at
+ImageNet-like sizes (:func:`imagenet_like_sizes`) out of those photos (or of smooth random content without them).
+Random weights (no download), but each architecture's preprocessing is its default torchvision weights' (resize, crop,
+interpolation, mean, std). The forward is bf16
 autocast + channels-last on CUDA, float32 on CPU. A pass's rate includes the DataLoader's start, writing the chunks and
 merging them into the store entries, as a user gets them; its steady state is the pace of the batches once the
 pipeline is full (the last 80 % of them). The decoded copy's build is reported apart (done once per split).
@@ -29,6 +35,7 @@ from PIL import Image
 from bench.common import Timer, hardware
 from utils.backbones import LayerTaps, Preprocess
 from utils.data import to_rgb
+from utils.decode import DECODE_PATHS, GpuFeed
 from utils.extraction import (CacheFeed, ExtractConfig, GroupedImages, ImageFeed, Output, Pass, assign_groups,
                               build_decoded_cache, extract_passes, plan_cache)
 
@@ -52,6 +59,9 @@ class JpegSource:
         with Image.open(io.BytesIO(self.blobs[i])) as img:
             img.load()
             return to_rgb(img)
+
+    def encoded(self, i):
+        return self.blobs[i]
 
     def ident(self, i):
         return f"blob {i}"
@@ -87,6 +97,48 @@ def load_blobs(photos, n_images):
             blobs.append(buf.getvalue())
         kind = "random-content JPEGs"
     return [blobs[i % len(blobs)] for i in range(n_images)], kind
+
+
+def imagenet_like_sizes(n, seed=0):
+    """(w, h) of ``n`` images, distributed roughly as ImageNet train's: the common camera sizes (500 x 375 about a
+    third, 500 x 333, 375 x 500, 500 x 500, 333 x 500) for 60 %, the rest spread (long side 300-800, aspect
+    1-1.67, 70 % landscape). Many distinct sizes, as on ImageNet: images of one size are resized together."""
+    rng = np.random.default_rng(seed)
+    common = [((500, 375), .35), ((500, 333), .10), ((375, 500), .08), ((500, 500), .04), ((333, 500), .03)]
+    out = []
+    for _ in range(n):
+        u, acc = rng.random(), 0.0
+        for size, p in common:
+            acc += p
+            if u < acc:
+                out.append(size)
+                break
+        else:
+            long = int(rng.integers(300, 801))
+            short = int(long / rng.uniform(1.0, 5 / 3))
+            out.append((long, short) if rng.random() < 0.7 else (short, long))
+    return out
+
+
+def synthetic_blobs(photos, n_distinct, n_images):
+    """``n_distinct`` baseline JPEGs at ImageNet-like sizes cut from the photos (or smooth random content), repeated
+    to ``n_images``."""
+    blobs, kind = load_blobs(photos, 64)
+    rng = np.random.default_rng(1)
+    sources = [] if kind == "random-content JPEGs" else [Image.open(io.BytesIO(b)).convert("RGB")
+                                                          for b in dict.fromkeys(blobs)]
+    out = []
+    for k, size in enumerate(imagenet_like_sizes(n_distinct)):
+        if sources:
+            img = sources[k % len(sources)].resize(size, Image.BICUBIC)
+        else:
+            low = rng.integers(0, 255, (9, 12, 3), dtype=np.uint8)
+            img = Image.fromarray(low).resize(size, Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    what = f"{n_distinct} baseline JPEGs at ImageNet-like sizes from {kind if sources else 'smooth random content'}"
+    return [out[i % len(out)] for i in range(n_images)], what
 
 
 def forward_rate(model, pre, batch_size, n_batches, device):
@@ -138,6 +190,8 @@ def run_pass(models, source, n, decode, args, device, tmp, cache=None):
     idx = np.arange(n)
     if decode == "pil":
         feed = ImageFeed(GroupedImages(source, idx, [g.image_transform() for g in groups]), args.workers)
+    elif decode == "gpu":
+        feed = GpuFeed(source, idx, groups, device, args.workers, half=device.type == "cuda")
     else:
         images, labels, plan = cache
         feed = CacheFeed(images[:n], labels[:n], plan, groups, threads=args.workers)
@@ -147,7 +201,7 @@ def run_pass(models, source, n, decode, args, device, tmp, cache=None):
     with Timer() as t, contextlib.redirect_stdout(io.StringIO()):
         extract_passes(passes, feed, {"bench": n, "decode": decode}, opts, desc=f"{decode} pass")
     shutil.rmtree(os.path.join(tmp, f"{decode}-{n}"), ignore_errors=True)
-    return n / t.seconds, feed.steady_rate()
+    return n / t.seconds, feed.steady_rate(), feed.feed
 
 
 def nvjpeg_rate(blobs, batch_size):
@@ -169,7 +223,8 @@ def main():
     p.add_argument("--arch", default="resnet50", help="torchvision architecture (one backbone per pass)")
     p.add_argument("--many", type=int, default=0, help=f"instead: this many backbones in one pass (≤ {len(MANY)}, "
                                                        f"the first of {', '.join(MANY)})")
-    p.add_argument("--decode", nargs="+", default=["pil", "cache"], choices=["pil", "cache"])
+    p.add_argument("--decode", nargs="+", default=["pil", "cache"], choices=list(DECODE_PATHS),
+                   help="the paths to time, in this order")
     p.add_argument("--n_images", type=int, default=1024, help="images of the decoded-copy pass")
     p.add_argument("--pil_images", type=int, default=None,
                    help="images of the PIL pass (default: --n_images; fewer keeps a slow path's run short)")
@@ -177,11 +232,16 @@ def main():
     p.add_argument("--forward_batches", type=int, default=8, help="timed batches of each pure forward")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--photos", default=None, help="a folder of JPEG photos to use")
+    p.add_argument("--synthetic", type=int, default=0, metavar="N",
+                   help="N distinct baseline JPEGs at ImageNet-like sizes made from the photos, instead of them")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     archs = MANY[:args.many] if args.many else [args.arch]
     n_pil = min(args.pil_images or args.n_images, args.n_images)
-    blobs, kind = load_blobs(args.photos, args.n_images)
+    if args.synthetic:
+        blobs, kind = synthetic_blobs(args.photos, args.synthetic, args.n_images)
+    else:
+        blobs, kind = load_blobs(args.photos, args.n_images)
     print(f"{len(archs)} backbone(s) per pass, {args.n_images} images ({kind}, "
           f"{np.mean([len(b) for b in blobs]) / 1024:.0f} KiB on average), batch {args.batch_size}, "
           f"{args.workers} loader workers, on {device}")
@@ -203,24 +263,34 @@ def main():
     source = JpegSource(blobs)
     tmp = tempfile.mkdtemp(prefix="bench_extract_")
     try:
-        if "pil" in args.decode:
-            rate, steady = run_pass(models, source, n_pil, "pil", args, device, tmp)
-            print(f"pass, decode=pil ({n_pil} images, PIL decode + preprocess in {args.workers} workers): "
-                  f"{fmt(rate)} images/s = {100 * rate / pure:.0f} % of {what}; steady state {fmt(steady)} "
-                  f"images/s = {100 * steady / pure:.0f} %")
-        if "cache" in args.decode:
-            plan = plan_cache([pre for _, pre in models.values()])
-            path = os.path.join(tmp, "decoded")
-            with Timer() as t, contextlib.redirect_stdout(io.StringIO()):
-                images, labels = build_decoded_cache(path, source, np.arange(args.n_images), {"bench": 1}, plan,
-                                                     args.workers)
-            size = images.nbytes / 2 ** 20
-            print(f"decoded copy, built once ({plan.resize}/{plan.crop} {plan.interpolation}, {size:.0f} MiB): "
-                  f"{fmt(args.n_images / t.seconds)} images/s")
-            rate, steady = run_pass(models, source, args.n_images, "cache", args, device, tmp,
-                                    (images, labels, plan))
-            print(f"pass, decode=cache ({args.n_images} images): {fmt(rate)} images/s = {100 * rate / pure:.0f} % "
-                  f"of {what}; steady state {fmt(steady)} images/s = {100 * steady / pure:.0f} %")
+        for decode in args.decode:
+            if decode == "pil":
+                rate, steady, _ = run_pass(models, source, n_pil, "pil", args, device, tmp)
+                print(f"pass, decode=pil ({n_pil} images, PIL decode + preprocess in {args.workers} workers): "
+                      f"{fmt(rate)} images/s = {100 * rate / pure:.0f} % of {what}; steady state {fmt(steady)} "
+                      f"images/s = {100 * steady / pure:.0f} %")
+            elif decode == "gpu":
+                rate, steady, feed = run_pass(models, source, args.n_images, "gpu", args, device, tmp)
+                pil = sum(n for w, n in feed.counts.items() if w != "device")
+                print(f"pass, decode=gpu ({args.n_images} images, bytes read in {args.workers} workers, "
+                      f"{feed.counts['device']} decoded on {device.type}, {pil} with PIL): {fmt(rate)} images/s = "
+                      f"{100 * rate / pure:.0f} % of {what}; steady state {fmt(steady)} images/s = "
+                      f"{100 * steady / pure:.0f} %")
+            else:
+                plan = plan_cache([pre for _, pre in models.values()])
+                path = os.path.join(tmp, "decoded")
+                with Timer() as t, contextlib.redirect_stdout(io.StringIO()):
+                    images, labels = build_decoded_cache(path, source, np.arange(args.n_images), {"bench": 1}, plan,
+                                                         args.workers)
+                size = images.nbytes / 2 ** 20
+                print(f"decoded copy, built once ({plan.resize}/{plan.crop} {plan.interpolation}, {size:.0f} MiB): "
+                      f"{fmt(args.n_images / t.seconds)} images/s")
+                rate, steady, _ = run_pass(models, source, args.n_images, "cache", args, device, tmp,
+                                           (images, labels, plan))
+                print(f"pass, decode=cache ({args.n_images} images): {fmt(rate)} images/s = "
+                      f"{100 * rate / pure:.0f} % of {what}; steady state {fmt(steady)} images/s = "
+                      f"{100 * steady / pure:.0f} %")
+                shutil.rmtree(path, ignore_errors=True)
         if device.type == "cuda" and len(archs) == 1:
             print(f"for reference, nvJPEG decoding alone on the GPU (no resize): "
                   f"{nvjpeg_rate(blobs[:min(len(blobs), 4096)], args.batch_size)}")

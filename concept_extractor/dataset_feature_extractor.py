@@ -10,6 +10,10 @@ subset if asked), decoding every image once and running every backbone once per 
         --model_config resnet50 resnet50:layer3 vit_b_16 --dataset /data/imagenet --split val \
         --out 'outputs/features/imagenet/{model}/{split}'
 
+    # ImageNet on one GPU without a decoded copy: JPEGs decoded, resized and normalised on the GPU
+    python -m concept_extractor.dataset_feature_extractor --model_config resnet50 --dataset /data/imagenet \
+        --split train --decode gpu --workers 14 --batch_size 256 --out outputs/features/imagenet/resnet50/train
+
 Backbones: each --model_config is a model_configs/ name (or YAML path), optionally with :LAYER; --layer x y z reads
 those layers of every backbone given without one. Backbones with the same architecture and weights run once with all
 their layers hooked; backbones with the same preprocessing share one transformed batch.
@@ -23,7 +27,13 @@ with @<layer> when a layer was named (utils/specs.model_tag).
 
 --decode cache (the fast path for GPUs) first writes a one-time uint8 copy of the split, decoded and resized once at
 the largest size the backbones need, under --decode_cache; batches are then cut and normalised on the device. See
-docs/scale.md, "Where a GPU waits: decoding", for its numerical difference; its entries are keyed apart from the default PIL path's.
+docs/scale.md, "Where a GPU waits: decoding", for its numerical difference; its entries are keyed apart from the
+default PIL path's.
+
+--decode gpu (no decoded copy) has loader workers read file bytes only; JPEGs are decoded in batches on the GPU (nvJPEG)
+and resized, cropped and normalised there with each backbone's own preprocessing; other files (PNG, greyscale, CMYK
+or progressive JPEGs, ...) take the PIL path, counted in the summary line and the entries' info (utils/decode.py).
+Its entries are keyed apart too. Without a CUDA device it says so in one line and uses the PIL path.
 """
 import argparse
 import os
@@ -34,6 +44,8 @@ import numpy as np
 from utils import cli, compat
 from utils.cli import flags
 from utils.data import get_source, subset_indices, subset_key
+from utils.decode import DecodeConfig, GpuFeed, choose
+from utils.device import resolve_device
 from utils.errors import UserError
 from utils.extraction import (CacheFeed, ExtractConfig, GroupedImages, ImageFeed, backbone_passes,
                               build_decoded_cache, cache_key, describe_row, extract_passes, plan_cache)
@@ -51,12 +63,7 @@ def get_args_parser():
     p.add_argument("--out", required=True,
                    help="one (backbone, layer): the store entry folder; several: a parent folder (entries at "
                         "<out>/<model>[@<layer>]/<split>) or a template with {model}, {split}, {dataset}")
-    p.add_argument("--decode", default="pil", choices=["pil", "cache"],
-                   help="pil: decode and preprocess in loader workers, exactly the weights' transform; cache: a "
-                        "one-time resized uint8 copy of the split, cut and normalised on the device (fast on GPUs; "
-                        "see docs/scale.md)")
-    p.add_argument("--decode_cache", default=os.path.join("outputs", "decoded"),
-                   help="where --decode cache keeps its decoded copies (one keyed entry per split and size)")
+    flags.add_decode_args(p)
     flags.add_loader_args(p)
     return p
 
@@ -111,17 +118,23 @@ def main(args):
             "data_root": os.path.abspath(args.data_root)}
     passes, groups = backbone_passes([(spec, out, dict(info, backbone=asdict(spec)), tag)
                                       for (tag, spec), out in zip(chosen, outs)])
-    if args.decode == "pil":
-        feed = ImageFeed(GroupedImages(source, idx, [g.image_transform() for g in groups]), args.workers)
+    dec, run = cli.config(DecodeConfig, args), cli.config(ExtractConfig, args)
+    device = resolve_device(run.device)
+    how = choose(dec.decode, device)
+    probe = GroupedImages(source, idx, [])
+    if how == "pil":
+        feed = ImageFeed(GroupedImages(source, idx, [g.image_transform() for g in groups]), run.workers)
+    elif how == "gpu":
+        feed = GpuFeed(source, idx, groups, device, run.workers, lambda r: describe_row(probe, r),
+                       half=device.type == "cuda" and run.amp)
     else:
         plan = plan_cache([p.preprocess for p in passes])
-        path = os.path.join(args.decode_cache, tag_data,
+        path = os.path.join(dec.decode_cache, tag_data,
                             f"{args.split}-{plan.resize}-{plan.crop}-{plan.interpolation}-"
                             f"{key_hash(cache_key(data_key, plan))[:8]}")
-        images, labels = build_decoded_cache(path, source, idx, data_key, plan, args.workers)
-        probe = GroupedImages(source, idx, [])
-        feed = CacheFeed(images, labels, plan, groups, lambda r: describe_row(probe, r), threads=args.workers)
-    extract_passes(passes, feed, data_key, cli.config(ExtractConfig, args), desc=f"{args.split} features",
+        images, labels = build_decoded_cache(path, source, idx, data_key, plan, run.workers)
+        feed = CacheFeed(images, labels, plan, groups, lambda r: describe_row(probe, r), threads=run.workers)
+    extract_passes(passes, feed, data_key, run, desc=f"{args.split} features",
                    extra_arrays={"indices": np.asarray(idx, np.int64)})
 
 

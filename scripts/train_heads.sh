@@ -17,6 +17,9 @@
 #   --seeds "0 1 2"       [0]  seeds stacked as extra heads of one sweep (their spread is reported with the IIS)
 #   --protocol P          [iis]  iis (ours) or reference (the original code's keep rule, schedule, batch and lr)
 #   --select_on S         [the protocol's]  val or holdout: what picks each head's epoch and each ratio's lr
+#   --floor_draws N       [the protocol's: 3, or 0 under reference]  draws of K random directions trained beside
+#                         prototype/cluster/end2end concepts: the floor and concept lift iis_computing.py prints
+#                         (docs/validity.md)
 #   --device D            [auto]
 #   --out DIR             runs go to DIR/<concept_type>_<elements>/ (text: DIR/text/), the side-by-side plot to
 #                         DIR/iis_<elements>.png
@@ -25,10 +28,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
 export IIS_COMPAT=off   # our flags only: the original code's dialect (utils/compat.py) is for its commands
 features=""; elements=segments; concept_types=prototype; n_concepts=200; epochs=30; lrs=""; device=auto; out=""
-seeds=0; protocol=iis; select_on=""
+seeds=0; protocol=iis; select_on=""; floor_draws=""
 clip=""; clip_cutoff=""; interpretability_cutoff=""
 parse_flags features elements concept_types n_concepts epochs lrs device out clip clip_cutoff interpretability_cutoff \
-  seeds protocol select_on -- "$@"
+  seeds protocol select_on floor_draws -- "$@"
 [ -n "$features" ] && [ -n "$out" ] || { echo "error: --features and --out are required (see --help)" >&2; exit 2; }
 
 # shellcheck disable=SC2206  # lrs and seeds are space-separated lists on purpose
@@ -49,9 +52,11 @@ for ct in $concept_types; do
     runs+=("$out/text")
     continue
   fi
+  floor=()
+  [ -n "$floor_draws" ] && floor+=(--floor_draws "$floor_draws")
   "$PY" -m IP_training.IP_Prototype_training --train_features "$features/train" --val_features "$features/val" \
     --concepts "$features/elements_$elements" --concept_type "$ct" --n_concepts "$n_concepts" "${training[@]}" \
-    --out "$out/${ct}_$elements"
+    "${floor[@]}" --out "$out/${ct}_$elements"
   runs+=("$out/${ct}_$elements")
 done
 "$PY" iis_computing.py "${runs[@]}" --plot "$out/iis_$elements.png"

@@ -51,10 +51,13 @@ def test_every_run_scores_by_the_formula(pipeline):
         def chosen(rows):   # the head with the best selection accuracy (held-out dev top-1), ties: lower lr
             return max(rows, key=lambda r: (r["select_top1"], -r["lr"]))["top1"]
         std = chosen([r for r in res["runs"] if r["head"] == "standard"])
-        accs = [chosen([r for r in res["runs"] if r["ratio"] == s]) for s in res["sparsity_grid"]]
+        accs = [chosen([r for r in res["runs"] if r["head"] == "concept" and r["ratio"] == s])
+                for s in res["sparsity_grid"]]
         assert scored["iis"] == pytest.approx(iis(res["sparsity_grid"], accs, std))
         assert res["meta"]["concept_type"] == ct and res["meta"]["n_train"] == 18 and res["meta"]["n_val"] == 9
-        assert len(res["runs"]) == 2 + 8 * 2
+        floor_rows = [r for r in res["runs"] if r["head"] == "floor"]     # the iis protocol's 3 draws, not for text
+        assert len(res["runs"]) - len(floor_rows) == 2 + 8 * 2 and len(floor_rows) == (0 if ct == "text" else 3 * 8 * 2)
+        assert (scored.get("floor") is None) == (ct == "text")
     top = json.load(open(pipeline["runs"][(LAYERS[0], "prototype")] / "results.json"))
     assert max(r["top1"] for r in top["runs"] if r["head"] == "standard") > 60   # colour squares are easy
     text = json.load(open(pipeline["runs"][(LAYERS[0], "text")] / "results.json"))

@@ -76,6 +76,13 @@ class ImageSource:
             return to_rgb(Image.fromarray(np.asarray(self._arrays[i])))
         return load_image(self._paths[i])
 
+    def encoded(self, i):
+        """Image ``i``'s file as stored (bytes), or None for an in-memory dataset (--decode gpu reads these)."""
+        if self._paths is None:
+            return None
+        with open(self._paths[i], "rb") as f:
+            return f.read()
+
     def ident(self, i):
         """Where image ``i`` came from: a path relative to the ImageFolder root, or '<dataset>:<split>:<index>'."""
         if self._paths is not None:

@@ -11,6 +11,8 @@ One pass over a split feeds any number of *passes* (one forward of one model per
   Threads only copy contiguous rows out of it; the device crops, resizes and normalises each preprocessing group in
   batches. A group whose resize and interpolation are the cache's reads exactly the pixels the PIL path would give it
   (bit-identical features on CPU); the others are resampled twice (see docs/scale.md, "Where a GPU waits: decoding").
+* ``utils.decode.GpuFeed`` ("gpu"): workers only read file bytes; JPEGs are decoded in batches on the device and
+  preprocessed there (PIL for what the device does not decode, counted: ``report()``, stored in the entries' info).
 
 Rows are written in chunks (``--chunk_size``), each atomically, so a killed run resumes at its first unfinished chunk;
 under torchrun rank r extracts chunks r, r + world, ... and rank 0 merges them. Every batch of features is checked
@@ -31,6 +33,7 @@ from tqdm import tqdm
 
 from . import store
 from .backbones import Backbone
+from .decode import Normalise, check_interpolations
 from .device import resolve_device
 from .errors import UserError
 
@@ -181,7 +184,6 @@ class CachePlan:
     interpolation: str
 
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 def plan_cache(preprocesses):
@@ -189,10 +191,7 @@ def plan_cache(preprocesses):
     the interpolation) can be cut from without upsampling: the largest resize, and a crop that covers the widest
     field of view (crop / resize) of any of them. A preprocessing with the cache's resize and interpolation is then a
     plain centre crop of it (the crop is widened so those offsets round exactly as torchvision's CenterCrop does)."""
-    for p in preprocesses:
-        if p.interpolation not in INTERPOLATIONS:
-            raise UserError(f"--decode cache resizes on the device with {', '.join(INTERPOLATIONS)} only; a backbone "
-                            f"uses {p.interpolation!r}: use --decode pil")
+    check_interpolations(preprocesses, "--decode cache")
     resize = max(p.resize for p in preprocesses)
     at_max = [p.interpolation for p in preprocesses if p.resize == resize]
     interp = max(dict.fromkeys(at_max), key=at_max.count)            # most common; ties: first seen
@@ -281,10 +280,7 @@ class CacheTransform:
         side = p.crop if self.exact else min(c, max(1, round(p.crop * plan.resize / p.resize)))
         self.offset = int(round((c - side) / 2.0))
         self.side, self.size, self.mode = side, p.crop, p.interpolation
-        # tensors, not Python scalars: CUDA divides by a scalar as a multiplication by its reciprocal (1 ulp off)
-        self.k255 = torch.tensor(255.0, device=device)
-        self.mean = torch.tensor(p.mean, dtype=torch.float32, device=device).view(-1, 1, 1)
-        self.std = torch.tensor(p.std, dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.normalise = Normalise(p.mean, p.std, device)
 
     def __call__(self, u8):
         o, s = self.offset, self.side
@@ -296,8 +292,7 @@ class CacheTransform:
                 x = nn.functional.interpolate(x, size=(self.size, self.size), mode=self.mode, antialias=True,
                                               align_corners=False)
             x = x.clamp_(0, 255).round_()
-        x = x.div(self.k255).sub_(self.mean).div_(self.std)      # ToTensor's and Normalize's arithmetic
-        return x.contiguous(memory_format=torch.channels_last)
+        return self.normalise(x).contiguous(memory_format=torch.channels_last)
 
 
 class _GroupInputs:
@@ -468,6 +463,7 @@ def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None):
         if any(done) and rank == 0:
             print(f"resuming {t.output.out}: {sum(done)} of {n_chunks} chunks already extracted")
     bs = cfg.batch_size
+    decode_info = {}
     work = []                                # (rows, chunk, pass ids); batches never straddle a chunk
     for c in sorted(set().union(*(t.missing for t in todo))):
         pids = sorted({t.pass_id for t in todo if c in t.missing})
@@ -501,10 +497,13 @@ def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None):
         finally:
             writer.close()
             bar.close()
+        if hasattr(feed, "report"):          # --decode gpu: how many images were decoded with PIL, and why
+            decode_info = feed.report()
     _barrier(world)
     if rank == 0:
         for t in todo:
-            store.merge_chunks(t.partial, t.output.out, n_chunks, t.key, t.output.info, extra_arrays)
+            store.merge_chunks(t.partial, t.output.out, n_chunks, t.key, {**t.output.info, **decode_info},
+                               extra_arrays)
             arrays, _ = store.read(t.output.out, verify=False)   # its digest was just computed
             print(f"{arrays['features'].shape[0]} x {arrays['features'].shape[1]} {cfg.dtype} features "
                   f"-> {t.output.out}")

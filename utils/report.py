@@ -68,11 +68,21 @@ def plot_curves(scored, path, title="Accuracy kept under sparsity"):
 COLUMNS = ("backbone", "weights", "layer", "dataset", "concept_type", "seeds", "standard_top1", "standard_lo",
            "standard_hi", "chance", "chance_level", "iis", "iis_std", "iis_lo", "iis_hi", "iis_cc", "iis_cc_lo",
            "iis_cc_hi")
+FLOOR_COLUMNS = ("floor", "floor_std", "lift", "lift_lo", "lift_hi", "lift_p")
 VERSUS = ("vs_next", "vs_next_diff", "vs_next_lo", "vs_next_hi", "vs_next_p")
 
 
 def _r(v, nd):
     return None if v is None else round(float(v), nd)
+
+
+def floor_columns(s):
+    """A scored run's floor columns: the random-concept floor IIS, its spread over draws, and the concept lift
+    (IIS - floor) with its paired interval and p-value (utils/floor.score); None where the run has no floor."""
+    f = s.get("floor") or {}
+    iv = f.get("lift_interval") or [None, None]
+    return {"floor": _r(f.get("iis"), 4), "floor_std": _r(f.get("iis_std"), 4), "lift": _r(f.get("lift"), 4),
+            "lift_lo": _r(iv[0], 4), "lift_hi": _r(iv[1], 4), "lift_p": _r(f.get("lift_p"), 4)}
 
 
 def table_rows(scored, comparisons=None):
@@ -96,6 +106,7 @@ def table_rows(scored, comparisons=None):
                "iis_cc": _r(s.get("iis_chance_corrected"), 4),
                "iis_cc_lo": _r(iv.get("iis_chance_corrected", [None])[0], 4),
                "iis_cc_hi": _r(iv.get("iis_chance_corrected", [None, None])[1], 4)}
+        row.update(floor_columns(s))
         row.update({f"top1@{r:g}": round(a, 2) for r, a in zip(s["ratios"], s["accuracies"])})
         if comparisons is not None:
             c = comparisons[i] if i < len(comparisons) else None
@@ -125,7 +136,7 @@ def _with_interval(v, lo, hi, std=None):
 def write_table(rows, md_path, csv_path, comparisons=None):
     """report.csv: every column of ``rows`` as numbers; report.md: the same values laid out for reading (value ±
     std over seeds [interval]), chance-level runs marked, then the paired verdicts between neighbouring rows."""
-    cols = list(COLUMNS) + [c for c in rows[0] if c not in COLUMNS and c not in VERSUS] + \
+    cols = list(COLUMNS) + list(FLOOR_COLUMNS) + [c for c in rows[0] if c not in COLUMNS + FLOOR_COLUMNS + VERSUS] + \
         [c for c in VERSUS if c in rows[0]]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
@@ -134,7 +145,8 @@ def write_table(rows, md_path, csv_path, comparisons=None):
     atomic_write_bytes(csv_path, buf.getvalue().encode())
     ratio_cols = [c for c in cols if c.startswith("top1@")]
     head = ["backbone", "weights", "layer", "dataset", "concept_type", "seeds", "standard top-1 [95 %]",
-            "IIS ± std over seeds [95 %]", "chance-corrected IIS [95 %]", "chance", "chance-level"] + ratio_cols
+            "IIS ± std over seeds [95 %]", "chance-corrected IIS [95 %]", "chance", "chance-level",
+            "floor ± std over draws", "concept lift [95 % paired]"] + ratio_cols
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         iis_cell = _with_interval(r["iis"], r["iis_lo"], r["iis_hi"], r["iis_std"])
@@ -142,7 +154,9 @@ def write_table(rows, md_path, csv_path, comparisons=None):
             iis_cell = f"**{iis_cell}** (chance-level)"
         cells = [r["backbone"], r["weights"], r["layer"], r["dataset"], r["concept_type"], r["seeds"],
                  _with_interval(r["standard_top1"], r["standard_lo"], r["standard_hi"]), iis_cell,
-                 _with_interval(r["iis_cc"], r["iis_cc_lo"], r["iis_cc_hi"]), r["chance"], r["chance_level"]]
+                 _with_interval(r["iis_cc"], r["iis_cc_lo"], r["iis_cc_hi"]), r["chance"], r["chance_level"],
+                 _with_interval(r.get("floor"), None, None, r.get("floor_std")),
+                 _with_interval(r.get("lift"), r.get("lift_lo"), r.get("lift_hi"))]
         md.append("| " + " | ".join(_cell(c) for c in cells + [r.get(c) for c in ratio_cols]) + " |")
     if comparisons:
         md += ["", "Paired comparisons of neighbouring rows (same val samples, same bootstrap resamples):", ""]

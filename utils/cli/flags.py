@@ -1,8 +1,10 @@
 """Every flag more than one script takes, defined once with its one default. A flag's name is the field of the typed
-config it fills (utils/cli.config): ExtractConfig, LibraryConfig, SweepConfig, FinetuneConfig."""
+config it fills (utils/cli.config): ExtractConfig, DecodeConfig, LibraryConfig, SweepConfig, FinetuneConfig."""
 import argparse
 import os
 
+from ..decode import DECODE_PATHS
+from ..floor import KINDS as FLOOR_KINDS, PROTOCOL_DRAWS
 from ..heads import SPARSITY_GRID
 from ..specs import POOLINGS
 from ..sweep import PROTOCOLS
@@ -81,6 +83,19 @@ def add_loader_args(parser):
     return g
 
 
+def add_decode_args(parser):
+    """How images are decoded (DecodeConfig): --decode, --decode_cache."""
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--decode", default="pil", choices=list(DECODE_PATHS),
+                   help="pil: decode and preprocess in loader workers, exactly the weights' transform; cache: a "
+                        "one-time resized uint8 copy of the split, cut and normalised on the device; gpu: JPEGs "
+                        "decoded (nvJPEG) and preprocessed on the GPU in batches, no copy (PIL for other files; PIL "
+                        "without CUDA). See docs/scale.md")
+    g.add_argument("--decode_cache", default=os.path.join("outputs", "decoded"),
+                   help="where --decode cache keeps its decoded copies (one keyed entry per split and size)")
+    return g
+
+
 def add_element_args(parser):
     """The element extractors' flags (LibraryConfig, plus --out_size)."""
     add_dataset_args(parser)
@@ -148,4 +163,18 @@ def add_training_args(parser):
                         "accumulation) is about 1.5x faster end to end on CPUs with AVX512-BF16/AMX; evaluation is "
                         "always float32 (on CUDA, float32 products run on TF32 tensor cores, in training and "
                         "evaluation alike)")
+    return g
+
+
+def add_floor_args(parser):
+    """The random-concept floor's flags (utils/floor.FloorConfig): --floor_draws, --floor_kind."""
+    g = parser.add_argument_group("random-concept floor (docs/validity.md)")
+    defaults = ", ".join(f"{n} under --protocol {p}" for p, n in sorted(PROTOCOL_DRAWS.items()))
+    g.add_argument("--floor_draws", type=int, default=None,
+                   help="also train heads whose concepts are this many draws of K random directions, so "
+                        "iis_computing.py reports the floor IIS and the concept lift = IIS - floor with a paired "
+                        f"interval; 0: none (default: {defaults})")
+    g.add_argument("--floor_kind", default="iso", choices=list(FLOOR_KINDS),
+                   help="iso: isotropic Gaussian directions in feature space (the same floor for every concept set); "
+                        "matched: Gaussian with the element embeddings' mean and covariance")
     return g
