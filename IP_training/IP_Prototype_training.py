@@ -88,7 +88,8 @@ def make_heads(args, cfg, emb, emb_labels, n_classes, grid):
     sets = [concept_set(args, emb, emb_labels, s) for s in cfg.seeds]
     vectors = torch.as_tensor(np.stack([v for v, _, _ in sets]))
     rows = np.stack([r for _, r, _ in sets])
-    common = dict(seed=[s for s, _, _ in grid], keep_rule=cfg.keep_rule, groups=sweep.groups_of(grid, cfg.seeds))
+    common = dict(seed=[s for s, _, _ in grid], keep_rule=cfg.keep_rule, groups=sweep.groups_of(grid, cfg.seeds),
+                  init=cfg.init)
     ratios = [r for _, r, _ in grid]
     if args.concept_type == "end2end":
         heads = End2EndConceptHeads(vectors, np.stack([e for _, _, e in sets]), n_classes, ratios, tau=args.tau,

@@ -23,7 +23,8 @@ from utils import cli, compat, store, sweep, validate
 from utils.cli import flags
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.heads import MaskedLinearHeads, with_ranks
+from utils.heads import MaskedLinearHeads
+from utils.masks import with_ranks
 from utils.text import Standardiser, clip_activations, fit_projection, top5_mean
 
 
@@ -104,7 +105,8 @@ def main(args):
     # the activations are fixed from here on, so each sample's concept ranks (its top-k masks) are computed once;
     # seeds change the heads' initialisation and batch order (the projection is fitted once, with the first seed)
     heads = MaskedLinearHeads(len(kept), len(classes), [r for _, r, _ in grid], [s for s, _, _ in grid], ranked=True,
-                              keep_rule=cfg.keep_rule, groups=sweep.groups_of(grid, cfg.seeds)).to(device)
+                              keep_rule=cfg.keep_rule, init=cfg.init,
+                              groups=sweep.groups_of(grid, cfg.seeds)).to(device)
     splits = sweep.make_splits(ytr, cfg.seeds, cfg.select_on, cfg.holdout_fraction)
     runs, probes, preds = sweep.train(cfg, heads, grid, (x_tr, y_tr, x_va, y_va),
                                       (with_ranks(z_tr), y_tr, with_ranks(z_va), y_va), len(classes), device, splits)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from bench.common import Rows, Timer, hardware, planted_features
-from utils.heads import SPARSITY_GRID, MaskedLinearHeads, fit, n_keep, topk_mask, with_ranks
+from utils.heads import SPARSITY_GRID, MaskedLinearHeads, fit
+from utils.masks import n_keep, topk_mask, with_ranks
 
 
 def prox_saga(x, y, xv, yv, n_classes, epochs, lr, lam=1e-5, alpha=0.99, batch_size=256, seed=0, tol=1e-4):

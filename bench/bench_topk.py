@@ -3,9 +3,11 @@
     python -m bench.bench_topk                    # CPU (and the GPU, when there is one)
 
 Candidates: torch.topk + scatter per head (small side: the k largest or the K - k smallest), one stable argsort
-turned into ranks for every head, one sort + threshold per row, NumPy's introselect (np.partition) + threshold per
-head, and utils.heads.topk_mask (what the sweep uses: np.partition on the CPU, ranks on a GPU). Every candidate must
-give the same mask as the stable sort on tie-free data (a permutation of 0..199 per row); prints ms per call of an (8, batch, 200) activation block.
+turned into ranks for every head, one torch sort + threshold per row, NumPy's introselect (np.partition) + threshold
+per head, NumPy's sort + threshold, and what the sweep uses: utils.masks.topk_mask (NumPy's sort on the CPU, over
+torch's threads) and utils.masks.torch_masks (its GPU path: one torch sort, thresholds, ties by a running count).
+Every candidate must give the same mask as the stable sort on tie-free data (a permutation of 0..199 per row); prints
+ms per call of an (8, batch, 200) activation block.
 """
 import argparse
 
@@ -13,7 +15,8 @@ import numpy as np
 import torch
 
 from bench.common import Timer, hardware
-from utils.heads import SPARSITY_GRID, n_keep, ranks, topk_mask
+from utils.heads import SPARSITY_GRID
+from utils.masks import n_keep, ranks, topk_mask, torch_masks
 
 
 def by_topk(m, keep):
@@ -46,6 +49,13 @@ def by_partition(m, keep):
                                       for h, k in enumerate(keep)])).to(m.device)
 
 
+def by_np_sort(m, keep):
+    a = m.cpu().numpy()
+    s = np.sort(a, axis=-1)
+    n = a.shape[-1]
+    return torch.from_numpy(np.stack([a[h] >= s[h][:, n - k:n - k + 1] for h, k in enumerate(keep)])).to(m.device)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[1024, 8192])
@@ -55,7 +65,9 @@ def main():
     keep = [n_keep(r, 200) for r in SPARSITY_GRID]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     methods = {"topk+scatter": by_topk, "argsort ranks": by_ranks, "sort+threshold": by_sort_threshold,
-               "np.partition": by_partition, "utils.heads.topk_mask": lambda m, k: topk_mask(m, k)}
+               "np.partition": by_partition, "np.sort": by_np_sort,
+               "utils.masks.topk_mask": lambda m, k: topk_mask(m, k),
+               "utils.masks.torch_masks": lambda m, k: torch_masks(m.abs(), k, "round")}
     for dev in devices:
         for b in args.batch:
             # a permutation per row: no ties, so every exact method must agree with the stable sort

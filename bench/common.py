@@ -38,13 +38,20 @@ class Timer:
     def __enter__(self):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.t = time.perf_counter()
+        self.t, self.c = time.perf_counter(), self._cpu()
         return self
 
     def __exit__(self, *exc):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.t
+        self.cpu = self._cpu() - self.c
+
+    @staticmethod
+    def _cpu():
+        """CPU seconds of this process and of its finished children (e.g. DataLoader workers, once joined)."""
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
 
 
 def planted_features(n_train, n_val, dim, n_classes, seed=0, noise=1.0):

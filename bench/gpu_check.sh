@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent GPU machine (python3 there holds torch, torchvision, timm, scikit-*).
 # Sections (all by default): topk (mask methods), heads / heads_bf16 / heads_seeds (the ImageNet-shaped sweep: fp32,
-# bf16 features, 3 seeds stacked), pipeline (the whole pipeline on CUDA, random resnet18 on a synthetic ImageFolder),
+# bf16 features, 3 seeds stacked), heads_profile (where the ImageNet-shaped sweep's time goes, by region and CUDA
+# kernel), heads_faithful (bench_heads' 20 000 x 2048 workload on CUDA against the original's loop: ratio and gaps),
+# pipeline (the whole pipeline on CUDA, random resnet18 on a synthetic ImageFolder),
 # finetune (bench/finetune_gpu.sh; carry data/finetune_gpu from its --prepare), extract (bench/extract_gpu.sh: 1 and
 # 14 backbones per pass, PIL path and decoded copy; carry .bench_photos). Output goes to $OUT.
 # issue21 (not in the default list): one time-boxed run of issue 21's measurements, most important first, each step
@@ -46,7 +48,7 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 quiet() { tr '\r' '\n' | grep -v -e 'epoch/s' -e 's/epoch' -e 'epoch]' -e 'img/s' -e 'it/s' -e '^$'; }
-sections=${*:-topk heads heads_bf16 heads_seeds pipeline finetune extract}
+sections=${*:-topk heads heads_bf16 heads_seeds heads_profile heads_faithful pipeline finetune extract}
 [ "$SMOKE" = 1 ] && [ $# = 0 ] && sections=issue21     # --smoke alone: the issue21 steps, tiny
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c "import os, torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
@@ -59,7 +61,7 @@ issue21() {
   local heads=(--imagenet --batch_size 8192) profile=(--device cuda --imagenet)
   if [ "$SMOKE" = 1 ]; then      # every step and file, on tiny sizes and small models; caps x3 for a loaded CPU
     n=32 syn=8 bs=16 workers=2 fb=2 cnn=resnet18 vit=mobilenet_v3_small slow=3 budget=${BUDGET:-900}
-    heads=(--n_train 4000 --n_val 1000 --n_classes 10 --epochs 2 --skip_baseline --precision float32)
+    heads=(--n_train 4000 --n_val 1000 --n_classes 10 --epochs 2 --baselines --precision float32)
     profile=(--help)
   fi
   export PYTHONPATH="$PWD/$ASSETS/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -108,6 +110,14 @@ heads_bf16)
 heads_seeds)
   timeout 150 "$PY" -m bench.bench_heads --imagenet --batch_size 8192 --seeds 3 2>&1 | quiet \
     | tee "$OUT/heads_imagenet_3seeds.txt" ;;
+heads_profile)
+  echo "== the ImageNet-shaped sweep by region and CUDA kernel (synchronised regions: the total exceeds 'heads')"
+  timeout 240 "$PY" -m bench.profile_sweep --device cuda --imagenet --md "$OUT/profile_sweep_imagenet.md" 2>&1 \
+    | quiet | tail -60 ;;
+heads_faithful)
+  echo "== the CPU bench's workload on CUDA: ours (fp32, bf16) vs the original's loop, 0 workers and our start"
+  timeout 300 "$PY" -m bench.bench_heads --baselines workers0 our_start 2>&1 | quiet \
+    | tee "$OUT/heads_faithful_cuda.txt" ;;
 pipeline)
   echo "== the pipeline on CUDA (random resnet18, synthetic ImageFolder, 2 seeds)"
   "$PY" -c "import sys; sys.path.insert(0, 'tests'); from conftest import make_image_folder; \

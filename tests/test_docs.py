@@ -21,7 +21,8 @@ import yaml
 
 from conftest import REPO
 from utils import compat
-from utils import data, heads, specs, sweep
+from utils import data, masks, specs, sweep
+from utils.heads import SPARSITY_GRID
 
 DOCS = os.path.join(REPO, "docs")
 PAGES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(DOCS, "*.md")))
@@ -251,6 +252,11 @@ def check_python_command(module, args):
 K_EXAMPLE = 200
 KEEP_RULE = {"round": "round((1 − s)·K), at least 1",
              "reference": "K − ⌊K·s⌋ − 1: every \\|a\\| strictly above the ⌊K·s⌋-th smallest"}
+INIT = {"uniform": "`uniform`: nn.Linear's default, weight and bias U(±1/√fan_in)",
+        "trunc_normal_0.02": "`trunc_normal_0.02`: the original's, weight N(0, 0.02²), bias 0"}
+THRESHOLD_GRADIENT = {"round": "none (a plain mask)",
+                      "reference": "the original's: an element at the threshold, though dropped, passes 0.5·\\|a\\| "
+                                   "times its gradient"}
 SELECTION = {"holdout": "a dev split held out of train (`--holdout_fraction`)", "val": "val, the split it reports"}
 STANDARD_PROBE = {"converged": "logistic regression on train-standardised features, solved to its optimum (L-BFGS, "
                             "float64), weight decay chosen where the epoch is ([below](#the-standard-probe))",
@@ -267,15 +273,17 @@ def protocol_table():
     """docs/protocols.md's table: what each protocol of utils/sweep.py PROTOCOLS fixes, and the flag that overrides."""
     names = list(sweep.PROTOCOLS)
     presets = [sweep.PROTOCOLS[n] for n in names]
-    assert all(set(p) == {"keep_rule", "lrs", "lr_decay", "batch_size", "select_on", "standard_probe"}
+    assert all(set(p) == {"keep_rule", "init", "lrs", "lr_decay", "batch_size", "select_on", "standard_probe"}
                for p in presets), \
         "PROTOCOLS gained or lost a setting: add its row to protocol_table() and to docs/protocols.md"
 
     def keep(p):
-        counts = heads.keep_counts(heads.SPARSITY_GRID, K_EXAMPLE, p["keep_rule"])
+        counts = masks.keep_counts(SPARSITY_GRID, K_EXAMPLE, p["keep_rule"])
         return f"{KEEP_RULE[p['keep_rule']]} ({', '.join(map(str, counts))})"
 
     rows = [("concepts kept at sparsity s, of K (K = 200 on the default grid)", keep, "—"),
+            ("gradient at the threshold", lambda p: THRESHOLD_GRADIENT[p["keep_rule"]], "—"),
+            ("initial weights", lambda p: INIT[p["init"]], "—"),
             ("lr grid (Adam)", lambda p: ", ".join(num(x) for x in p["lrs"]), "`--lrs`"),
             ("lr after every epoch", lambda p: "× 1 (constant)" if p["lr_decay"] == 1 else f"× {num(p['lr_decay'])}",
              "`--lr_decay`"),
@@ -319,6 +327,7 @@ def test_protocol_table_renders_the_presets():
     assert "| epoch and lr chosen on | a dev split held out of train (`--holdout_fraction`) | val, the split it " \
            "reports | `--select_on` |" in t
     assert "| standard probe (the IIS's denominator) | logistic regression on train-standardised" in t
+    assert "| initial weights | `uniform`: nn.Linear's default, weight and bias U(±1/√fan_in) | `trunc_normal_0.02`" in t
     for flag in ("--lrs", "--lr_decay", "--batch_size", "--select_on", "--holdout_fraction"):
         assert flag in python_flags("IP_training.IP_Prototype_training")
 

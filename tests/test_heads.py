@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.heads import SPARSITY_GRID, LinearProbes, SparseConceptHeads, evaluate, fit, n_keep, topk_mask
+from utils.heads import SPARSITY_GRID, LinearProbes, SparseConceptHeads, evaluate, fit
+from utils.masks import n_keep, topk_mask
 from utils.iis import iis
 
 
@@ -103,8 +104,92 @@ def test_mask_paths_agree_and_precomputed_ranks_give_the_same_heads():
     by_rank = torch.stack([topk_mask(a[h:h + 1], keep[h:h + 1])[0] for h in range(3)])   # one sort
     assert torch.equal(per_head, by_rank)
     assert per_head.sum(-1).tolist() == [[30] * 40, [16] * 40, [2] * 40]
-    from utils.heads import MaskedLinearHeads, with_ranks
+    from utils.heads import MaskedLinearHeads
+    from utils.masks import with_ranks
     x = torch.randn(50, 30)
     plain = MaskedLinearHeads(30, 4, [0.0, 0.5, 0.9], seed=1)
     ranked = MaskedLinearHeads(30, 4, [0.0, 0.5, 0.9], seed=1, ranked=True)
     torch.testing.assert_close(plain(x), ranked(with_ranks(x)))
+
+
+def _stable_topk(a, keep):
+    """The definition: per row, the ``keep`` largest |a| by a stable descending sort (ties: lower index)."""
+    order = a.abs().argsort(dim=-1, descending=True, stable=True)
+    return torch.stack([torch.zeros_like(a[h], dtype=torch.bool).scatter_(-1, order[h, :, :k], True)
+                        for h, k in enumerate(keep)])
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_cpu_and_device_mask_paths_give_the_definition(ties):
+    from utils.masks import keep_weights, n_keep_reference, torch_masks
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(-3, 4, (4, 300, 30), generator=g).float() if ties else torch.randn(4, 300, 30, generator=g)
+    keep = [30, 17, 3, 1]
+    truth = _stable_topk(a, keep)
+    assert torch.equal(topk_mask(a, keep), truth)                      # NumPy's sort on the CPU
+    assert torch.equal(torch_masks(a.abs(), keep, "round"), truth)     # what runs on a GPU, here on the CPU
+    assert torch.equal(keep_weights(a, keep), truth.float())           # the heads' 0/1 factor
+    # reference rule: strictly above the (K - k - 1)-th smallest |a|, so ties at the threshold all go
+    ref_keep = [n_keep_reference(r, 30) for r in (0.0, 0.5, 0.9, 0.99)]     # 29, 14, 2, 0
+    srt = a.abs().sort(-1).values
+    expected = torch.stack([a[h].abs() > srt[h, :, 29 - k:30 - k] if k else torch.zeros_like(a[h], dtype=torch.bool)
+                            for h, k in enumerate(ref_keep)])
+    assert torch.equal(topk_mask(a, ref_keep, "reference"), expected)
+    assert torch.equal(torch_masks(a.abs(), ref_keep, "reference"), expected)
+    if not ties:
+        assert expected.sum(-1)[:, 0].tolist() == ref_keep
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rule", ["round", "reference"])
+def test_heads_compute_what_autograd_of_the_plain_expression_computes(precision, rule):
+    """The heads' own forward/backward (one autograd Function) against autograd of affine -> mask -> linear (under
+    'reference' with the original's gradient at the threshold, utils.masks.masked): the same logits and the same
+    gradients, bit for bit, in float32 and under bf16 autocast."""
+    from utils.heads import matmul_precision
+    from utils.masks import masked
+    g = torch.Generator().manual_seed(4)
+    heads = SparseConceptHeads(torch.randn(2, 30, 12, generator=g), 6, [0.0, 0.5, 0.9] * 2, seed=[0, 0, 0, 1, 1, 1],
+                               keep_rule=rule, groups=[0, 0, 0, 1, 1, 1])
+    with torch.no_grad():
+        heads.ln_weight.add_(0.3 * torch.randn(heads.ln_weight.shape, generator=g))
+        heads.ln_bias.add_(0.3 * torch.randn(heads.ln_bias.shape, generator=g))
+    z = heads.scores(torch.relu(torch.randn(200, 12, generator=g)))
+    y = torch.randint(0, 6, (6, 200), generator=g)
+    params = [heads.ln_weight, heads.ln_bias, heads.weight, heads.bias]
+
+    def plain():
+        a = torch.addcmul(heads.ln_bias.unsqueeze(1), heads.per_head(z), heads.ln_weight.unsqueeze(1))
+        return torch.baddbmm(heads.bias.unsqueeze(1), masked(a, topk_mask(a, heads.keep_list, rule), rule),
+                             heads.weight)
+
+    def plain_mask():   # no gradient at the threshold: what 'reference' must differ from
+        a = torch.addcmul(heads.ln_bias.unsqueeze(1), heads.per_head(z), heads.ln_weight.unsqueeze(1))
+        return torch.baddbmm(heads.bias.unsqueeze(1), a * topk_mask(a, heads.keep_list, rule), heads.weight)
+
+    out = []
+    for forward in (plain, lambda: heads.on_scores()(z), plain_mask):
+        with matmul_precision("cpu", precision):
+            logits = forward()
+        loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y)
+        out.append((logits, torch.autograd.grad(loss, params)))
+    assert out[0][0].dtype == out[1][0].dtype and torch.equal(out[0][0], out[1][0])
+    for a, b in zip(out[0][1], out[1][1]):
+        assert torch.equal(a, b)
+    # the LayerNorm gain's gradient: the threshold's share is there under 'reference' only
+    assert torch.equal(out[1][1][0], out[2][1][0]) == (rule == "round")
+
+
+def test_held_out_selection_reports_val_of_the_kept_parameters():
+    """Under holdout selection val is evaluated once, after training: every val figure is that of the kept heads."""
+    from utils.heads import Split
+    x, y, concepts = planted(noise=1.5)
+    xv, yv, _ = planted(n_per_class=30, noise=1.5, seed=1)
+    dev = torch.arange(0, len(y), 5)
+    splits = [Split(torch.as_tensor(np.setdiff1d(np.arange(len(y)), dev.numpy())), dev, 0)]
+    heads = SparseConceptHeads(concepts, 5, [0.0, 0.9])
+    res = fit(heads, [0.05, 0.05], x, y, xv, yv, epochs=6, batch_size=32, splits=splits)
+    top1, top5, loss, pred = evaluate(heads, xv, yv)
+    assert np.array_equal(res["top1"], top1) and np.array_equal(res["top5"], top5)
+    assert np.array_equal(res["val_loss"], loss) and np.array_equal(res["pred"], pred)
+    assert np.array_equal(res["select_top1"], evaluate(heads, x, y, row_groups=[dev])[0])

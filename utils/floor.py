@@ -91,7 +91,7 @@ def train(cfg, fcfg, ratios, lrs, k, elements, n_classes, probe_data, splits, de
     vectors = np.stack([random_directions(fcfg.floor_kind, d, k, dim, elements) for d in draws])
     grid = [(d, paired_seed(cfg.seeds, d), r, lr) for d in draws for r in ratios for lr in lrs]
     heads = SparseConceptHeads(torch.as_tensor(vectors), n_classes, [r for _, _, r, _ in grid],
-                               seed=[s for _, s, _, _ in grid], keep_rule=cfg.keep_rule,
+                               seed=[s for _, s, _, _ in grid], keep_rule=cfg.keep_rule, init=cfg.init,
                                groups=[d for d, _, _, _ in grid]).to(device)
     data = (sweep.concept_scores(heads, probe_data[0], device), probe_data[1],
             sweep.concept_scores(heads, probe_data[2], device), probe_data[3])

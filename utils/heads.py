@@ -18,119 +18,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .masks import keep_counts, keep_weights, masked, threshold_factor
+
 SPARSITY_GRID = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.98)
-KEEP_RULES = ("round", "reference")
+INITS = ("uniform", "trunc_normal_0.02")
 
 
-def n_keep(ratio, n_concepts):
-    """Concepts a sample keeps at sparsity ``ratio``: round((1 - ratio) * K), at least one.
-
-    Rounding (not truncation) matters: (1 - 0.9) * 200 is 19.999999999999996 in floating point.
-    """
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"sparsity ratio must be in [0, 1), got {ratio}")
-    return max(1, int(round((1.0 - ratio) * n_concepts)))
-
-
-def n_keep_reference(ratio, n_concepts):
-    """What the original code keeps: every activation strictly above the floor(K * ratio)-th smallest, i.e.
-    K - floor(K * ratio) - 1 concepts (199, 179, 139, 99, 59, 19, 9, 3 of 200 on the grid)."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"sparsity ratio must be in [0, 1), got {ratio}")
-    return max(0, n_concepts - int(math.floor(n_concepts * ratio + 1e-9)) - 1)
-
-
-def keep_counts(ratios, n_concepts, rule="round"):
-    if rule not in KEEP_RULES:
-        raise ValueError(f"keep rule must be one of {KEEP_RULES}, not {rule!r}")
-    f = n_keep if rule == "round" else n_keep_reference
-    return [f(r, n_concepts) for r in ratios]
-
-
-def ranks(a):
-    """Rank of each entry of ``a`` within its row by absolute value, 0 = largest (ties: lower index first)."""
-    order = a.abs().argsort(dim=-1, descending=True, stable=True)
-    return torch.empty_like(order).scatter_(-1, order, torch.arange(a.shape[-1], device=a.device).expand_as(order))
-
-
-_POOL = {}
-
-
-def _np_mask(a, k, rule):
-    """One head's mask of rows ``a`` (N, K), by absolute value."""
-    a = np.abs(a)
-    k_all = a.shape[-1]
-    if k >= k_all or k <= 0:
-        return np.full(a.shape, k > 0)
-    if rule == "reference":   # strictly above the (K - k - 1)-th smallest, as the original thresholds
-        j = k_all - k - 1
-        return a > np.partition(a, j, axis=-1)[:, j:j + 1]
-    j = k_all - k             # at or above the k-th largest: exactly k per row unless values tie there
-    m = a >= np.partition(a, j, axis=-1)[:, j:j + 1]
-    for r in np.flatnonzero(m.sum(1) != k):   # ties: keep the lower indices, as a stable sort would
-        m[r] = False
-        m[r, np.argsort(-a[r], kind="stable")[:k]] = True
-    return m
-
-
-def _np_masks(a, keep, rule):
-    """CPU masks with NumPy's introselect (np.partition): for K = 200 several times faster per row than torch.topk or
-    a sort (bench/bench_topk.py). NumPy releases the GIL while it partitions, so large blocks are split over torch's
-    number of threads (heads x row blocks); each piece is computed alone, so the result is the same for any count."""
-    threads = torch.get_num_threads()
-    n = a.shape[1]
-    step = max(1024, -(-n * len(keep) // threads))   # rows per piece: threads pieces in all, none tiny
-    pieces = [(h, i) for h in range(len(keep)) for i in range(0, n, step)]
-    if threads == 1 or len(pieces) == 1:
-        return torch.from_numpy(np.stack([_np_mask(a[h], k, rule) for h, k in enumerate(keep)]))
-    if threads not in _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="topk")
-    out = np.empty(a.shape, dtype=bool)
-
-    def work(piece):
-        h, i = piece
-        out[h, i:i + step] = _np_mask(a[h, i:i + step], keep[h], rule)
-    list(_POOL[threads].map(work, pieces))
-    return torch.from_numpy(out)
-
-
-def topk_mask(a, keep, rule="round"):
-    """Boolean mask of the activations each row keeps, by absolute value.
-
-    ``a`` is (N, K) with an int ``keep``, or (H, N, K) with H ints (one per head). rule 'round': exactly ``keep`` per
-    row, the largest (ties broken towards the lower index, as a stable sort would); rule 'reference': the original
-    code's strict threshold, every |a| above the (K - keep - 1)-th smallest, which keeps ``keep`` per row unless
-    values tie at the threshold.
-    """
-    if isinstance(keep, int):
-        return topk_mask(a.unsqueeze(0), [keep], rule)[0]
-    keep = [int(k) for k in keep]
-    with torch.no_grad():
-        if a.device.type == "cpu":
-            return _np_masks(a.detach().float().numpy(), keep, rule)
-        mags = a.detach().abs().float()
-        if rule == "reference":   # one batched sort gives every head's threshold, no host synchronisation
-            j = torch.as_tensor([min(mags.shape[-1] - 1, mags.shape[-1] - k - 1) for k in keep], device=a.device)
-            return mags > mags.sort(dim=-1).values.gather(-1, j.view(-1, 1, 1).expand(-1, mags.shape[1], 1))
-        return ranks(mags) < torch.as_tensor(keep, device=a.device).view(-1, 1, 1)
-
-
-def with_ranks(a):
-    """Fixed activations (N, K) with their per-row ranks appended, (N, 2K): the input :class:`MaskedLinearHeads`
-    takes with ``ranked=True``, so masks are computed once for the whole dataset instead of at every step."""
-    return torch.cat([a.float(), ranks(a).float()], dim=1)
-
-
-def _init_linear(n_in, n_out, seeds):
+def _init_linear(n_in, n_out, seeds, init="uniform"):
     """Initial weights per head from that head's seed: heads of one seed start equal (so a head's result does not
-    depend on its place in the sweep), and a seed starts the same whatever else is in the sweep."""
+    depend on its place in the sweep), and a seed starts the same whatever else is in the sweep.
+
+    ``init`` 'uniform': nn.Linear's default, weight and bias U(+-1/sqrt(n_in)); 'trunc_normal_0.02': the original
+    code's (timm's trunc_normal_ on every nn.Linear), weight N(0, 0.02^2) truncated at +-2 (an absolute bound, so in
+    effect none) and bias 0, so that ``--protocol reference`` starts from the original's distribution."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, not {init!r}")
     bound = 1.0 / math.sqrt(n_in)
     w, b = torch.empty(len(seeds), n_in, n_out), torch.empty(len(seeds), n_out)
     for s in sorted(set(seeds)):
         g = torch.Generator().manual_seed(int(s))
-        ws = (torch.rand(n_in, n_out, generator=g) * 2 - 1) * bound
-        bs = (torch.rand(n_out, generator=g) * 2 - 1) * bound
+        if init == "uniform":
+            ws = (torch.rand(n_in, n_out, generator=g) * 2 - 1) * bound
+            bs = (torch.rand(n_out, generator=g) * 2 - 1) * bound
+        else:
+            ws = nn.init.trunc_normal_(torch.empty(n_in, n_out), std=0.02, generator=g)
+            bs = torch.zeros(n_out)
         for h, sh in enumerate(seeds):
             if sh == s:
                 w[h], b[h] = ws, bs
@@ -164,12 +76,13 @@ class MaskedLinearHeads(_Grouped):
     (k from the head's sparsity ratio), the rest are zeroed. The text path feeds standardised activations here, with
     ``ranked=True`` and inputs from :func:`with_ranks`, since its activations never change during training."""
 
-    def __init__(self, n_concepts, n_classes, ratios, seed=0, ranked=False, keep_rule="round", groups=None):
+    def __init__(self, n_concepts, n_classes, ratios, seed=0, ranked=False, keep_rule="round", groups=None,
+                 init="uniform"):
         super().__init__()
         self.keep_rule = keep_rule
         self.keep_list = keep_counts(ratios, n_concepts, keep_rule)
         self.register_buffer("keep", torch.tensor(self.keep_list))
-        self.weight, self.bias = _init_linear(n_concepts, n_classes, _head_seeds(seed, len(ratios)))
+        self.weight, self.bias = _init_linear(n_concepts, n_classes, _head_seeds(seed, len(ratios)), init)
         self._set_groups(len(ratios), groups)
         self.ranked = ranked
 
@@ -183,13 +96,71 @@ class MaskedLinearHeads(_Grouped):
             k = self.weight.shape[1]
             x = x if x.ndim == 3 else x.unsqueeze(0)
             a, r = self.per_head(x[..., :k]), self.per_head(x[..., k:])
-            return a.float() * (r < self.keep[:, None, None])
+            return a.float() * (r < self.keep[:, None, None]).float()
         a = self.activations(x)
         a = a if a.shape[0] == len(self.keep_list) else self.per_head(a)
-        return a * topk_mask(a, self.keep_list, self.keep_rule)
+        return masked(a, keep_weights(a, self.keep_list, self.keep_rule), self.keep_rule)
 
     def forward(self, x):
         return torch.baddbmm(self.bias.unsqueeze(1), self.masked_activations(x), self.weight)
+
+
+def _autocast_dtype(device):
+    """The dtype torch.autocast computes products in on ``device`` now, or None when it is off."""
+    kind = device.type
+    try:
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    except (AttributeError, TypeError):   # torch < 2.4
+        if kind == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+class _SparseLinear(torch.autograd.Function):
+    """Logits bias + (a * keep) @ weight of H heads, a = z * gain + shift (each head's LayerNorm affine), keep = the
+    0/1 top-k weights of a (:func:`keep_weights`).
+
+    The arithmetic is autograd's of that expression, op for op and in the same precision (under autocast: the
+    products in its dtype, the rest float32), so the results are the same bits (a test checks it); what goes is what
+    autograd adds around it: the broadcast z materialised (z * 1) for the gain's gradient, a * keep as a new tensor,
+    a graph of eight nodes. Under the 'reference' rule the activations' gradient is the original's, as
+    :func:`utils.masks.masked` gives it (0.5 |a| at the threshold). Inputs: z (H, B, K) (an expanded view is fine),
+    gain and shift (H, K), weight (H, K, C), bias (H, C).
+    """
+
+    @staticmethod
+    def forward(ctx, z, gain, shift, weight, bias, keep, rule):
+        a = torch.addcmul(shift.unsqueeze(1), z, gain.unsqueeze(1))
+        w = keep_weights(a, keep, rule)
+        back = w                                # what the activations' gradient is multiplied by
+        if rule == "reference" and any(ctx.needs_input_grad[:3]):
+            back = threshold_factor(a, w)
+        am = a.mul_(w)                          # a itself is not needed again
+        cast = _autocast_dtype(am.device)
+        if cast is not None:                    # what autocast would hand the batched product
+            am, weight, bias = am.to(cast), weight.to(cast), bias.to(cast)
+        ctx.save_for_backward(z, gain, back, am, weight)
+        return torch.baddbmm(bias.unsqueeze(1), am, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, gain, back, am, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g = g.to(am.dtype)
+        dz = d_gain = d_shift = d_weight = d_bias = None
+        if need[3]:
+            d_weight = am.transpose(1, 2).bmm(g).float()
+        if need[4]:
+            d_bias = g.sum(1).float()
+        if need[0] or need[1] or need[2]:
+            da = g.bmm(weight.transpose(1, 2)).float().mul_(back)
+            if need[2]:
+                d_shift = da.sum(1)
+            if need[1]:
+                d_gain = (da * z).sum(1)
+            if need[0]:
+                dz = da * gain.unsqueeze(1)
+        return dz, d_gain, d_shift, d_weight, d_bias, None, None
 
 
 class SparseHeads(MaskedLinearHeads):
@@ -198,8 +169,8 @@ class SparseHeads(MaskedLinearHeads):
     Subclasses say where the concepts come from (:meth:`concept_matrix`).
     """
 
-    def __init__(self, n_concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None):
-        super().__init__(n_concepts, n_classes, ratios, seed, keep_rule=keep_rule, groups=groups)
+    def __init__(self, n_concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None, init="uniform"):
+        super().__init__(n_concepts, n_classes, ratios, seed, keep_rule=keep_rule, groups=groups, init=init)
         self.ln_weight = nn.Parameter(torch.ones(len(ratios), n_concepts))
         self.ln_bias = nn.Parameter(torch.zeros(len(ratios), n_concepts))
 
@@ -211,8 +182,21 @@ class SparseHeads(MaskedLinearHeads):
         """Each head's LayerNorm gain and bias on normalised scores z (H or 1, N, K)."""
         return torch.addcmul(self.ln_bias.unsqueeze(1), z, self.ln_weight.unsqueeze(1))   # one pass, not two
 
+    def sparse_logits(self, z):
+        """Logits (H, B, C) from normalised scores z (H, B, K), or (G or 1, B, K) that :meth:`per_head` spreads."""
+        z = z if z.shape[0] == len(self.keep_list) else self.per_head(z)
+        return _SparseLinear.apply(z, self.ln_weight, self.ln_bias, self.weight, self.bias, self.keep_list,
+                                   self.keep_rule)
+
+    def forward(self, x):
+        return self.sparse_logits(self.normalised(x))
+
     def activations(self, x):
         """(H, N, K) concept activations after each head's LayerNorm, before masking."""
+        return self.affine(self.normalised(x))
+
+    def normalised(self, x):
+        """(H or 1, N, K) LayerNorm(x . unit concepts) without the affine part."""
         c, x = self.concept_matrix(), x.float()
         shared = x.ndim == 2 or x.shape[0] == 1   # one input for every head: one GEMM, not a batch of H
         if c.ndim == 3 and shared:
@@ -223,7 +207,7 @@ class SparseHeads(MaskedLinearHeads):
             s = self.per_head(x) @ c.T
         else:
             s = (x.reshape(-1, x.shape[-1]) @ c.T).unsqueeze(0)
-        return self.affine(F.layer_norm(s, s.shape[-1:]))
+        return F.layer_norm(s, s.shape[-1:])
 
 
 class SparseConceptHeads(SparseHeads):
@@ -242,8 +226,8 @@ class SparseConceptHeads(SparseHeads):
     groups : (H,) group of each head (default: all 0)
     """
 
-    def __init__(self, concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None):
-        super().__init__(concepts.shape[-2], n_classes, ratios, seed, keep_rule, groups)
+    def __init__(self, concepts, n_classes, ratios, seed=0, keep_rule="round", groups=None, init="uniform"):
+        super().__init__(concepts.shape[-2], n_classes, ratios, seed, keep_rule, groups, init)
         c = concepts.float() if concepts.ndim == 3 else concepts.float().unsqueeze(0)
         self.register_buffer("concepts", F.normalize(c, dim=-1))
 
@@ -261,8 +245,7 @@ class SparseConceptHeads(SparseHeads):
 
     def forward_scores(self, z):
         """Logits (H, B, C) from normalised scores z (G or 1, B, K)."""
-        a = self.affine(self.per_head(z.float()))
-        return torch.baddbmm(self.bias.unsqueeze(1), a * topk_mask(a, self.keep_list, self.keep_rule), self.weight)
+        return self.sparse_logits(self.per_head(z.float()))
 
     def on_scores(self):
         return _OnScores(self)
@@ -304,10 +287,10 @@ class End2EndConceptHeads(SparseHeads):
     """
 
     def __init__(self, elements, seeds, n_classes, ratios, seed=0, tau=0.1, gain=5.0, keep_rule="round",
-                 groups=None):
+                 groups=None, init="uniform"):
         seeds = torch.as_tensor(np.asarray(seeds))
         seeds = seeds if seeds.ndim == 2 else seeds.unsqueeze(0)
-        super().__init__(seeds.shape[1], n_classes, ratios, seed, keep_rule, groups)
+        super().__init__(seeds.shape[1], n_classes, ratios, seed, keep_rule, groups, init)
         e = elements.float() if elements.ndim == 3 else elements.float().unsqueeze(0)
         self.register_buffer("elements", e)
         self.tau = tau
@@ -335,9 +318,9 @@ class End2EndConceptHeads(SparseHeads):
 class LinearProbes(_Grouped):
     """H plain linear classifiers on the raw features (the standard accuracy)."""
 
-    def __init__(self, dim, n_classes, n_heads, seed=0, groups=None):
+    def __init__(self, dim, n_classes, n_heads, seed=0, groups=None, init="uniform"):
         super().__init__()
-        self.weight, self.bias = _init_linear(dim, n_classes, _head_seeds(seed, n_heads))
+        self.weight, self.bias = _init_linear(dim, n_classes, _head_seeds(seed, n_heads), init)
         self._set_groups(n_heads, groups)
 
     def forward(self, x):
@@ -359,29 +342,44 @@ class _Adam:
 
     @torch.no_grad()
     def step(self, grads, active=None):
+        """p -= lr * (m / c1) / (sqrt(v / c2) + eps), every parameter at once: torch's _foreach_ ops are a few kernels
+        in all on a GPU instead of a dozen per parameter, and on the CPU the same per-tensor operations (same bits)."""
         self.t += 1
         b1, b2 = self.betas
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            shape = (-1,) + (1,) * (p.ndim - 1)
-            lr = self.lrs.view(shape)
-            if active is not None:   # a stopped head's NaN gradient never enters its moments, and its lr is 0
-                on = active.view(shape)
-                g = torch.where(on, g, 0.0)
-                lr = lr * on
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            if self.wd:
-                p.mul_(1 - lr * self.wd)
-            p.sub_(lr * (m / c1) / ((v / c2).sqrt() + self.eps))
+        # a stopped head's NaN gradient never enters its moments, and its lr is 0; on the CPU, with every head
+        # running, masking changes nothing and is skipped (asking on a GPU would wait for it)
+        if active is not None and active.device.type == "cpu" and bool(active.all()):
+            active = None
+        shapes = [(-1,) + (1,) * (p.ndim - 1) for p in self.params]
+        lrs, grads = [self.lrs.view(s) for s in shapes], list(grads)
+        if active is not None:
+            on = [active.view(s) for s in shapes]
+            grads = [torch.where(o, g, 0.0) for o, g in zip(on, grads)]
+            lrs = [lr * o for lr, o in zip(lrs, on)]
+        torch._foreach_mul_(self.m, b1)
+        torch._foreach_add_(self.m, grads, alpha=1 - b1)
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
+        if self.wd:
+            torch._foreach_mul_(self.params, [1 - lr * self.wd for lr in lrs])
+        denom = torch._foreach_div(self.v, c2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, self.eps)
+        step = torch._foreach_div(self.m, c1)
+        torch._foreach_mul_(step, lrs)                    # lr * (m / c1): one lr per head, broadcast
+        torch._foreach_addcdiv_(self.params, step, denom, value=-1.0)
 
 
 def rows(x, idx, device):
-    """Rows ``idx`` (sorted 1-D tensor) of features held as a tensor (resident) or a NumPy memory map (streamed),
-    on ``device`` as float32."""
+    """Rows ``idx`` (a sorted 1-D index tensor, or a slice) of features held as a tensor (resident) or a NumPy memory
+    map (streamed), on ``device`` as float32. index_select, not x[idx]: the same copy, several times faster."""
     if torch.is_tensor(x):
-        return x[idx.to(x.device)].to(device, non_blocking=True).float()
-    return torch.from_numpy(np.asarray(x[idx.cpu().numpy()], dtype=np.float32)).to(device, non_blocking=True)
+        part = x[idx] if isinstance(idx, slice) else x.index_select(0, idx.to(x.device))
+        return part.to(device, non_blocking=True).float()
+    part = np.array(x[idx], dtype=np.float32) if isinstance(idx, slice) else \
+        np.asarray(x[idx.cpu().numpy()], dtype=np.float32)
+    return torch.from_numpy(part).to(device, non_blocking=True)
 
 
 def _device_of(module):
@@ -398,15 +396,18 @@ class Split:
 
 
 def gather(x, idx, device):
-    """The input of a batch: ``idx`` is one index tensor (the same rows for every group: (1, B, F)) or a list of G
-    (G, B, F). ``x`` is (N, F) shared by the groups (tensor or memory map) or a (G, N, F) tensor, one per group."""
+    """The input of a batch: ``idx`` is one index tensor or slice (the same rows for every group: (1, B, F)) or a
+    list of G index tensors (G, B, F). ``x`` is (N, F) shared by the groups (tensor or memory map) or a (G, N, F)
+    tensor, one per group."""
     per_group = torch.is_tensor(x) and x.ndim == 3
-    if torch.is_tensor(idx):
+    if torch.is_tensor(idx) or isinstance(idx, slice):
         if per_group:
-            return x[:, idx.to(x.device)].to(device, non_blocking=True).float()
+            part = x[:, idx] if isinstance(idx, slice) else x.index_select(1, idx.to(x.device))
+            return part.to(device, non_blocking=True).float()
         return rows(x, idx, device).unsqueeze(0)
     if per_group:
-        return torch.stack([x[g, i.to(x.device)] for g, i in enumerate(idx)]).to(device, non_blocking=True).float()
+        return torch.stack([x[g].index_select(0, i.to(x.device)) for g, i in enumerate(idx)]).to(
+            device, non_blocking=True).float()
     if len(idx) == 1:
         return rows(x, idx[0], device).unsqueeze(0)
     return torch.stack([rows(x, i, device) for i in idx])
@@ -431,18 +432,20 @@ def evaluate(module, x, y, chunk=4096, row_groups=None):
     """
     device = _device_of(module)
     n = len(y) if row_groups is None else len(row_groups[0])
+    if row_groups is not None and torch.is_tensor(x):   # to x's device once, not once per chunk
+        row_groups = [r.to(x.device) for r in row_groups]
     was_training = module.training
     module.eval()
     top1 = top5 = loss = 0
     preds = []
     for i in range(0, n, chunk):
-        if row_groups is None:
-            idx = torch.arange(i, min(i + chunk, n))
-            inp, yy = gather(x, idx, device), y[idx.to(y.device)].to(device).unsqueeze(0)
+        if row_groups is None:   # consecutive rows: views, no copies
+            idx = slice(i, min(i + chunk, n))
+            inp, yy = gather(x, idx, device), y[idx].to(device).unsqueeze(0)
         else:
             idx = [r[i:i + chunk] for r in row_groups]
             inp = gather(x, idx, device)
-            yy = torch.stack([y[r.to(y.device)] for r in idx]).to(device)
+            yy = torch.stack([y.index_select(0, r.to(y.device)) for r in idx]).to(device)
         logits = module(inp).float()
         yy = yy.expand(len(logits), -1) if len(yy) == 1 else yy[module.groups]
         h, b, c = logits.shape
@@ -481,9 +484,10 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
         otherwise by val top-1, as linear-probe evaluations customarily report.
 
     Each batch's rows are taken in sorted order (reads from a memory map stay sequential-ish; the loss is a mean, so
-    the order inside a batch does not matter). A head whose training loss becomes NaN/Inf stops there: it is no longer
-    updated, the epoch it happened in is recorded in ``diverged``, and it keeps its best earlier epoch (``epoch`` 0 and
-    NaN accuracies when there was none).
+    the order inside a batch does not matter). A head whose training loss, or its loss on the rows that choose its
+    epoch (dev, else val), becomes NaN/Inf stops there: it is no longer updated, the epoch it happened in is recorded
+    in ``diverged``, and it keeps its best earlier epoch (``epoch`` 0 and NaN accuracies when there was none). With
+    dev rows, val is evaluated once, after training, on each head's kept parameters.
 
     Returns a dict of per-head arrays: top1, top5, select_top1, epoch (1-based, the one kept), train_loss, val_loss,
     diverged (0 = never), pred (H, N_val) predicted classes at the kept epoch (-1 where none).
@@ -519,7 +523,8 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
         for i in range(0, n_train, batch_size):
             idx = [p[i:i + batch_size].sort().values for p in perms]
             inp = gather(x_train, idx if len(idx) > 1 else idx[0], device)
-            yb = torch.stack([y_train[j.to(y_train.device)] for j in idx]).to(device)
+            yb = torch.stack([y_train.index_select(0, j.to(y_train.device)) for j in idx]).to(device) if len(idx) > 1 \
+                else y_train.index_select(0, idx[0].to(y_train.device)).to(device).unsqueeze(0)
             with matmul_precision(device, precision):
                 logits = module(inp)
             h, b, c = logits.shape
@@ -528,30 +533,42 @@ def fit(module, lrs, x_train, y_train, x_val, y_val, epochs=30, batch_size=256, 
             loss = loss.mean(1)
             finite = torch.isfinite(loss)
             alive &= finite
-            opt.step(torch.autograd.grad(torch.where(finite, loss, 0.0).sum(), params), alive)
-            loss_sum += torch.where(finite, loss.detach(), 0.0).double() * b
-        top1, top5, vloss, pred = evaluate(module, x_val, y_val)
-        sel = top1
-        if holdout:
-            sel = evaluate(module, x_train, y_train, row_groups=[s.dev for s in splits])[0]
-        ok = alive.cpu().numpy() & np.isfinite(vloss)
+            loss = torch.where(finite, loss, 0.0)
+            opt.step(torch.autograd.grad(loss.sum(), params), alive)
+            loss_sum.add_(loss.detach(), alpha=b)   # in float64: the product is exact, as loss.double() * b
+        if holdout:   # the dev rows choose; val is evaluated once, at the end, from the kept parameters
+            sel, _, sel_loss, _ = evaluate(module, x_train, y_train, row_groups=[s.dev for s in splits])
+        else:
+            top1, top5, vloss, pred = evaluate(module, x_val, y_val)
+            sel, sel_loss = top1, vloss
+        ok = alive.cpu().numpy() & np.isfinite(sel_loss)
         newly = (diverged == 0) & ~ok
         diverged[newly] = epoch
         alive &= torch.as_tensor(ok, device=device)
         better = ok & (sel > best["select_top1"])
-        for k, v in (("top1", top1), ("top5", top5), ("select_top1", sel), ("val_loss", vloss),
-                     ("train_loss", (loss_sum / n_train).cpu().numpy()), ("epoch", np.full(n_heads, epoch))):
+        fields = [("select_top1", sel), ("train_loss", (loss_sum / n_train).cpu().numpy()),
+                  ("epoch", np.full(n_heads, epoch))]
+        if not holdout:
+            fields += [("top1", top1), ("top5", top5), ("val_loss", vloss)]
+            best["pred"][better] = pred[better]
+        for k, v in fields:
             best[k][better] = v[better]
-        best["pred"][better] = pred[better]
         mask = torch.as_tensor(better, device=device)
         for p, bp in zip(params, best_params):
             bp[mask] = p.detach()[mask]
         opt.lrs.mul_(lr_decay)
-        bar.set_postfix(best_top1=f"{np.nanmax(best['top1']) if np.isfinite(best['top1']).any() else 0:.1f}",
+        chosen = best["select_top1"][np.isfinite(best["select_top1"])]
+        bar.set_postfix({"best_dev" if holdout else "best_top1": f"{chosen.max() if len(chosen) else 0:.1f}"},
                         refresh=False)
     with torch.no_grad():
         for p, bp in zip(params, best_params):
             p.copy_(bp)
+    if holdout:   # the same evaluation as at the chosen epoch, on the same parameters: the same numbers
+        kept = best["epoch"] > 0
+        top1, top5, vloss, pred = evaluate(module, x_val, y_val)
+        for k, v in (("top1", top1), ("top5", top5), ("val_loss", vloss)):
+            best[k][kept] = v[kept]
+        best["pred"][kept] = pred[kept]
     best["select_top1"][best["epoch"] == 0] = np.nan
     best["epoch"] = best["epoch"].astype(np.int64)
     best["diverged"] = diverged

@@ -17,14 +17,15 @@ RESULTS_SCHEMA = "iis.results/2"
 FILES = ("heads.pt", "predictions.npz")     # what results.json's manifest covers
 
 # What each protocol fixes unless a flag says otherwise. "iis" is this project's; "reference" is the original code's
-# (its keep rule, ExponentialLR(0.99) per epoch, batch 1024 and its single lr), for comparing with numbers it made.
+# (its keep rule, its trunc_normal(0.02) / zero-bias init of every linear layer, ExponentialLR(0.99) per epoch, batch
+# 1024 and its single lr), for comparing with numbers it made. keep_rule and init have no flag of their own.
 # The standard probe: "converged" is utils/probe.py's (standardised features, solved to its optimum), "adam" the
 # original's (trained like the concept heads, with the same lrs, epochs and batch).
 PROTOCOLS = {
     "iis": dict(batch_size=256, lrs=[1e-3, 1e-2], lr_decay=1.0, keep_rule="round", select_on="holdout",
-                standard_probe="converged"),
+                init="uniform", standard_probe="converged"),
     "reference": dict(batch_size=1024, lrs=[1e-2], lr_decay=0.99, keep_rule="reference", select_on="val",
-                      standard_probe="adam"),
+                      init="trunc_normal_0.02", standard_probe="adam"),
 }
 
 
@@ -49,6 +50,10 @@ class SweepConfig:
     @property
     def keep_rule(self):
         return PROTOCOLS[self.protocol]["keep_rule"]
+
+    @property
+    def init(self):
+        return PROTOCOLS[self.protocol]["init"]
 
 
 def resolve_protocol(cfg):
@@ -82,7 +87,7 @@ def groups_of(grid, seeds):
 
 def training_key(cfg, **inputs):
     """What determines a run's results: the resolved ``cfg`` and the keys of its inputs."""
-    return dict(schema=RESULTS_SCHEMA, protocol=cfg.protocol, keep_rule=cfg.keep_rule,
+    return dict(schema=RESULTS_SCHEMA, protocol=cfg.protocol, keep_rule=cfg.keep_rule, init=cfg.init,
                 ratios=sorted(set(cfg.ratios)), lrs=sorted(set(cfg.lrs)), epochs=cfg.epochs,
                 feature_dtype=cfg.feature_dtype, batch_size=cfg.batch_size, lr_decay=cfg.lr_decay,
                 weight_decay=cfg.weight_decay, precision=cfg.precision, seeds=cfg.seeds, select_on=cfg.select_on,
@@ -199,7 +204,7 @@ def train(cfg, module, grid, probe_data, head_data, n_classes, device, splits):
         std_grid = [(s.seed, None) for s in splits]
     else:
         probes = LinearProbes(probe_data[0].shape[1], n_classes, len(std_grid), [s for s, _ in std_grid],
-                              groups_of(std_grid, seeds)).to(device)
+                              groups_of(std_grid, seeds), init=cfg.init).to(device)
         std = fit(probes, [lr for _, lr in std_grid], *probe_data, desc="standard probe", **common)
     con = fit(module, [lr for _, _, lr in grid], *head_data, desc="concept heads", **common)
     keep = getattr(module, "heads", module).keep_list

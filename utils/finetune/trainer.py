@@ -41,7 +41,8 @@ from ..data import ElementImages, get_source, subset_indices, subset_key
 from ..device import resolve_device
 from ..errors import UserError
 from ..fileio import atomic_torch_save, atomic_write_bytes, atomic_write_json, file_digest, key_hash, read_json
-from ..heads import LinearProbes, n_keep
+from ..heads import LinearProbes
+from ..masks import n_keep
 from ..library import read_index
 from ..specs import load_spec, weights_id
 from .augment import AUG_RATIO, AUG_SCALE, AugmentedImages, batches, eval_images, loader
