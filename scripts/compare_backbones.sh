@@ -32,15 +32,15 @@ while [ $# -gt 0 ]; do
 done
 # every folder from the one naming rule (utils/layout.py, scripts/layout.py), as run_pipeline.sh names them
 ask_layout() {  # ask_layout MODEL LAYER: sets L_<name> from scripts/layout.py (flags not given: its defaults)
-  local k v f given=()
+  local k v f lay given=()
   for f in weights train_size val_size images_per_class library n_concepts epochs lrs seeds protocol select_on \
       clip_cutoff interpretability_cutoff clip_model clip_pretrained; do
     v=$(flag "$f"); if [ -n "$v" ]; then given+=("--$f" "$v"); fi
   done
-  while IFS='=' read -r k v; do printf -v "L_$k" '%s' "$v"; done < <("$PY" scripts/layout.py --out "$out" \
+  lay=$("$PY" scripts/layout.py --out "$out" \
     --dataset "$dataset" --model "$1" --layer "$2" --elements "$elements" --element_seed "$element_seed" \
     --concept_types "$concept_types" "${given[@]}")
-  [ -n "${L_runs:-}" ] || exit 2   # scripts/layout.py said why
+  while IFS='=' read -r k v; do printf -v "L_$k" '%s' "$v"; done <<< "$lay"
 }
 
 # Dataset features first, one pass per split for every model/layer at once (each image decoded once, each backbone run

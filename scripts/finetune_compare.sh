@@ -55,8 +55,8 @@ bb=(--model_config "$model_config")
 start_weights=(); [ -n "$weights" ] && start_weights=(--weights "$weights")
 sizes=(--train_size "$train_size" --val_size "$val_size")
 ask_layout() {  # ask_layout OUT [--weights FILE]: sets L_<name> from the one naming rule (utils/layout.py)
-  local k v o=$1; shift
-  while IFS='=' read -r k v; do printf -v "L_$k" '%s' "$v"; done < <("$PY" scripts/layout.py --out "$o" \
+  local k v lay o=$1; shift
+  lay=$("$PY" scripts/layout.py --out "$o" \
     --library "$library" --dataset "$dataset" --model "${backbone:-$model_config}" --layer "$layer" "$@" \
     "${sizes[@]}" --elements "$elements" --images_per_class "$images_per_class" --concept_types "$concept_type" \
     --n_concepts "$n_concepts" --epochs "$score_epochs" --lrs "$score_lrs" --finetune "weights=$weights \
@@ -64,7 +64,7 @@ ask_layout() {  # ask_layout OUT [--weights FILE]: sets L_<name> from the one na
       train_layers=${train_layers// /,} refresh=$refresh epochs=$epochs lr=$lr head_lr=$head_lr \
       weight_decay=$weight_decay batch_size=$batch_size cache_views=$cache_views score_epochs=$score_epochs \
       score_lrs=${score_lrs// /,} elements=$elements images_per_class=$images_per_class")
-  [ -n "${L_runs:-}" ] || exit 2   # scripts/layout.py said why
+  while IFS='=' read -r k v; do printf -v "L_$k" '%s' "$v"; done <<< "$lay"
 }
 ask_layout "$out" "${start_weights[@]}"
 base=$L_finetune   # every setting above in its name: another comparison never overwrites this one

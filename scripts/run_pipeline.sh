@@ -60,11 +60,11 @@ loader=(--device "$device")
 [ -n "$batch_size" ] && loader+=(--batch_size "$batch_size")
 
 # every folder from the one naming rule (utils/layout.py): dataset, subset sizes, backbone (+ weights), element set
-while IFS='=' read -r k v; do printf -v "L_$k" '%s' "$v"; done < <("$PY" scripts/layout.py --out "$out" \
+lay=$("$PY" scripts/layout.py --out "$out" \
   --library "$library" --dataset "$dataset" --model "${backbone:-$model_config}" --layer "$layer" --weights "$weights" \
   --train_size "$train_size" --val_size "$val_size" --elements "$elements" --images_per_class "$images_per_class" \
   --element_seed "$element_seed" --clip_model "$clip_model" --clip_pretrained "$clip_pretrained")
-[ -n "${L_features:-}" ] || exit 2   # scripts/layout.py said why
+while IFS='=' read -r k v; do printf -v "L_$k" '%s' "$v"; done <<< "$lay"
 feat=$L_features
 extractor=segment_extractor; [ "$elements" = patches ] && extractor=patch_extractor
 visual=""; text=""

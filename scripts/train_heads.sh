@@ -41,14 +41,14 @@ training=(--epochs "$epochs" --seeds $seeds --protocol "$protocol" --device "$de
 # run folder names from the one naming rule (utils/layout.py): <type>_<elements>, then _t<hash> of any non-default
 # training setting, so another sweep never overwrites this one
 declare -A name
-while IFS='=' read -r k v; do name[$k]=$v; done < <("$PY" scripts/layout.py --lib_tag "$elements" \
+lay=$("$PY" scripts/layout.py --lib_tag "$elements" \
   --concept_types "$concept_types" --n_concepts "$n_concepts" --epochs "$epochs" --lrs "$lrs" --seeds "$seeds" \
   --protocol "$protocol" --select_on "$select_on" --clip_cutoff "$clip_cutoff" \
   --interpretability_cutoff "$interpretability_cutoff")
+while IFS='=' read -r k v; do name[$k]=$v; done <<< "$lay"
 runs=()
 for ct in $concept_types; do
   case "$ct" in prototype|cluster|end2end|text) ;; *) echo "error: unknown concept type $ct" >&2; exit 2 ;; esac
-  [ -n "${name[$ct]:-}" ] || exit 2   # scripts/layout.py said why
   echo "-- $ct concepts"
   if [ "$ct" = text ]; then
     [ -n "$clip" ] || { echo "error: text concepts need --clip DIR (from textual_emb_extractor)" >&2; exit 2; }

@@ -2,10 +2,12 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from utils.data import get_source
 from utils.elements import crop_masked, grid_boxes, patches, segments, select_masks
+from utils.errors import UserError
 from utils.library import build_library
 
 
@@ -105,8 +107,15 @@ def test_library_index_provenance_resume_and_rekey(image_folder, tmp_path, capsy
     build_library(src, "patches", cut, {"grids": [2]}, out, images_per_class=2, image_size=32)
     assert json.load(open(index))["summary"]["classes_resumed"] == 2
     assert json.load(open(index))["elements"] == rows
-    # other settings: the library is rebuilt, not mixed with the old one
+    # other settings on a finished library: refused in one line (runs may point at it), the library untouched
+    before = open(index, "rb").read()
+    with pytest.raises(UserError, match="finished library cut from other images or with other settings"):
+        build_library(src, "patches", cut, {"grids": [2]}, out, images_per_class=1, image_size=32)
+    assert open(index, "rb").read() == before
+    # an unfinished one (no index yet) with other settings is started again, not mixed with the old one
+    os.remove(index)
     build_library(src, "patches", cut, {"grids": [2]}, out, images_per_class=1, image_size=32)
+    assert "unfinished library with other settings" in capsys.readouterr().out
     assert len(json.load(open(index))["elements"]) == 3 * 1 * 4
 
 

@@ -7,13 +7,14 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import REPO, make_image_folder
-from utils import fileio, store
+from utils import fileio, layout, store
 from utils.explanations import Run
 from utils.iis import iis
 
@@ -38,9 +39,10 @@ def pipeline(tmp_path_factory):
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
-    return dict(tmp=tmp, cmd=cmd, env=env, first=first, second=second,
-                runs={(layer, ct): tmp / "out" / "runs" / "shapes" / layer / (ct if ct == "text" else f"{ct}_patches")
-                      for layer in LAYERS for ct in TYPES})
+    return dict(tmp=tmp, folder=folder, cmd=cmd, env=env, first=first, second=second,
+                runs={(layer, ct): Path(layout.runs_dir(str(tmp / "out"), folder, layer, 0, 0)) / layout.run_name(
+                          ct, "patches_ipc2_seed0", n_concepts=12, epochs=15, lrs="0.01 0.1", clip_cutoff=-1,
+                          interpretability_cutoff=-1) for layer in LAYERS for ct in TYPES})
 
 
 @pytest.mark.slow
@@ -99,7 +101,8 @@ def test_one_pass_extraction_feeds_every_pipeline(pipeline):
     assert first.count("features of every model in one pass") == 2
     for layer in LAYERS:
         for split in ("train", "val"):
-            assert f"{pipeline['tmp'] / 'out' / 'features' / 'shapes' / layer / split} is up to date" in first
+            feat = layout.features_dir(str(pipeline["tmp"] / "out"), pipeline["folder"], layer, 0, 0)
+            assert f"{os.path.join(feat, split)} is up to date" in first
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 
 from concept_extractor import dataset_feature_extractor as dfe
 from conftest import REPO, make_image_folder
-from utils import compat, fileio, store
+from utils import compat, fileio, layout, store
 from utils.errors import UserError
 
 SCRIPTS = {"segment_extractor": "concept_extractor", "patch_extractor": "concept_extractor",
@@ -262,8 +262,8 @@ def test_runners_use_the_venv_without_activation(tmp_path):
     env = plain_shell_env()
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r"^IIS = \d\.\d{4}\b", r.stdout, re.M) and (tmp_path / "runs" / "prototype_segments" /
-                                                                "iis.json").is_file()
+    assert re.search(r"^IIS = \d\.\d{4}\b", r.stdout, re.M) and (tmp_path / "runs" / layout.run_name(
+        "prototype", "segments", epochs=2, n_concepts=6) / "iis.json").is_file()
     assert no_warning(r.stderr)
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60,
                        env=dict(env, PYTHON=str(tmp_path / "no-python")))            # PYTHON still overrides
