@@ -59,7 +59,27 @@ def test_bootstrap_accuracies_are_those_of_the_drawn_samples():
     acc, chance = stats.bootstrap_accuracies(correct, labels, n_boot=7, seed=11)
     idx = np.random.default_rng(11).integers(0, 50, size=(7, 50))   # one chunk: the whole draw
     assert np.allclose(acc, 100 * correct[:, idx].mean(2).T)
-    assert np.allclose(chance, [100 * np.bincount(labels[i], minlength=3).max() / 50 for i in idx])
+    majority = np.bincount(labels).argmax()        # the whole val set's majority answer, held fixed like a head
+    assert np.allclose(chance, [100 * (labels[i] == majority).mean() for i in idx])
+
+
+def test_chance_corrected_point_lies_inside_its_interval_on_30_samples():
+    """The reported bug: 30 val samples, a standard probe just above chance (11/30 against 10/30) and concept heads
+    at or above it: the point chance-corrected IIS is 0.98 (every ratio clipped at 1). Each resample's chance level
+    used to be that resample's majority rate, whose mean is ~43 % here, not 33 %: most resamples then had their
+    standard probe 'below chance' (curve 0) and the interval came out [0, 0.82], the point outside it."""
+    labels = np.repeat([0, 1, 2], 10)
+    right = [[1, 4, 6, 9, 10, 20, 21, 22, 23, 25, 26],                     # the standard probe: 11 right
+             [0, 2, 4, 8, 11, 14, 17, 18, 19, 20, 22, 23, 24, 28, 29],     # concept heads at the 3 ratios: 15,
+             [0, 3, 5, 7, 8, 9, 10, 12, 13, 21, 22, 25, 28],               # 13
+             [1, 4, 5, 6, 7, 8, 12, 18, 21, 23, 24]]                       # and 11 right
+    correct = np.stack([np.isin(np.arange(30), r) for r in right])
+    st, samples = stats.run_statistics(correct, np.array([[0, 1, 2, 3]]), [0.0, 0.5, 0.98], labels, n_boot=2000)
+    assert st["chance"] == pytest.approx(100 / 3) and st["iis_chance_corrected"] == pytest.approx(0.98)
+    lo, hi = st["iis_chance_corrected_interval"]
+    assert lo <= st["iis_chance_corrected"] <= hi and hi == pytest.approx(0.98)
+    assert abs(samples["chance"].mean() - 100 / 3) < 1.0        # unbiased: the majority answer's mean accuracy
+    assert st["chance_level"] is True                            # 11 vs 10 of 30 right: not shown to beat chance
 
 
 def test_interval_width_matches_the_binomial_standard_error():
