@@ -99,3 +99,19 @@ def test_a_second_experiment_never_changes_the_first(tmp_path):
     again = pipeline(first_data)
     assert again.stdout.count("up to date") == 5, again.stdout     # elements, embeddings, train, val, training
     assert tree_digests(out, lib) == after
+
+
+def test_runners_never_guess_data(tmp_path):
+    """The original's runner without its default dataset, or with a --data_root that does not exist: one error line,
+    exit 2, and no dataset folder created (it used to download Fashion-MNIST into datasets/imagenet/val)."""
+    if os.path.exists(os.path.join(REPO, "datasets", "imagenet", "val")):
+        pytest.skip("this checkout has datasets/imagenet/val")
+    missing = str(tmp_path / "nowhere" / "val")
+    for extra, said in (([], "error: no datasets/imagenet/val (a folder of class folders"),
+                        (["--data_root", missing], f"error: --data_root {missing}: no such folder")):
+        r = subprocess.run(["bash", "scripts/concept_extract.sh", *extra, "--save_root", str(tmp_path / "lib")],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert (r.returncode, r.stdout) == (2, ""), r.stderr
+        assert r.stderr.startswith(said) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.exists(os.path.join(REPO, "datasets")) and not os.path.exists(tmp_path / "nowhere")
+    assert not os.path.exists(tmp_path / "lib")
