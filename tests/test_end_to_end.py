@@ -76,14 +76,18 @@ def test_report_table_matches_the_results(pipeline):
         for r, a in zip(scored["ratios"], scored["accuracies"]):
             assert float(row[f"top1@{r:g}"]) == pytest.approx(a, abs=0.01)
     md = open(report / "report.md").read().split("\n\n")[0].splitlines()   # the table; paired verdicts follow
-    assert len(md) == 2 + len(rows) and md[0].startswith("| backbone | weights | layer")
-    for png in ("curves.png", "scatter.png"):
-        assert os.path.getsize(report / png) > 10_000
+    assert len(md) == 2 + len(rows) and md[0].startswith("| # | backbone | weights | layer | dataset | n_train")
+    assert os.path.getsize(report / "curves.png") > 10_000
+    # a scatter only where top-1 varies; a correlation only over >= 3 distinct top-1 values of non-chance runs
+    assert os.path.exists(report / "scatter.png") == (len({r["standard_top1"] for r in rows}) > 1)
     from utils.report import correlations
     kept = [r for r in rows if r["chance_level"] != "yes"]     # chance-level runs are left out of the correlations
-    expected = correlations([float(r["standard_top1"]) for r in kept], [float(r["iis"]) for r in kept])
-    printed = re.search(r"Pearson (\S+), Spearman (\S+)\)", pipeline["first"].stdout).groups()
-    np.testing.assert_allclose([float(v) for v in printed], expected, atol=1e-3)   # nan when top-1 does not vary
+    if len({r["standard_top1"] for r in kept}) >= 3:
+        expected = correlations([float(r["standard_top1"]) for r in kept], [float(r["iis"]) for r in kept])
+        printed = re.search(r"Pearson (-?[\d.]+|nan).*Spearman (-?[\d.]+|nan)", pipeline["first"].stdout).groups()
+        np.testing.assert_allclose([float(v) for v in printed], expected, atol=1e-3)
+    else:
+        assert "IIS vs standard top-1: no correlation: " in pipeline["first"].stdout
 
 
 @pytest.mark.slow

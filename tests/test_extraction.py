@@ -95,13 +95,13 @@ def test_out_names_and_refused_target_lists():
         dfe.out_paths("f/{modle}", ["a"], "train", "d")
     assert model_tag("model_configs/resnet50.yaml", None) == "resnet50"
     assert model_tag("timm:resnet18", "layer2") == "timm_resnet18@layer2"
-    # the runners' folder names come from the same rule (scripts/model_tag.py), not from a copy of it in bash
+    # the runners' folder names come from the same rule (scripts/layout.py, utils/layout.py), not a copy in bash
     for argv, tag in ((["model_configs/resnet50.yaml"], "resnet50"), (["timm:resnet18", "--layer", "layer2"],
                                                                       "timm_resnet18@layer2"),
                       (["timm:hf-hub:org/vit_x.a", "--layer", ""], "vit_x.a")):
-        r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "model_tag.py"), *argv], capture_output=True,
-                           text=True, timeout=60)
-        assert (r.returncode, r.stdout) == (0, tag + "\n"), r.stderr
+        r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "layout.py"), "--model", *argv],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and f"\nmodel_tag={tag}\n" in r.stdout, r.stderr
     parse = dfe.get_args_parser().parse_args
     tags = [t for t, _ in dfe.targets(parse(["--model_config", "resnet18", "swin_t:features.3", "--layer", "layer2",
                                              "layer3", "--out", "o"]))]

@@ -115,3 +115,9 @@ def test_runners_never_guess_data(tmp_path):
         assert r.stderr.startswith(said) and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists(os.path.join(REPO, "datasets")) and not os.path.exists(tmp_path / "nowhere")
     assert not os.path.exists(tmp_path / "lib")
+
+
+def test_docs_show_the_rule_as_the_code_has_it():
+    rule = [ln for ln in layout.__doc__.splitlines() if ln.startswith("    <")]
+    page = open(os.path.join(REPO, "docs", "files.md")).read()
+    assert len(rule) >= 6 and "\n".join(rule) in page
