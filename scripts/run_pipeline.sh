@@ -30,6 +30,7 @@
 #   --seeds "0 1 2"            [0]  seeds stacked as extra heads of one sweep (spread reported with the IIS)
 #   --protocol iis|reference   [iis]  reference = the original code's keep rule, lr schedule, batch and lr
 #   --select_on val|holdout    [the protocol's]  what picks each head's epoch and each ratio's lr
+#   --exclude_background 0|1   [0]  1: leave mostly-background elements out of the visual concept sets
 #   --out DIR                  [outputs]  features go to DIR/features/<data>/<model>/<subset>/, runs to
 #                              DIR/runs/<data>/<subset>/<model>/<type>_<elements>_ipc<N>_seed<S>[_t<hash>]
 #                              (the naming rule: utils/layout.py, docs/files.md; python scripts/layout.py prints them)
@@ -42,12 +43,12 @@ export IIS_COMPAT=off   # our flags only: the original code's dialect (utils/com
 model_config=efficientnet_lite0; backbone=""; weights=""; layer=""; dataset=fashion_mnist; data_root=data
 train_size=0; val_size=0; images_per_class=10; elements=segments; element_workers=1; element_seed=0
 library=concept_library/prototype; concept_types=prototype; n_concepts=200; epochs=30; lrs=""
-seeds=0; protocol=iis; select_on=""
+seeds=0; protocol=iis; select_on=""; exclude_background=0
 out=outputs; workers=""; batch_size=""; device=auto
 text_concepts=""; clip_model=ViT-B-16; clip_pretrained=openai; clip_cutoff=""; interpretability_cutoff=""
 parse_flags model_config backbone weights layer dataset data_root train_size val_size images_per_class elements \
   element_workers element_seed library concept_types n_concepts epochs lrs out workers batch_size device text_concepts clip_model \
-  clip_pretrained clip_cutoff interpretability_cutoff seeds protocol select_on -- "$@"
+  clip_pretrained clip_cutoff interpretability_cutoff seeds protocol select_on exclude_background -- "$@"
 case "$elements" in segments|patches) ;; *) echo "error: --elements must be segments or patches" >&2; exit 2 ;; esac
 
 bb=(--model_config "$model_config")
@@ -96,5 +97,6 @@ echo "== dataset features"
 echo "== standard probe + sparse concept heads, IIS"
 bash scripts/train_heads.sh --features "$feat" --elements "$L_lib_tag" --concept_types "$concept_types" \
   --n_concepts "$n_concepts" --epochs "$epochs" --lrs "$lrs" --device "$device" \
-  --seeds "$seeds" --protocol "$protocol" --select_on "$select_on" --out "$L_runs" \
+  --seeds "$seeds" --protocol "$protocol" --select_on "$select_on" --exclude_background "$exclude_background" \
+  --out "$L_runs" \
   --clip "$clip_dir" --clip_cutoff "$clip_cutoff" --interpretability_cutoff "$interpretability_cutoff"

@@ -19,6 +19,7 @@
 #   --seeds "0 1 2"       [0]  seeds stacked as extra heads of one sweep (their spread is reported with the IIS)
 #   --protocol P          [iis]  iis (ours) or reference (the original code's keep rule, schedule, batch and lr)
 #   --select_on S         [the protocol's]  val or holdout: what picks each head's epoch and each ratio's lr
+#   --exclude_background 0|1  [0]  1: leave mostly-background elements out of the visual concept sets
 #   --device D            [auto]
 #   --out DIR             runs go to DIR/<concept_type>_<elements>[_t<hash>]/ (text: DIR/text[_t<hash>]/; the
 #                         hash names the training settings that differ from these defaults: utils/layout.py), the
@@ -28,23 +29,25 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
 export IIS_COMPAT=off   # our flags only: the original code's dialect (utils/compat.py) is for its commands
 features=""; elements=segments; concept_types=prototype; n_concepts=200; epochs=30; lrs=""; device=auto; out=""
-seeds=0; protocol=iis; select_on=""
+seeds=0; protocol=iis; select_on=""; exclude_background=0
 clip=""; clip_cutoff=""; interpretability_cutoff=""
 parse_flags features elements concept_types n_concepts epochs lrs device out clip clip_cutoff interpretability_cutoff \
-  seeds protocol select_on -- "$@"
+  seeds protocol select_on exclude_background -- "$@"
 [ -n "$features" ] && [ -n "$out" ] || { echo "error: --features and --out are required (see --help)" >&2; exit 2; }
 
 # shellcheck disable=SC2206  # lrs and seeds are space-separated lists on purpose
 training=(--epochs "$epochs" --seeds $seeds --protocol "$protocol" --device "$device")
 [ -n "$lrs" ] && training+=(--lrs $lrs)
 [ -n "$select_on" ] && training+=(--select_on "$select_on")
+case "$exclude_background" in 0) nobg=() ;; 1) nobg=(--exclude_background) ;;
+  *) echo "error: --exclude_background takes 0 or 1" >&2; exit 2 ;; esac
 # run folder names from the one naming rule (utils/layout.py): <type>_<elements>, then _t<hash> of any non-default
 # training setting, so another sweep never overwrites this one
 declare -A name
 lay=$("$PY" scripts/layout.py --lib_tag "$elements" \
   --concept_types "$concept_types" --n_concepts "$n_concepts" --epochs "$epochs" --lrs "$lrs" --seeds "$seeds" \
   --protocol "$protocol" --select_on "$select_on" --clip_cutoff "$clip_cutoff" \
-  --interpretability_cutoff "$interpretability_cutoff")
+  --interpretability_cutoff "$interpretability_cutoff" --exclude_background "$exclude_background")
 while IFS='=' read -r k v; do name[$k]=$v; done <<< "$lay"
 runs=()
 for ct in $concept_types; do
@@ -62,6 +65,7 @@ for ct in $concept_types; do
   fi
   "$PY" -m IP_training.IP_Prototype_training --train_features "$features/train" --val_features "$features/val" \
     --concepts "$features/elements_$elements" --concept_type "$ct" --n_concepts "$n_concepts" "${training[@]}" \
+    "${nobg[@]}" \
     --out "$out/${name[$ct]}"
   runs+=("$out/${name[$ct]}")
 done

@@ -170,3 +170,20 @@ def test_parallel_extraction_gives_the_same_library(image_folder, tmp_path):
         a = open(os.path.join(tmp_path, "w1", "segments", r["file"]), "rb").read()
         assert a == open(os.path.join(tmp_path, "w2", "segments", r["file"]), "rb").read()
     assert not [p for p in os.listdir(tmp_path / "w2" / "segments") if ".tmp-" in p]
+
+
+def test_mostly_background_elements_are_detected():
+    from utils.elements import FILL, background_measure, is_background
+    rng = np.random.default_rng(0)
+    padded = np.full((40, 40, 3), FILL, np.uint8)
+    padded[:3, :3] = rng.integers(0, 255, (3, 3, 3))                   # 99.4 % fill
+    black = np.full((40, 40, 3), FILL, np.uint8)
+    black[5:35, 5:35] = 2                                               # Fashion-MNIST's surround: one flat region
+    black[10:12, 10:12] = 200                                           # a few garment pixels: 4 of 900
+    texture = rng.integers(0, 255, (40, 40, 3)).astype(np.uint8)        # a real part of an object
+    assert background_measure(padded)[0] == pytest.approx(1 - 9 / 1600)
+    assert background_measure(black) == pytest.approx((700 / 1600, 896 / 900))
+    assert is_background(padded) and is_background(black) and not is_background(texture)
+    half = texture.copy()
+    half[:, :20] = FILL                                                 # half fill, half texture: kept
+    assert not is_background(half) and not is_background(Image.fromarray(texture).convert("L"))

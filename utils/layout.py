@@ -25,7 +25,8 @@ from .specs import is_local, model_tag
 
 # The runners' training defaults (scripts/train_heads.sh): a run with exactly these gets no _t<hash> suffix.
 TRAINING_DEFAULTS = {"n_concepts": "200", "epochs": "30", "lrs": "", "seeds": "0", "protocol": "iis",
-                     "select_on": "", "clip_cutoff": "", "interpretability_cutoff": ""}
+                     "select_on": "", "clip_cutoff": "", "interpretability_cutoff": "",
+                     "exclude_background": "0"}
 
 
 def data_tag(dataset):
