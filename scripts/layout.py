@@ -5,8 +5,8 @@ runners name them exactly as the Python side does and no bash repeats the rule.
         --images_per_class 4 --concept_types "prototype cluster"
 
 prints data_tag, subset_tag, model_tag, lib_tag, library_dir, features, elements_features, features_template,
-clip, runs, reports (the folder of this data's reports), then run_<type> (the run folder of each concept type), with --report NAME report and with --finetune
-'k=v ...' finetune (the fine-tuning comparison's folder). With --lib_tag it
+clip, runs, reports (the folder of this data's reports), then run_<type> (the run folder of each concept type),
+with --report NAME report and with --finetune 'k=v ...' finetune (the fine-tuning comparison's folder). With --lib_tag it
 prints only each concept type's run folder name and the overlay's file name, plot= (scripts/train_heads.sh):
 
     python scripts/layout.py --lib_tag segments_ipc4_seed0 --concept_types "prototype text" --epochs 5
@@ -49,7 +49,8 @@ def main(args):
         print(f"plot=iis_{args.lib_tag}_{'+'.join(args.concept_types.split())}{layout.training_tag(**settings)}.png")
         return
     found = layout.paths(args.out, args.library, args.dataset, args.model, args.layer or None, args.weights or None,
-                         args.train_size, args.val_size, args.elements, args.images_per_class, args.element_seed, args.clip_model, args.clip_pretrained)
+                         args.train_size, args.val_size, args.elements, args.images_per_class, args.element_seed,
+                         args.clip_model, args.clip_pretrained)
     for ct in args.concept_types.split():
         found[f"run_{ct}"] = f"{found['runs']}/{layout.run_name(ct, found['lib_tag'], **settings)}"
     found["reports"] = layout.report_dir(args.out, args.dataset, args.train_size, args.val_size, "")

@@ -18,7 +18,8 @@
 #   --library DIR              [concept_library/prototype]  root of the element libraries: each dataset, images per
 #                              class and seed gets its own, DIR/<data>/ipc<N>_seed<S>/<elements>
 #   --element_seed N           [0]  seed of the images elements are cut from; another seed builds its own library,
-#                              embeddings and runs, so the IIS spread over element choices can be seen beside the default
+#                              embeddings and runs, so the IIS spread over element choices can be seen beside the
+#                              default
 #   --concept_types "..."      [prototype]  any of prototype cluster end2end text
 #   --text_concepts FILE       [concept_library/textual/<dataset>.json]  for text: the concept list
 #   --clip_model NAME          [ViT-B-16]  for text: open_clip model (or a model-config JSON)
