@@ -91,3 +91,14 @@ def test_a_correlation_needs_three_distinct_accuracies_and_one_val_set(tmp_path)
 def test_common_label_goes_to_the_title():
     assert common_label(["e@p prototype", "e@p cluster", "e@p end2end"]) == ("e@p", ["prototype", "cluster", "end2end"])
     assert common_label(["only one"]) == ("", ["only one"])
+
+
+def test_what_a_concept_responds_to_and_how_a_contribution_arises():
+    from utils.explanations import evidence, responds_to
+    acts = np.array([0.1, 0.9, 0.8, 0.5, -2.0])
+    assert responds_to(acts, [0, 1, 1, 2, 0], ["T-shirt", "Trouser", "Bag"], top=3) == "Trouser 2/3, Bag 1/3"
+    assert evidence(-0.14, -2.98).startswith("absence evidence for the class: the image does NOT look like")
+    assert evidence(0.5, 1.0).startswith("presence evidence for the class")
+    assert evidence(0.5, -1.0).startswith("presence evidence against the class")
+    assert evidence(-0.5, 1.0).startswith("absence evidence against the class")
+    assert evidence(0.0, 1.0).startswith("masked out")
