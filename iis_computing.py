@@ -251,8 +251,10 @@ def main(args):
         print(f"note: {caveat}")
     for line in row_lines(scored):
         print(line)
-    print(f"curve: {plot}" if plot else "curves: each run's iis_curve.png; give --plot PNG or --report DIR for one "
-                                       "plot of all")
+    if plot:
+        print(f"curve: {plot}")
+    elif not args.report:
+        print("curves: each run's iis_curve.png; give --plot PNG or --report DIR for one plot of all")
     if args.compare:
         c = paired(*entries)
         print(f"A = {scored[0][0]}\nB = {scored[1][0]}")
