@@ -42,7 +42,7 @@ def data_title(scored):
     """'fashion_mnist, n_train 2000, n_val 1000' when every run shares them, else each value list."""
     parts = []
     for key in ("dataset", "n_train", "n_val"):
-        vals = sorted({str((s.get("meta") or {}).get(key)) for _, s in scored} - {"None"})
+        vals = sorted({str((s.get("meta") or {}).get(key)) for _, s in scored} - {"None"}, key=lambda v: (len(v), v))
         if vals:
             parts.append(f"{key + ' ' if key != 'dataset' else ''}{' / '.join(vals)}")
     return ", ".join(parts)
