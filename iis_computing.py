@@ -95,8 +95,11 @@ def score_path(path, args):
     f = os.path.join(path, "results.json") if os.path.isdir(path) else path
     if not os.path.isfile(f):
         raise UserError(f"no results.json at {path}: run IP_training first")
-    res = read_json(f)
-    if "runs" not in res:
+    try:
+        res = read_json(f)
+    except ValueError:    # not JSON at all (a PNG caught by a glob): UnicodeDecodeError and JSONDecodeError both are
+        raise UserError(f"{f} is not a results file (not JSON): give run folders or their results.json") from None
+    if not isinstance(res, dict) or "runs" not in res:
         raise UserError(f"{f} is not a results file (no 'runs')")
     preds = load_predictions(res, os.path.dirname(f))
     s, paired = score_with_stats(res, preds, args.metric, args.bootstrap, args.bootstrap_seed)

@@ -424,6 +424,9 @@ def test_several_runs_write_nothing_outside_their_folders(tmp_path):
     assert set(os.listdir(tmp_path)) | set(os.listdir(tmp_path / "runs")) == before     # no iis_compare.png
     assert "give --plot PNG or --report DIR for one plot of all" in r.stdout
     assert all(os.path.isfile(os.path.join(d, "iis_curve.png")) for d in runs)
+    bad = cli(os.path.join(runs[0], "iis_curve.png"))                  # a glob that caught a plot: one line
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "is not a results file (not JSON)" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
     assert re.search(r"^row 2 = planted@b prototype on synthetic \(n_train 100, n_val 300, chosen on val\): IIS = ",
                      r.stdout, re.M)
 
