@@ -27,7 +27,7 @@ def save_png(fig, path):
 
 
 MARKERS = "osD^vPX*<>"
-STYLES = ("-", "--", "-.", ":")
+STYLES = ("-", "--", "-.", (0, (3, 1, 1, 1, 1, 1)))   # dotted ':' is kept for chance-level runs
 
 
 def common_label(labels):
@@ -58,6 +58,10 @@ def plot_curves(scored, path, title="Accuracy kept under sparsity", caveat=None)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
     common, own = common_label([lbl for lbl, _ in scored])
+    sizes = {((s.get("meta") or {}).get("n_train"), (s.get("meta") or {}).get("n_val")) for _, s in scored}
+    if len(sizes) > 1:   # runs on other subsets: each label says which
+        own = [f"{name} (n {(s.get('meta') or {}).get('n_train')}/{(s.get('meta') or {}).get('n_val')})"
+               for name, (_, s) in zip(own, scored)]
     lo, hi = 1.0, 1.0
     for i, ((_, s), name) in enumerate(zip(scored, own)):
         band = (s.get("interval") or {}).get("normalised")
