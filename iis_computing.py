@@ -34,8 +34,9 @@ import numpy as np
 from utils import cli, compat, floor, results, stats
 from utils.errors import UserError
 from utils.fileio import atomic_write_json, publish_dir
-from utils.iis import load_predictions, score_with_stats
-from utils.report import plot_curves, plot_scatter, table_rows, write_table
+from utils.iis import data_flags, load_predictions, score_with_stats
+from utils.layout import weights_tag
+from utils.report import correlation_summary, corr_line, plot_curves, plot_scatter, table_rows, write_table
 
 
 REPORT_FILES = ("report.md", "report.csv", "curves.png", "scatter.png")
@@ -76,8 +77,22 @@ def add_stats_args(p):
     return g
 
 
+def weights_label(meta):
+    """``ft:<8 hex of the checkpoint's bytes>`` for a local checkpoint (its folder's name once the file is gone), else
+    the weights' name."""
+    w = meta.get("weights") or ""
+    if not os.path.isabs(w):
+        return w
+    tag = weights_tag(w) if os.path.isfile(w) else ""
+    return f"ft:{tag[3:11]}" if tag.startswith("ft-") else f"ft:{os.path.basename(os.path.dirname(w))}"
+
+
 def label_of(meta):
-    return f"{meta.get('backbone')}@{meta.get('layer')} {meta.get('concept_type')}"
+    """A run's label: backbone@layer, a checkpoint's ``ft:<8 hex>`` (so a fine-tuned backbone never reads as the
+    pretrained one), the concept type."""
+    w = weights_label(meta)
+    return f"{meta.get('backbone')}@{meta.get('layer')}{' ' + w if w.startswith('ft:') else ''} " \
+           f"{meta.get('concept_type')}"
 
 
 def score_path(path, args):
@@ -90,6 +105,8 @@ def score_path(path, args):
     s.update(results=os.path.abspath(f), meta={k: res["meta"].get(k) for k in (
         "backbone", "weights", "layer", "dataset", "concept_type", "n_concepts", "n_train", "n_val", "select_on",
         "protocol", "val_samples")})
+    s["meta"].update(classes=len(res["meta"].get("classes") or []) or None, weights_label=weights_label(res["meta"]))
+    s["flags"] = [{"code": c, "line": line} for c, line in data_flags(res, s)]
     return label_of(res["meta"]), s, paired
 
 
@@ -120,6 +137,20 @@ def paired(a, b):
                          sa["interval"]["level"])
 
 
+def mixed_val_sets(scored):
+    """A sentence when the runs were scored on different val sets (their numbers are not paired and no correlation
+    or single figure compares them without saying so), else None."""
+    sets = {}
+    for _, s in scored:
+        m = s["meta"]
+        sets.setdefault(m.get("val_samples"), set()).add(f"{m.get('dataset')} n_val {m.get('n_val')}")
+    if len(sets) < 2:
+        return None
+    which = "; ".join(sorted(", ".join(sorted(v)) for v in sets.values()))
+    return (f"these runs were scored on {len(sets)} different val sets ({which}): their IIS are not paired, and no "
+            f"correlation is taken across them")
+
+
 def fmt_interval(v, nd=4):
     return f"[{v[0]:.{nd}f}, {v[1]:.{nd}f}]"
 
@@ -133,6 +164,8 @@ def summary_lines(lbl, s):
         out.append(f"chance-level: {lbl}: standard top-1 {s['standard_accuracy']:.2f} % is not above chance "
                    f"(majority class, {s['chance']:.2f} %) by its own interval ({why}): its IIS measures noise, "
                    f"not interpretability")
+    for f in s.get("flags") or []:
+        out.append(f"flag ({f['code']}): {lbl}: {f['line']}")
     if s.get("note"):
         out.append(f"note: {lbl}: {s['note']}")
     out += [f"warning: {lbl}: {w}" for w in s.get("warnings") or []]
@@ -159,18 +192,39 @@ def headline(s):
 
 
 def print_table(scored, metric):
-    width = max(len(lbl) for lbl, _ in scored)
+    """One table with named columns: row number, run, n val, standard accuracy, IIS (± std over seeds when any run has
+    several), its interval, the chance-corrected IIS, and the normalised accuracy (top-1 at s / standard top-1) at
+    each ratio s; a star marks a chance-level run, a ! a flagged one."""
     ratios = scored[0][1]["ratios"]
-    print(f"{'run':<{width}}  {'standard ' + metric:>13}  {'IIS':>6}  {'± seeds':>7}  {'95 % interval':>16}  "
-          f"{'chance-corr.':>12}  " + "  ".join(f"s={r:g}" for r in ratios))
-    for lbl, s in scored:
+    seeds = any(s["iis_std"] is not None for _, s in scored)
+    head = ["#", "run", "n val", f"standard {metric} %", "IIS", *(["± seeds"] if seeds else []), "95 % interval",
+            "chance-corrected"] + [f"s={r:g}" for r in ratios] + [""]
+    body = []
+    for i, (lbl, s) in enumerate(scored):
         iv = (s.get("interval") or {}).get("iis")
         cc = s.get("iis_chance_corrected")
-        print(f"{lbl:<{width}}  {s['standard_accuracy']:>12.2f}%  {s['iis']:>6.4f}  "
-              f"{'' if s['iis_std'] is None else format(s['iis_std'], '.4f'):>7}  "
-              f"{fmt_interval(iv) if iv else '':>16}  {'' if cc is None else format(cc, '.4f'):>12}" +
-              (" *  " if s.get("chance_level") else "    ") +
-              "  ".join(f"{a:>{len(f's={r:g}')}.1f}" for r, a in zip(s["ratios"], s["accuracies"])))
+        cells = [str(i + 1), lbl, str(s["meta"].get("n_val") or "–"), f"{s['standard_accuracy']:.2f}",
+                 f"{s['iis']:.4f}"]
+        if seeds:
+            cells.append("–" if s["iis_std"] is None else f"{s['iis_std']:.4f}")
+        cells += [fmt_interval(iv) if iv else "–", "–" if cc is None else f"{cc:.4f}"]
+        cells += [f"{n:.3f}" for n in s["normalised"]]
+        body.append(cells + [("*" if s.get("chance_level") else "") + ("!" if s.get("flags") else "")])
+    width = [max(len(r[j]) for r in [head] + body) for j in range(len(head))]
+    print(f"s=...: normalised accuracy, {metric} at sparsity s / standard {metric}; * chance-level, ! flagged "
+          f"(lines below)")
+    for r in [head] + body:
+        print("  ".join(c.ljust(w) if j == 1 else c.rjust(w) for j, (c, w) in enumerate(zip(r, width))).rstrip())
+
+
+def row_lines(scored):
+    """The closing lines: each row named, with its data and its headline numbers."""
+    out = []
+    for i, (lbl, s) in enumerate(scored):
+        m = s["meta"]
+        out.append(f"row {i + 1} = {lbl} on {m.get('dataset')} (n_train {m.get('n_train')}, n_val {m.get('n_val')}, "
+                   f"chosen on {m.get('select_on')}): {headline(s)}")
+    return out
 
 
 def main(args):
@@ -191,20 +245,26 @@ def main(args):
         atomic_write_json(os.path.join(out_dir, "iis.json"), s)
         if len(scored) > 1:
             plot_curves([(lbl, s)], os.path.join(out_dir, "iis_curve.png"))
-    dirs = [os.path.dirname(s["results"]) for _, s in scored]
-    plot = args.plot or (os.path.join(dirs[0], "iis_curve.png") if len(dirs) == 1 else
-                         os.path.join(os.path.commonpath(dirs), "iis_compare.png"))
-    plot = plot_curves(scored, plot)
+    # outputs go only where asked: beside a single run, or to --plot / --report (never a folder common to many)
+    plot = args.plot or (os.path.join(os.path.dirname(scored[0][1]["results"]), "iis_curve.png")
+                         if len(scored) == 1 else None)
+    caveat = mixed_val_sets(scored)
+    if plot:
+        plot = plot_curves(scored, plot, caveat=caveat)
     print_table(scored, args.metric)
-    if any(s.get("chance_level") for _, s in scored):
-        print("* chance-level run (see below)")
     for lbl, s in scored:
         for line in summary_lines(lbl, s):
             print(line)
     for line in lift_lines(scored):
         print(line)
-    print(headline(scored[0][1]) + (" (first run)" if len(scored) > 1 else ""))
-    print(f"curve: {plot}")
+    if caveat:
+        print(f"note: {caveat}")
+    for line in row_lines(scored):
+        print(line)
+    if plot:
+        print(f"curve: {plot}")
+    elif not args.report:
+        print("curves: each run's iis_curve.png; give --plot PNG or --report DIR for one plot of all")
     if args.compare:
         c = paired(*entries)
         print(f"A = {scored[0][0]}\nB = {scored[1][0]}")
@@ -225,17 +285,15 @@ def main(args):
                     line += f"; {' and '.join(flagged)} chance-level: its IIS is noise"
                 comparisons.append(dict(c, line=line))
         rows = table_rows(scored, comparisons)
-        with publish_dir(args.report, REPORT_FILES) as rep:     # all four files, or the old report untouched
-            write_table(rows, os.path.join(rep, "report.md"), os.path.join(rep, "report.csv"), comparisons)
-            plot_curves(scored, os.path.join(rep, "curves.png"))
-            _, corr = plot_scatter(rows, os.path.join(rep, "scatter.png"))
-        left = f", {corr['left_out']} chance-level left out" if corr["left_out"] else ""
-        print(f"report: {os.path.abspath(args.report)}/report.md, report.csv, curves.png, scatter.png "
-              f"(IIS vs standard top-1 over {corr['n']} runs{left}: Pearson {corr['pearson']:.3f}, "
-              f"Spearman {corr['spearman']:.3f})")
-        pi, si = corr["pearson_interval"], corr["spearman_interval"]
-        if pi[0] == pi[0]:   # NaN != NaN: no interval below four runs
-            print(f"95 % Fisher-z intervals: Pearson {fmt_interval(pi, 3)}, Spearman {fmt_interval(si, 3)}")
+        corr = correlation_summary(rows)
+        with publish_dir(args.report, REPORT_FILES) as rep:     # all its files, or the old report untouched
+            write_table(rows, os.path.join(rep, "report.md"), os.path.join(rep, "report.csv"), comparisons,
+                        corr=corr, notes=[caveat] if caveat else [])
+            plot_curves(scored, os.path.join(rep, "curves.png"), caveat=caveat)
+            scatter = plot_scatter(rows, os.path.join(rep, "scatter.png"), corr)
+        print(f"report: {os.path.abspath(args.report)}/report.md, report.csv, curves.png"
+              f"{', scatter.png' if scatter else ' (no scatter: ' + corr['no_scatter'] + ')'}")
+        print(f"IIS vs standard top-1: {corr_line(corr)}")
         for i, c in enumerate(comparisons):
             print(f"row {i + 1} vs row {i + 2}: " + (f"not compared: {c['reason']}" if "reason" in c else c["line"]))
 

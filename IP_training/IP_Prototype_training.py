@@ -25,9 +25,10 @@ import torch
 
 from utils import cli, compat, floor, sweep, validate
 from utils.cli import flags
-from utils.concepts import SELECTIONS, cluster_centres, select_prototypes
+from utils.concepts import SELECTIONS, background_rows, cluster_centres, select_prototypes
 from utils.device import resolve_device
 from utils.errors import UserError
+from utils.fileio import read_json
 from utils.heads import End2EndConceptHeads, SparseConceptHeads
 
 CONCEPT_TYPES = ("prototype", "cluster", "end2end")
@@ -47,6 +48,9 @@ def get_args_parser():
     g.add_argument("--e2e_pool", type=int, default=2000,
                    help="end2end: candidate elements the assignment chooses from (memory grows with pool x concepts "
                         "x heads)")
+    g.add_argument("--exclude_background", action="store_true",
+                   help="leave out of the concept set the elements that are mostly background (uniform padding or one "
+                        "constant region: utils/elements.is_background); part of the run's key")
     g.add_argument("--tau", type=float, default=0.1, help="end2end: Gumbel-softmax temperature")
     g.add_argument("--e2e_gain", type=float, default=5.0,
                    help="end2end: initial gain of the LayerNorm on the assignment logits (how sharp the initial "
@@ -65,6 +69,19 @@ def check_compatible(train_meta, val_meta, concept_meta, dims, paths=("train", "
         raise UserError(f"feature dimensions differ: train/val/concepts = {dims}")
     if train_meta["info"].get("classes") != val_meta["info"].get("classes"):
         raise UserError("train and val features have different class lists")
+
+
+def element_index(concepts_meta):
+    """The element library behind the concept embeddings: its parsed index.json with its folder as ``root``."""
+    path = concepts_meta["info"].get("elements_index")
+    if not path or not os.path.isfile(path):
+        raise UserError(f"--exclude_background needs the element library the concepts were embedded from; "
+                        f"{path or 'none is recorded'} is gone")
+    index = read_json(path)
+    if len(index["elements"]) != concepts_meta["arrays"]["features"][0][0]:
+        raise UserError(f"{path} lists {len(index['elements'])} elements, the concept embeddings hold "
+                        f"{concepts_meta['arrays']['features'][0][0]}: re-embed them")
+    return dict(index, root=os.path.dirname(path))
 
 
 def concept_set(args, emb, emb_labels, seed):
@@ -119,12 +136,19 @@ def main(args):
         key.update(e2e_pool=args.e2e_pool, tau=args.tau, e2e_gain=args.e2e_gain)
     if floor.key_of(fcfg) is not None:
         key.update(floor=floor.key_of(fcfg))
+    emb, emb_labels, pool = np.asarray(emb), np.asarray(emb_labels), np.arange(len(emb))
+    if args.exclude_background:   # the rows kept depend only on the library, whose digest the concepts' key holds
+        pool = np.flatnonzero(~background_rows(element_index(mco)))
+        print(f"--exclude_background: {len(emb) - len(pool)} of {len(emb)} elements are mostly background, left out")
+        emb, emb_labels = emb[pool], emb_labels[pool]
+        key.update(exclude_background=True)
     if sweep.is_done(args.out, key):
         return
     device = resolve_device(args.device)
     torch.manual_seed(cfg.seeds[0])   # end2end's Gumbel noise
     classes = mtr["info"]["classes"]
-    heads, rows = make_heads(args, cfg, np.asarray(emb), np.asarray(emb_labels), len(classes), grid)
+    heads, rows = make_heads(args, cfg, emb, emb_labels, len(classes), grid)
+    rows = pool[rows]   # rows of the element library, whatever was left out
     heads = heads.to(device)
     k = heads.weight.shape[1]
     print(f"{len(ytr)} train / {len(yva)} val samples, {xtr.shape[1]}-d features, {len(classes)} classes, "

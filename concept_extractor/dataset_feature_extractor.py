@@ -50,7 +50,8 @@ from utils.errors import UserError
 from utils.extraction import (CacheFeed, ExtractConfig, GroupedImages, ImageFeed, backbone_passes,
                               build_decoded_cache, cache_key, describe_row, extract_passes, plan_cache)
 from utils.fileio import key_hash
-from utils.specs import config_path, load_spec, model_tag
+from utils.layout import model_folder
+from utils.specs import config_path, load_spec
 from utils.validate import verify_requested
 
 
@@ -89,7 +90,7 @@ def targets(args):
     if args.backbone and len({n for n, _ in items}) > 1:
         raise UserError("--backbone replaces the architecture of one model config; with several, put each "
                             "architecture in its own model config")
-    out = [(model_tag(args.backbone or name, lay), load_spec(name, args.backbone, args.weights, lay, args.pooling))
+    out = [(model_folder(args.backbone or name, lay, args.weights), load_spec(name, args.backbone, args.weights, lay, args.pooling))
            for name, lay in items]
     tags = [t for t, _ in out]
     dup = sorted({t for t in tags if tags.count(t) > 1})

@@ -8,7 +8,7 @@
 #
 # Flags (defaults in brackets):
 #   --models "..."      [efficientnet_lite0]  model_configs/ names, each optionally with :LAYER
-#   --report DIR        [outputs/reports/<dataset>]
+#   --report DIR        [<out>/reports/<data>/<subset>/compare_<hash of its run folders>]
 #   --out DIR           [outputs]
 #   every other flag goes unchanged to scripts/run_pipeline.sh (see its --help)
 set -euo pipefail
@@ -30,15 +30,26 @@ while [ $# -gt 0 ]; do
     *) echo "error: unexpected argument $1" >&2; exit 2 ;;
   esac
 done
-tag_data=$(basename "$dataset")
-report=${report:-$out/reports/$tag_data}
-tag_el=$elements; [ "$element_seed" != 0 ] && tag_el="${elements}_seed$element_seed"   # as run_pipeline.sh names it
+# every folder from the one naming rule (utils/layout.py, scripts/layout.py), as run_pipeline.sh names them
+ask_layout() {  # ask_layout MODEL LAYER: sets L_<name> from scripts/layout.py (flags not given: its defaults)
+  local k v f lay given=()
+  for f in weights train_size val_size images_per_class library n_concepts epochs lrs seeds protocol select_on \
+      clip_cutoff interpretability_cutoff clip_model clip_pretrained exclude_background; do
+    v=$(flag "$f"); if [ -n "$v" ]; then given+=("--$f" "$v"); fi
+  done
+  lay=$("$PY" scripts/layout.py --out "$out" \
+    --dataset "$dataset" --model "$1" --layer "$2" --elements "$elements" --element_seed "$element_seed" \
+    --concept_types "$concept_types" "${given[@]}")
+  while IFS='=' read -r k v; do printf -v "L_$k" '%s' "$v"; done <<< "$lay"
+}
 
 # Dataset features first, one pass per split for every model/layer at once (each image decoded once, each backbone run
 # once per batch with all its layers); the per-model pipelines below find them up to date.
 flag() { local i; for ((i = 0; i < ${#pass[@]}; i += 2)); do
   [ "${pass[i]}" = "--$1" ] && { printf '%s' "${pass[i+1]}"; return 0; }; done; return 0; }
-extract=(--dataset "$dataset" --out "$out/features/$tag_data/{model}/{split}")
+bbname=$(flag backbone)
+ask_layout "${bbname:-${models%% *}}" ""
+extract=(--dataset "$dataset" --out "$L_features_template/{split}")
 for f in data_root backbone weights workers batch_size device; do
   v=$(flag "$f"); if [ -n "$v" ]; then extract+=("--$f" "$v"); fi
 done
@@ -56,11 +67,8 @@ for m in $models; do
   echo "=== $config${layer:+ at $layer}"
   bash scripts/run_pipeline.sh --model_config "$config" ${layer:+--layer "$layer"} --dataset "$dataset" \
     --elements "$elements" --element_seed "$element_seed" --concept_types "$concept_types" --out "$out" "${pass[@]}"
-  bbname=$(flag backbone)
-  tag_model=$("$PY" scripts/model_tag.py "${bbname:-$config}" --layer "$layer")   # as run_pipeline.sh names it
-  for ct in $concept_types; do
-    if [ "$ct" = text ]; then runs+=("$out/runs/$tag_data/$tag_model/text")
-    else runs+=("$out/runs/$tag_data/$tag_model/${ct}_$tag_el"); fi
-  done
+  ask_layout "${bbname:-$config}" "$layer"
+  for ct in $concept_types; do v="L_run_$ct"; runs+=("${!v}"); done
 done
+report=${report:-$L_reports/compare_$(printf '%s\n' "${runs[@]}" | sha256sum | cut -c1-8)}  # keyed by its runs
 "$PY" iis_computing.py "${runs[@]}" --report "$report" --plot "$report/curves.png"

@@ -23,7 +23,11 @@ for a in "$@"; do
   esac
   pass+=("$a")
 done
-[ -n "$source_given" ] || pass+=(--data_root datasets/imagenet/val)
+if [ -z "$source_given" ]; then   # the original's default; never another dataset in its place
+  [ -d datasets/imagenet/val ] || { echo "error: no datasets/imagenet/val (a folder of class folders of images, the" \
+    "original's default): give one with --data_root DIR, or a named dataset with --dataset fashion_mnist" >&2; exit 2; }
+  pass+=(--data_root datasets/imagenet/val)
+fi
 [ -n "$out_given" ] || pass+=(--save_root "concept_library/prototype/$method")
 script=segment_extractor; [ "$method" = patches ] && script=patch_extractor
 "$PY" "concept_extractor/$script.py" "${pass[@]}"

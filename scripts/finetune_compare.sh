@@ -23,8 +23,10 @@
 #   --weight_decay X [0.01]   --batch_size N [64]   --cache_views N [0 = one per epoch]
 #   --score_epochs N [30]   --score_lrs "A B" [0.001 0.01]   the scoring sweep's epochs and lr grid
 #   --workers N [2]   --device D [auto]
-#   --out DIR [outputs]  fine-tuning in DIR/finetune/<dataset>/<model>/, scoring in .../score/<arm>/
-#   --report DIR [DIR/reports/finetune_<dataset>_<model>]  report.md/csv, curves, scatter, finetune_compare.md/csv
+#   --out DIR [outputs]  fine-tuning in DIR/finetune/<data>/<subset>/<model>/ft_<hash of these flags>/, scoring in
+#                        .../score/<arm>/ (utils/layout.py)
+#   --report DIR [DIR/reports/<data>/<subset>/finetune_<model>_ft_<hash>]  report.md/csv, curves, scatter,
+#                        finetune_compare.md/csv
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_flags.sh
@@ -51,11 +53,23 @@ bb=(--model_config "$model_config")
 [ -n "$backbone" ] && bb+=(--backbone "$backbone")
 [ -n "$layer" ] && bb+=(--layer "$layer")
 start_weights=(); [ -n "$weights" ] && start_weights=(--weights "$weights")
-tag_model=$("$PY" scripts/model_tag.py "${backbone:-$model_config}" --layer "$layer")
-tag_data=$(basename "$dataset")
-base="$out/finetune/$tag_data/$tag_model"
-report=${report:-$out/reports/finetune_${tag_data}_$tag_model}
 sizes=(--train_size "$train_size" --val_size "$val_size")
+ask_layout() {  # ask_layout OUT [--weights FILE]: sets L_<name> from the one naming rule (utils/layout.py)
+  local k v lay o=$1; shift
+  lay=$("$PY" scripts/layout.py --out "$o" \
+    --library "$library" --dataset "$dataset" --model "${backbone:-$model_config}" --layer "$layer" "$@" \
+    "${sizes[@]}" --elements "$elements" --images_per_class "$images_per_class" --concept_types "$concept_type" \
+    --n_concepts "$n_concepts" --epochs "$score_epochs" --lrs "$score_lrs" --finetune "weights=$weights \
+      concept_type=$concept_type n_concepts=$n_concepts ratio=$ratio seeds=${seeds// /,} lambdas=${lambdas// /,} \
+      train_layers=${train_layers// /,} refresh=$refresh epochs=$epochs lr=$lr head_lr=$head_lr \
+      weight_decay=$weight_decay batch_size=$batch_size cache_views=$cache_views score_epochs=$score_epochs \
+      score_lrs=${score_lrs// /,} elements=$elements images_per_class=$images_per_class")
+  while IFS='=' read -r k v; do printf -v "L_$k" '%s' "$v"; done <<< "$lay"
+}
+ask_layout "$out" "${start_weights[@]}"
+base=$L_finetune   # every setting above in its name: another comparison never overwrites this one
+library_dir=$L_library_dir
+report=${report:-$L_reports/finetune_${L_model_tag}_${base##*/}}
 # every scoring run: same dataset, subsets, element library, concept type and sweep
 score() {  # score TAG [--weights FILE]
   local tag=$1; shift
@@ -64,7 +78,8 @@ score() {  # score TAG [--weights FILE]
     --images_per_class "$images_per_class" --elements "$elements" --library "$library" \
     --concept_types "$concept_type" --n_concepts "$n_concepts" --epochs "$score_epochs" --lrs "$score_lrs" \
     --workers "$workers" --device "$device" --out "$base/score/$tag"
-  runs+=("$base/score/$tag/runs/$tag_data/$tag_model/${concept_type}_$elements")
+  ask_layout "$base/score/$tag" "$@"
+  local v="L_run_$concept_type"; runs+=("${!v}")
 }
 
 mkdir -p "$base"
@@ -79,7 +94,7 @@ for seed in $seeds; do
     echo "=== fine-tuning $tag"
     # shellcheck disable=SC2086  # train_layers is a list on purpose
     "$PY" -m IP_training.IP_finetune "${bb[@]}" "${start_weights[@]}" --dataset "$dataset" --data_root "$data_root" \
-      "${sizes[@]}" --elements "$library/$elements" --concept_type "$concept_type" --n_concepts "$n_concepts" \
+      "${sizes[@]}" --elements "$library_dir/$elements" --concept_type "$concept_type" --n_concepts "$n_concepts" \
       --ratio "$ratio" --lambda_interp "$lam" --train_layers $train_layers --refresh "$refresh" --epochs "$epochs" \
       --lr "$lr" --head_lr "$head_lr" --weight_decay "$weight_decay" --batch_size "$batch_size" --seed "$seed" \
       --cache_views "$cache_views" --cache_dir "$base/cache" --workers "$workers" --device "$device" \

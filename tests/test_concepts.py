@@ -1,7 +1,16 @@
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from conftest import REPO
+from utils import store
+from utils.elements import FILL
 from utils.errors import UserError
 from utils.concepts import cluster_centres, select_prototypes
 from utils.heads import End2EndConceptHeads
@@ -58,3 +67,39 @@ def test_end2end_assignment_is_exactly_one_hot_and_learns():
             expected = torch.nn.functional.normalize(elements[ea[:, k].bool()].sum(0), dim=0)
             torch.testing.assert_close(c[0, k], expected)
     assert ea[[0, 5, 10, 15]].argmax(-1).tolist() == [0, 1, 2, 3]   # each seed starts in its own concept
+
+
+def test_exclude_background_leaves_background_elements_out_of_the_concepts(tmp_path):
+    """6 library elements, rows 0, 2, 4 all padding: with --exclude_background the 3 prototypes are rows 1, 3, 5 (rows
+    of the library, not of the kept subset), and the run's key records the flag."""
+    rng = np.random.default_rng(0)
+    lib = tmp_path / "lib"
+    (lib / "c").mkdir(parents=True)
+    rows = []
+    for i in range(6):
+        img = np.full((16, 16, 3), FILL, np.uint8) if i % 2 == 0 else rng.integers(0, 255, (16, 16, 3), np.uint8)
+        Image.fromarray(img).save(lib / "c" / f"{i}.png")
+        rows.append({"file": f"c/{i}.png", "label": i % 3, "class": "abc"[i % 3]})
+    (lib / "index.json").write_text(json.dumps({"elements": rows}))
+    spec = {"name": "m", "arch": "m", "weights": "none", "layer": "l", "pooling": "auto"}
+
+    def entry(name, n, seed, **info):
+        y = np.arange(n) % 3
+        x = (rng.normal(size=(n, 4)) + 3 * np.eye(3, 4)[y]).astype(np.float32)
+        store.write(str(tmp_path / name), {"features": x, "labels": y.astype(np.int64)}, {"backbone": spec, "s": seed},
+                    {"classes": ["a", "b", "c"], "backbone": spec, **info})
+        return str(tmp_path / name)
+    feats = [entry("train", 30, 0), entry("val", 30, 1), entry("el", 6, 2, elements_index=str(lib / "index.json"))]
+
+    def train(out, *extra):
+        r = subprocess.run([sys.executable, "-m", "IP_training.IP_Prototype_training", "--train_features", feats[0],
+                            "--val_features", feats[1], "--concepts", feats[2], "--n_concepts", "3", "--ratios", "0",
+                            "0.5", "--lrs", "0.01", "--epochs", "1", "--device", "cpu", "--out", str(out), *extra],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r, torch.load(os.path.join(out, "heads.pt"), weights_only=True)["concept_rows"].tolist()
+    r, kept = train(tmp_path / "nobg", "--exclude_background")
+    assert sorted(kept) == [1, 3, 5] and "3 of 6 elements are mostly background, left out" in r.stdout
+    assert json.load(open(tmp_path / "nobg" / "results.json"))["key"]["exclude_background"] is True
+    _, every = train(tmp_path / "all")
+    assert sorted(every) != [1, 3, 5] and len(every) == 3

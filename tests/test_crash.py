@@ -296,9 +296,24 @@ def test_library_building_killed_at_every_replacement(script, tmp_path):
         return lambda base: ["-m", "concept_extractor.patch_extractor", "--images", os.path.join(images, "train"),
                              "--images_per_class", str(per_class), "--image_size", "32", "--out_size", "16",
                              "--workers", "1", "--grids", "2", "--out_dir", str(base / "lib")]
-    # a library rebuilt with other settings is wiped first (index.json, its commit point, goes first of all): the old
-    # library is never found intact once the new build started, always rebuilt
-    check_killed_at_every_point(script, tmp_path, patches(1), patches(2), "lib", "library", expect=("rebuilt",))
+    # a finished library is never rebuilt in place (runs may point at it: issue 19): another build over it is one
+    # error line and leaves it byte-identical; a build killed at any replacement resumes to the clean bytes
+    r, points = killed_at(script, 0, tmp_path / "count", *patches(1)(tmp_path / "clean"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    clean = tree(tmp_path / "clean" / "lib")
+    r = script(*patches(2)(tmp_path / "clean"))
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "finished library" in r.stderr, r.stderr[-1500:]
+    assert tree(tmp_path / "clean" / "lib") == clean
+    assert points >= 2
+    for kill in range(1, points + 1):
+        base = tmp_path / f"k{kill}"
+        r, _ = killed_at(script, kill, tmp_path / "count", *patches(1)(base))
+        assert r.returncode == -9, (kill, r.returncode, r.stderr[-1500:])
+        r = script(*patches(1)(base))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert tree(base / "lib") == clean, kill
+        strays = [f for d, ds, fs in os.walk(base) for f in ds + fs if ".tmp-" in f or ".old-" in f]
+        assert not strays, (kill, strays)
 
 
 def test_report_killed_at_every_replacement(script, tmp_path, entries):

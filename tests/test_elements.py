@@ -2,10 +2,12 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from utils.data import get_source
 from utils.elements import crop_masked, grid_boxes, patches, segments, select_masks
+from utils.errors import UserError
 from utils.library import build_library
 
 
@@ -105,8 +107,15 @@ def test_library_index_provenance_resume_and_rekey(image_folder, tmp_path, capsy
     build_library(src, "patches", cut, {"grids": [2]}, out, images_per_class=2, image_size=32)
     assert json.load(open(index))["summary"]["classes_resumed"] == 2
     assert json.load(open(index))["elements"] == rows
-    # other settings: the library is rebuilt, not mixed with the old one
+    # other settings on a finished library: refused in one line (runs may point at it), the library untouched
+    before = open(index, "rb").read()
+    with pytest.raises(UserError, match="finished library cut from other images or with other settings"):
+        build_library(src, "patches", cut, {"grids": [2]}, out, images_per_class=1, image_size=32)
+    assert open(index, "rb").read() == before
+    # an unfinished one (no index yet) with other settings is started again, not mixed with the old one
+    os.remove(index)
     build_library(src, "patches", cut, {"grids": [2]}, out, images_per_class=1, image_size=32)
+    assert "unfinished library with other settings" in capsys.readouterr().out
     assert len(json.load(open(index))["elements"]) == 3 * 1 * 4
 
 
@@ -161,3 +170,20 @@ def test_parallel_extraction_gives_the_same_library(image_folder, tmp_path):
         a = open(os.path.join(tmp_path, "w1", "segments", r["file"]), "rb").read()
         assert a == open(os.path.join(tmp_path, "w2", "segments", r["file"]), "rb").read()
     assert not [p for p in os.listdir(tmp_path / "w2" / "segments") if ".tmp-" in p]
+
+
+def test_mostly_background_elements_are_detected():
+    from utils.elements import FILL, background_measure, is_background
+    rng = np.random.default_rng(0)
+    padded = np.full((40, 40, 3), FILL, np.uint8)
+    padded[:3, :3] = rng.integers(0, 255, (3, 3, 3))                   # 99.4 % fill
+    black = np.full((40, 40, 3), FILL, np.uint8)
+    black[5:35, 5:35] = 2                                               # Fashion-MNIST's surround: one flat region
+    black[10:12, 10:12] = 200                                           # a few garment pixels: 4 of 900
+    texture = rng.integers(0, 255, (40, 40, 3)).astype(np.uint8)        # a real part of an object
+    assert background_measure(padded)[0] == pytest.approx(1 - 9 / 1600)
+    assert background_measure(black) == pytest.approx((700 / 1600, 896 / 900))
+    assert is_background(padded) and is_background(black) and not is_background(texture)
+    half = texture.copy()
+    half[:, :20] = FILL                                                 # half fill, half texture: kept
+    assert not is_background(half) and not is_background(Image.fromarray(texture).convert("L"))

@@ -70,12 +70,12 @@ def test_one_pass_writes_the_entries_of_separate_runs_byte_for_byte(image_folder
     for config, tag in models:
         name, _, layer = config.partition(":")
         extract("--model_config", name, *(["--layer", layer] if layer else []),
-                "--out", str(tmp_path / "single" / tag / "val"), *common)
-        multi = entry_bytes(tmp_path / "multi" / tag / "val")
+                "--out", str(tmp_path / "single" / f"{tag}+none" / "val"), *common)
+        multi = entry_bytes(tmp_path / "multi" / f"{tag}+none" / "val")   # +none: --weights overrides the configs
         assert set(multi) == {"features.npy", "labels.npy", "indices.npy", "meta.json"}
-        assert multi == entry_bytes(tmp_path / "single" / tag / "val"), tag
-    a, _ = store.read(str(tmp_path / "multi" / "resnet18@layer3" / "val"))
-    b, _ = store.read(str(tmp_path / "multi" / "resnet18@layer4" / "val"))
+        assert multi == entry_bytes(tmp_path / "single" / f"{tag}+none" / "val"), tag
+    a, _ = store.read(str(tmp_path / "multi" / "resnet18@layer3+none" / "val"))
+    b, _ = store.read(str(tmp_path / "multi" / "resnet18@layer4+none" / "val"))
     assert a["features"].shape == (9, 256) and b["features"].shape == (9, 512)
     # the separate runs' entries are found up to date by a pass over the same layout: nothing is decoded or run
     counters["decoded"], counters["forwards"] = 0, {}
@@ -95,13 +95,13 @@ def test_out_names_and_refused_target_lists():
         dfe.out_paths("f/{modle}", ["a"], "train", "d")
     assert model_tag("model_configs/resnet50.yaml", None) == "resnet50"
     assert model_tag("timm:resnet18", "layer2") == "timm_resnet18@layer2"
-    # the runners' folder names come from the same rule (scripts/model_tag.py), not from a copy of it in bash
+    # the runners' folder names come from the same rule (scripts/layout.py, utils/layout.py), not a copy in bash
     for argv, tag in ((["model_configs/resnet50.yaml"], "resnet50"), (["timm:resnet18", "--layer", "layer2"],
                                                                       "timm_resnet18@layer2"),
                       (["timm:hf-hub:org/vit_x.a", "--layer", ""], "vit_x.a")):
-        r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "model_tag.py"), *argv], capture_output=True,
-                           text=True, timeout=60)
-        assert (r.returncode, r.stdout) == (0, tag + "\n"), r.stderr
+        r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "layout.py"), "--model", *argv],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and f"\nmodel_tag={tag}\n" in r.stdout, r.stderr
     parse = dfe.get_args_parser().parse_args
     tags = [t for t, _ in dfe.targets(parse(["--model_config", "resnet18", "swin_t:features.3", "--layer", "layer2",
                                              "layer3", "--out", "o"]))]
@@ -227,8 +227,8 @@ def test_decoded_copy_path_gives_the_pil_features_for_its_own_preprocessing(imag
     assert images["images"].shape == (9, 224, 224, 3) and meta["key"]["plan"] == {"resize": 256, "crop": 224,
                                                                                   "interpolation": "bilinear"}
     for layer in ("layer3", "layer4"):
-        a, ma = store.read(str(tmp_path / "pil" / f"resnet18@{layer}" / "val"))
-        b, mb = store.read(str(tmp_path / "cache" / f"resnet18@{layer}" / "val"))
+        a, ma = store.read(str(tmp_path / "pil" / f"resnet18@{layer}+none" / "val"))
+        b, mb = store.read(str(tmp_path / "cache" / f"resnet18@{layer}+none" / "val"))
         np.testing.assert_array_equal(a["features"], b["features"])            # bit-identical on CPU
         np.testing.assert_array_equal(a["labels"], b["labels"])
         assert ma["key_hash"] != mb["key_hash"] and mb["key"]["decode"]["crop"] == 224   # keyed apart
@@ -238,4 +238,4 @@ def test_decoded_copy_path_gives_the_pil_features_for_its_own_preprocessing(imag
     extract(*common[:3], "layer2", *common[5:], "--out", str(tmp_path / "cache2" / "{model}" / "{split}"),
             "--decode", "cache", "--decode_cache", str(tmp_path / "dec"))
     assert counters["decoded"] == 0 and f"{copy} is up to date" in capsys.readouterr().out
-    assert store.read(str(tmp_path / "cache2" / "resnet18@layer2" / "val"))[0]["features"].shape == (9, 128)
+    assert store.read(str(tmp_path / "cache2" / "resnet18@layer2+none" / "val"))[0]["features"].shape == (9, 128)

@@ -12,7 +12,7 @@ import pytest
 
 from concept_extractor import dataset_feature_extractor as dfe
 from conftest import REPO, make_image_folder
-from utils import compat, fileio, store
+from utils import compat, fileio, layout, store
 from utils.errors import UserError
 
 SCRIPTS = {"segment_extractor": "concept_extractor", "patch_extractor": "concept_extractor",
@@ -262,8 +262,8 @@ def test_runners_use_the_venv_without_activation(tmp_path):
     env = plain_shell_env()
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r"^IIS = \d\.\d{4}\b", r.stdout, re.M) and (tmp_path / "runs" / "prototype_segments" /
-                                                                "iis.json").is_file()
+    assert re.search(r"^row 1 = .*: IIS = \d\.\d{4}\b", r.stdout, re.M) and (tmp_path / "runs" / layout.run_name(
+        "prototype", "segments", epochs=2, n_concepts=6) / "iis.json").is_file()
     assert no_warning(r.stderr)
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60,
                        env=dict(env, PYTHON=str(tmp_path / "no-python")))            # PYTHON still overrides
@@ -326,7 +326,8 @@ def test_original_readme_sequence_gets_an_iis(checkout):
                            env=plain_shell_env())
         assert r.returncode == 0, f"{argv[0]}: {r.stderr[-3000:]}"
         assert no_warning(r.stderr), r.stderr[-3000:]
-    assert re.search(r"resnet18@layer4 prototype .*\nresnet18@layer4 text .*\n(.*\n)*IIS = \d\.\d{4}", r.stdout), r.stdout
+    assert re.search(r"1\s+resnet18@layer4 prototype .*\n2\s+resnet18@layer4 text .*\n(.*\n)*row 2 = resnet18@layer4 text "
+                     r".*: IIS = \d\.\d{4}", r.stdout), r.stdout
     for run in ("IP_training/IP_Prototype/resnet18", "IP_training/output"):
         scored = fileio.read_json(str(checkout / run / "iis.json"))
         assert scored["meta"]["n_train"] == 18 and scored["meta"]["n_val"] == 9 and scored["meta"]["layer"] == "layer4"
@@ -352,4 +353,4 @@ def test_original_runner_names_do_the_same_job(checkout):
         out += r.stdout
     # elements, element embeddings, train and val features, CLIP text/train/val, two trainings
     assert out.count("up to date") == 1 + 1 + 2 + 3 + 2, out
-    assert re.search(r"^IIS = \d\.\d{4} .*\(first run\)$", out, re.M)
+    assert re.search(r"^row 1 = .*: IIS = \d\.\d{4} ", out, re.M)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from utils import stats
-from utils.report import correlation_summary, correlations, plot_curves, plot_scatter, table_rows, write_table
+from utils.report import (common_label, correlation_summary, correlations, corr_line, plot_curves, plot_scatter,
+                          table_rows, write_table)
 
 
 def test_fisher_z_interval_by_hand():
@@ -42,8 +43,9 @@ def test_chance_level_runs_are_left_out_of_the_correlations():
 def test_figures_render_with_bands_error_bars_and_hollow_points(tmp_path):
     rows = [row(f"b{i}", 60 + 5 * i, 0.80 + 0.02 * i, lo=0.79 + 0.02 * i, hi=0.81 + 0.02 * i) for i in range(4)]
     rows += [row("rand", 11.0, 0.985, flag="yes", lo=0.9, hi=1.05, ct="cluster"), row("old", 70.0, 0.9)]
-    path, corr = plot_scatter(rows, str(tmp_path / "scatter.png"))
-    assert corr["n"] == 5 and corr["left_out"] == 1
+    corr = correlation_summary(rows)
+    assert corr["n"] == 5 and corr["left_out"] == 1 and corr["reason"] is None
+    assert plot_scatter(rows, str(tmp_path / "scatter.png"), corr).endswith("scatter.png")
     ratios = [0.0, 0.5, 0.9]
     s = {"iis": 0.7, "ratios": ratios, "normalised": [1.0, 0.8, 0.5], "chance_level": False,
          "interval": {"normalised": [[0.95, 0.75, 0.4], [1.02, 0.85, 0.6]], "iis": [0.65, 0.75], "level": 0.95}}
@@ -65,4 +67,38 @@ def test_table_leaves_missing_values_empty(tmp_path):
     out = list(csv.DictReader(open(tmp_path / "r.csv")))[0]
     assert out["iis"] == "0.9" and out["iis_lo"] == "" and out["chance_level"] == "" and out["top1@0.5"] == "60.0"
     md = open(tmp_path / "r.md").read().splitlines()
-    assert md[0].startswith("| backbone | weights | layer") and "| 0.9 | – |" in md[2]
+    assert md[0].startswith("| # | backbone | weights | layer | dataset | n_train | n_val | concept_type | chosen on")
+    assert "| 0.9 | – |" in md[2]
+
+
+def test_a_correlation_needs_three_distinct_accuracies_and_one_val_set(tmp_path):
+    three = [row(f"b{i}", 60 + 5 * i, 0.80 + 0.02 * i) for i in range(3)]
+    assert correlation_summary(three)["pearson"] == pytest.approx(1.0)
+    two = [row("a", 60, 0.8), row("b", 60, 0.9), row("c", 70, 0.85)]           # 2 distinct top-1 values
+    c = correlation_summary(two)
+    assert c["pearson"] is None and "2 distinct standard top-1 values" in c["reason"] and c["no_scatter"] is None
+    assert corr_line(c).startswith("no correlation: 2 distinct")
+    same = [row("a", 60, 0.8), row("b", 60, 0.9)]                               # one x: no scatter at all
+    c = correlation_summary(same)
+    assert c["no_scatter"] and plot_scatter(same, str(tmp_path / "s.png"), c) is None
+    assert not (tmp_path / "s.png").exists()
+    # runs on 2000/1000 and on 500/300 images: never one correlation, even with many distinct accuracies
+    mixed = [dict(row(f"b{i}", 60 + 5 * i, 0.9 - 0.02 * i), n_val=1000 if i < 3 else 300) for i in range(6)]
+    c = correlation_summary(mixed)
+    assert c["pearson"] is None and "2 different val sets" in c["reason"] and "n_val 300" in c["reason"]
+
+
+def test_common_label_goes_to_the_title():
+    assert common_label(["e@p prototype", "e@p cluster", "e@p end2end"]) == ("e@p", ["prototype", "cluster", "end2end"])
+    assert common_label(["only one"]) == ("", ["only one"])
+
+
+def test_what_a_concept_responds_to_and_how_a_contribution_arises():
+    from utils.explanations import evidence, responds_to
+    acts = np.array([0.1, 0.9, 0.8, 0.5, -2.0])
+    assert responds_to(acts, [0, 1, 1, 2, 0], ["T-shirt", "Trouser", "Bag"], top=3) == "Trouser 2/3, Bag 1/3"
+    assert evidence(-0.14, -2.98).startswith("absence evidence for the class: the image does NOT look like")
+    assert evidence(0.5, 1.0).startswith("presence evidence for the class")
+    assert evidence(0.5, -1.0).startswith("presence evidence against the class")
+    assert evidence(-0.5, 1.0).startswith("absence evidence against the class")
+    assert evidence(0.0, 1.0).startswith("masked out")

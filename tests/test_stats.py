@@ -1,8 +1,10 @@
 """Known answers for the statistics behind an IIS: bootstrap intervals, paired comparisons, chance level and the
 chance-corrected score, the per-seed scoring rule (selection, diverged heads) and what iis_computing.py writes."""
 import csv
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -59,7 +61,27 @@ def test_bootstrap_accuracies_are_those_of_the_drawn_samples():
     acc, chance = stats.bootstrap_accuracies(correct, labels, n_boot=7, seed=11)
     idx = np.random.default_rng(11).integers(0, 50, size=(7, 50))   # one chunk: the whole draw
     assert np.allclose(acc, 100 * correct[:, idx].mean(2).T)
-    assert np.allclose(chance, [100 * np.bincount(labels[i], minlength=3).max() / 50 for i in idx])
+    majority = np.bincount(labels).argmax()        # the whole val set's majority answer, held fixed like a head
+    assert np.allclose(chance, [100 * (labels[i] == majority).mean() for i in idx])
+
+
+def test_chance_corrected_point_lies_inside_its_interval_on_30_samples():
+    """The reported bug: 30 val samples, a standard probe just above chance (11/30 against 10/30) and concept heads
+    at or above it: the point chance-corrected IIS is 0.98 (every ratio clipped at 1). Each resample's chance level
+    used to be that resample's majority rate, whose mean is ~43 % here, not 33 %: most resamples then had their
+    standard probe 'below chance' (curve 0) and the interval came out [0, 0.82], the point outside it."""
+    labels = np.repeat([0, 1, 2], 10)
+    right = [[1, 4, 6, 9, 10, 20, 21, 22, 23, 25, 26],                     # the standard probe: 11 right
+             [0, 2, 4, 8, 11, 14, 17, 18, 19, 20, 22, 23, 24, 28, 29],     # concept heads at the 3 ratios: 15,
+             [0, 3, 5, 7, 8, 9, 10, 12, 13, 21, 22, 25, 28],               # 13
+             [1, 4, 5, 6, 7, 8, 12, 18, 21, 23, 24]]                       # and 11 right
+    correct = np.stack([np.isin(np.arange(30), r) for r in right])
+    st, samples = stats.run_statistics(correct, np.array([[0, 1, 2, 3]]), [0.0, 0.5, 0.98], labels, n_boot=2000)
+    assert st["chance"] == pytest.approx(100 / 3) and st["iis_chance_corrected"] == pytest.approx(0.98)
+    lo, hi = st["iis_chance_corrected_interval"]
+    assert lo <= st["iis_chance_corrected"] <= hi and hi == pytest.approx(0.98)
+    assert abs(samples["chance"].mean() - 100 / 3) < 1.0        # unbiased: the majority answer's mean accuracy
+    assert st["chance_level"] is True                            # 11 vs 10 of 30 right: not shown to beat chance
 
 
 def test_interval_width_matches_the_binomial_standard_error():
@@ -307,7 +329,8 @@ def test_iis_json_and_report_carry_what_stats_computes(scored_runs):
     assert [r["chance_level"] for r in rows] == ["no", "no", "no", "yes"] and "(chance-level)" in md
     out = scored_runs["out"].stdout
     assert "chance-level: planted@rand prototype: standard top-1" in out
-    assert "over 3 runs, 1 chance-level left out" in out
+    # A and B share their standard probe: 2 distinct top-1 values, too few for a correlation
+    assert "IIS vs standard top-1: no correlation: 2 distinct standard top-1 values among the 3 runs" in out
 
 
 def test_report_gives_paired_verdicts_between_neighbouring_rows(scored_runs):
@@ -358,3 +381,65 @@ def test_cli_refuses_a_ratio_whose_every_head_diverged(tmp_path):
     labels = balanced_labels(200)
     heads = [dict(h, diverged=2) if h["ratio"] == 0.9 else h for h in planted_heads(labels, 85, CURVE)]
     one_error_line(cli(write_run(str(tmp_path / "d"), heads, labels)), "every head of sparsity 0.9", "diverged")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# degenerate data and mixed val sets
+# ---------------------------------------------------------------------------------------------------------------------
+def test_three_classes_of_ten_images_are_flagged(tmp_path):
+    """The issue's 3-class run: 30 train images (epochs and lrs chosen on 1 held-out image per class), 30 val images,
+    standard top-1 16.7 % at chance 33 %: every flag is printed, stored in iis.json and shown in the report."""
+    labels = balanced_labels(30, 3)
+    heads = random_heads(labels, 3, rng=np.random.default_rng(4))
+    folder = write_run(str(tmp_path / "tiny"), heads, labels, n_classes=3,
+                       meta={"n_train": 30, "select_on": "holdout", "classes": ["a", "b", "c"]})
+    big = write_run(str(tmp_path / "big"), planted_heads(balanced_labels(3000), 85, CURVE,
+                                                         rng=np.random.default_rng(5)), balanced_labels(3000),
+                    val_samples="fedcba9876543210", meta={"n_train": 2000})
+    r = cli(folder, big, "--bootstrap", 200, "--report", tmp_path / "report")
+    assert r.returncode == 0, r.stderr
+    codes = [f["code"] for f in json.load(open(os.path.join(folder, "iis.json")))["flags"]]
+    assert codes[:2] == ["few-dev", "few-val"] and json.load(open(os.path.join(big, "iis.json")))["flags"] == []
+    assert "flag (few-dev): planted@tiny prototype: epochs and lrs chosen on about 1 held-out train samples per " \
+           "class" in r.stdout
+    assert "flag (few-val): planted@tiny prototype: 30 val samples, 10 per class" in r.stdout
+    # two val sets: said, and no correlation across them
+    assert "note: these runs were scored on 2 different val sets" in r.stdout
+    assert "no correlation: the runs were scored on 2 different val sets" in r.stdout
+    md = open(tmp_path / "report" / "report.md").read()
+    assert "| few-dev few-val" in md and "* row 1 flag few-val: 30 val samples" in md
+    assert "| 30 | 30 | prototype | holdout |" in md and "| 2000 | 3000 | prototype | val |" in md
+    rows = list(csv.DictReader(open(tmp_path / "report" / "report.csv")))
+    assert [(r["n_train"], r["n_val"], r["select_on"]) for r in rows] == [("30", "30", "holdout"),
+                                                                           ("2000", "3000", "val")]
+
+
+def test_several_runs_write_nothing_outside_their_folders(tmp_path):
+    labels = balanced_labels(300)
+    runs = [write_run(str(tmp_path / "runs" / n), planted_heads(labels, 85, CURVE, rng=np.random.default_rng(k)),
+                      labels) for k, n in enumerate("ab")]
+    before = set(os.listdir(tmp_path)) | set(os.listdir(tmp_path / "runs"))
+    r = cli(*runs, "--bootstrap", 0)
+    assert r.returncode == 0, r.stderr
+    assert set(os.listdir(tmp_path)) | set(os.listdir(tmp_path / "runs")) == before     # no iis_compare.png
+    assert "give --plot PNG or --report DIR for one plot of all" in r.stdout
+    assert all(os.path.isfile(os.path.join(d, "iis_curve.png")) for d in runs)
+    bad = cli(os.path.join(runs[0], "iis_curve.png"))                  # a glob that caught a plot: one line
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "is not a results file (not JSON)" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert re.search(r"^row 2 = planted@b prototype on synthetic \(n_train 100, n_val 300, chosen on val\): IIS = ",
+                     r.stdout, re.M)
+
+
+def test_a_checkpoint_is_labelled_apart_from_the_pretrained_weights(tmp_path):
+    ckpt = tmp_path / "ft" / "interp1_seed0" / "backbone.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights")
+    labels = balanced_labels(300)
+    run = write_run(str(tmp_path / "r"), planted_heads(labels, 85, CURVE, rng=np.random.default_rng(1)), labels,
+                    meta={"weights": str(ckpt)})
+    r = cli(run, "--bootstrap", 0)
+    digest = hashlib.sha256(b"weights").hexdigest()[:8]
+    assert r.returncode == 0 and f"planted@r ft:{digest} prototype" in r.stdout, r.stdout
+    ckpt.unlink()                                                   # moved away: the folder's name instead
+    assert "planted@r ft:interp1_seed0 prototype" in cli(run, "--bootstrap", 0).stdout

@@ -96,6 +96,9 @@ def is_class_folder_dir(path):
 
 
 def _data_root(v, ctx):
+    if not os.path.exists(v):   # never a download into it, nor another dataset in its place
+        raise UserError(f"--data_root {v}: no such folder; give a folder of class folders of images (the original's "
+                        f"layout, e.g. datasets/imagenet/val), or --dataset NAME for a named dataset")
     return ["--images", v] if is_class_folder_dir(v) else ["--data_root", v]
 
 

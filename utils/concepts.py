@@ -1,6 +1,10 @@
 """Concept vectors from element embeddings."""
-import numpy as np
+import os
 
+import numpy as np
+from PIL import Image
+
+from .elements import is_background
 from .errors import UserError
 
 SELECTIONS = ("first", "random", "balanced")
@@ -51,3 +55,10 @@ def cluster_centres(embeddings, k, seed=0):
     if d is None:  # large pools: distance by blocks of centres to bound memory
         d = np.concatenate([((x[None] - c[:, None]) ** 2).sum(-1) for c in np.array_split(centres, max(1, k // 16))])
     return centres, d.argmin(1).astype(np.int64)
+
+
+def background_rows(index):
+    """Boolean (N,) over an element library's rows (``index``: its parsed index.json, ``root``: its folder): True
+    where the element image is mostly background (utils/elements.is_background)."""
+    return np.array([is_background(Image.open(os.path.join(index["root"], e["file"])).convert("RGB"))
+                     for e in index["elements"]], dtype=bool)

@@ -6,7 +6,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from PIL import Image
+
 from . import iis, results, store
+from .elements import is_background
 from .errors import UserError
 from .fileio import file_digest
 from .validate import check_element_index
@@ -107,14 +110,15 @@ class Run:
         return module.activations(x)[0], module.masked_activations(x)[0], module(x)[0]
 
     def concept_name(self, h, k):
-        """Words for text concepts; for visual ones the class and source of the element behind the concept."""
+        """Words for text concepts; for visual ones where the element behind the concept was cut from (its image's
+        class, method and scale). What a concept responds to is :func:`responds_to`."""
         if self.text:
             return self.meta["concepts"][k]
         row = self.element_row(h, k)
         if row is None or self.elements is None:
             return f"concept {k}"
         e = self.elements[row]
-        return f"#{k}: {e['class']} ({e['method']} s{e['scale']})"
+        return f"#{k}: cut from {e['class']} ({e['method']} s{e['scale']})"
 
     def element_row(self, h, k):
         """The element index row that shows concept k: the prototype itself, the element nearest a cluster centre,
@@ -139,6 +143,45 @@ class Run:
         if row is None or self.elements is None:
             return None
         return os.path.join(os.path.dirname(self.meta["elements"]), self.elements[row]["file"])
+
+    def element_paths(self, h, k, limit=12):
+        """Every element image behind concept k, the shown one first: one for Prototype and Cluster concepts, all the
+        pool elements assigned to it (up to ``limit``) for an End-to-end one."""
+        first = self.element_path(h, k)
+        if first is None or "assignment" not in self.t:
+            return [first] if first else []
+        rows = self.t["concept_rows"]
+        rows = rows[self._group(h)] if rows.ndim == 2 else rows
+        members = [int(rows[m]) for m in torch.nonzero(self.t["assignment"][h] == k).flatten()]
+        root = os.path.dirname(self.meta["elements"])
+        rest = [os.path.join(root, self.elements[r]["file"]) for r in members]
+        return [first] + [p for p in rest if p != first][:limit - 1]
+
+    def is_background(self, h, k):
+        """True when the element image shown for concept k is mostly background (utils/elements.is_background)."""
+        path = self.element_path(h, k)
+        return bool(path) and is_background(Image.open(path).convert("RGB"))
+
+
+def responds_to(acts, labels, classes, top=10):
+    """What a concept responds to: the classes of the ``top`` val images that activate it most, commonest first,
+    e.g. 'Trouser 8/10, Dress 2/10'."""
+    order = torch.argsort(torch.as_tensor(acts), descending=True)[:top].numpy()
+    counts = np.bincount(np.asarray(labels)[order], minlength=len(classes))
+    return ", ".join(f"{classes[c]} {counts[c]}/{len(order)}" for c in np.argsort(-counts, kind="stable")
+                     if counts[c])
+
+
+def evidence(activation, weight):
+    """How a contribution arises, in words: the sign of the activation (does the image look like the concept) and of
+    the class weight (does the class want it)."""
+    if activation == 0 or weight == 0:
+        return "masked out or unused: no contribution"
+    look = "looks like the concept" if activation > 0 else "does NOT look like the concept"
+    want = "which the class counts for it" if weight > 0 else "whose presence the class counts against it"
+    kind = ("presence evidence" if activation > 0 else "absence evidence") + \
+        (" for" if activation * weight > 0 else " against") + " the class"
+    return f"{kind}: the image {look}, {want}"
 
 
 def contributions(run, h, x):

@@ -211,3 +211,43 @@ def beats_standard(s, correct, rows, n_boot, boot_seed, level):
                      f"{worst['difference']:+.2f} points [{worst['interval'][0]:+.2f}, {worst['interval'][1]:+.2f}]): "
                      f"the standard accuracy is not the features' linear classifiability and the IIS is inflated "
                      f"(docs/protocols.md, the standard probe)"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Degenerate data: flags printed, stored in iis.json and shown in reports beside the chance level
+# ---------------------------------------------------------------------------------------------------------------------
+MIN_DEV_PER_CLASS = 5     # below this, a held-out epoch/lr choice is a coin toss between neighbouring heads
+MIN_VAL = 100             # below these, a 95 % interval spans tens of points: it cannot separate runs
+MIN_VAL_PER_CLASS = 10
+
+
+def data_flags(results, scored):
+    """[(code, line)] of what makes this score shaky: ``few-dev`` (epochs and lrs chosen on fewer than
+    MIN_DEV_PER_CLASS held-out samples per class), ``few-val`` (fewer than MIN_VAL val samples or MIN_VAL_PER_CLASS
+    per class), ``at-chance`` (the standard probe or concept heads at some ratios at or below the chance level)."""
+    meta, key = results.get("meta", {}), results.get("key", {})
+    n_classes = len(meta.get("classes") or []) or None
+    flags = []
+    n_train, n_val = meta.get("n_train"), meta.get("n_val") or scored.get("n_val")
+    if meta.get("select_on", key.get("select_on")) == "holdout" and n_train and n_classes:
+        fraction = key.get("holdout_fraction") or 0.1
+        dev = max(int(round(fraction * n_train / n_classes)), 1)
+        if dev < MIN_DEV_PER_CLASS:
+            flags.append(("few-dev", f"epochs and lrs chosen on about {dev} held-out train samples per class "
+                                     f"(fewer than {MIN_DEV_PER_CLASS}; {n_train} train samples, {n_classes} classes)"))
+    if n_val and (n_val < MIN_VAL or (n_classes and n_val / n_classes < MIN_VAL_PER_CLASS)):
+        per = f", {n_val / n_classes:.0f} per class" if n_classes else ""
+        iv = (scored.get("interval") or {}).get("iis")
+        width = f": the IIS interval is {iv[1] - iv[0]:.2f} wide" if iv else ""
+        flags.append(("few-val", f"{n_val} val samples{per} (fewer than {MIN_VAL}, or {MIN_VAL_PER_CLASS} per "
+                                 f"class){width}; differences between runs on so few samples mean little"))
+    chance = scored.get("chance")
+    if chance is not None:
+        low = [r for r, a in zip(scored["ratios"], scored["accuracies"]) if a <= chance]
+        if scored["standard_accuracy"] <= chance:
+            flags.append(("at-chance", f"the standard probe ({scored['standard_accuracy']:.1f} %) is at or below "
+                                       f"chance ({chance:.1f} %)"))
+        elif low:
+            shown = ", ".join(f"{r:g}" for r in low[:6]) + (" ..." if len(low) > 6 else "")
+            flags.append(("at-chance", f"concept heads at or below chance ({chance:.1f} %) at s = {shown}"))
+    return flags

@@ -1,7 +1,8 @@
 """Element libraries on disk: visual elements cut from a few seeded images per class of a dataset (in parallel
 processes, byte-for-byte the same for any number of them), resumable class by class, with an index of every element.
 
-    <out_dir>/<method>/manifest.json            key of the library being built (a different key wipes the folder)
+    <out_dir>/<method>/manifest.json            key of the library being built (an unfinished one with another key
+                                                is started again; a finished one is never rebuilt in place)
     <out_dir>/<method>/<class>/elements.json    {"rows": [...], "skipped": [[why, what], ...]} of that class;
                                                 present only once the class folder is complete
     <out_dir>/<method>/<class>/*.png            element images
@@ -128,19 +129,23 @@ def build_library(source, method, cut, params, out_dir, images_per_class=10, see
     h = key_hash(key)
     for p in (index_path, manifest_path):
         remove_strays(p)                  # temp files of a killed run
-    if _key_hash_of(index_path) == h:
+    old = _key_hash_of(index_path)
+    if old == h:
         try:
             check_element_index(index_path)
             print(f"{index_path} is up to date")
             return index_path
         except UserError as e:
             print(f"{e}: rebuilding it")
-    elif os.path.exists(index_path) and _key_hash_of(index_path) is None:
+    elif os.path.exists(index_path) and old is None:
         print(f"{index_path} is damaged (not a JSON object with a key_hash): rebuilding the library")
+    elif os.path.exists(index_path):  # finished with another key: runs may point at it, so it is never rebuilt in place
+        raise UserError(f"{root} holds a finished library cut from other images or with other settings; give another "
+                        f"--out_dir (the runners key it by dataset, images per class and seed), or delete it")
     if os.path.exists(index_path):     # the commit point goes first: a kill from here on leaves no library
         os.remove(index_path)
     if os.path.exists(manifest_path) and _key_hash_of(manifest_path) != h:
-        print(f"{root} was built with other settings: rebuilding it")
+        print(f"{root} is an unfinished library with other settings: starting it again")
         shutil.rmtree(root)
     atomic_write_json(manifest_path, {"key": key, "key_hash": h})
 

@@ -26,36 +26,73 @@ def save_png(fig, path):
     return os.path.abspath(path)
 
 
-def plot_curves(scored, path, title="Accuracy kept under sparsity"):
-    """One PNG: accuracy / standard accuracy against sparsity ratio, one line per scored run, IIS in the legend.
+MARKERS = "osD^vPX*<>"
+STYLES = ("-", "--", "-.", (0, (3, 1, 1, 1, 1, 1)))   # dotted ':' is kept for chance-level runs
 
-    A run with a bootstrap interval gets a shaded band (the per-ratio interval of its normalised curve); a single run
-    without one keeps the shaded area under its curve (the area is the IIS)."""
+
+def common_label(labels):
+    """(the words every label shares, each label's own words): the shared part goes into a figure's title."""
+    words = [lbl.split() for lbl in labels]
+    common = [w for w in words[0] if all(w in ws for ws in words[1:])] if len(words) > 1 else []
+    own = [" ".join(w for w in ws if w not in common) or " ".join(ws) for ws in words]
+    return " ".join(common), own
+
+
+def data_title(scored):
+    """'fashion_mnist, n_train 2000, n_val 1000' when every run shares them, else each value list."""
+    parts = []
+    for key in ("dataset", "n_train", "n_val"):
+        vals = sorted({str((s.get("meta") or {}).get(key)) for _, s in scored} - {"None"}, key=lambda v: (len(v), v))
+        if vals:
+            parts.append(f"{key + ' ' if key != 'dataset' else ''}{' / '.join(vals)}")
+    return ", ".join(parts)
+
+
+def plot_curves(scored, path, title="Accuracy kept under sparsity", caveat=None):
+    """One PNG: accuracy / standard accuracy against sparsity ratio, one line per scored run (its own marker and line
+    style), IIS in the legend, the data and the labels' common part in the title, the y range fitted to the data.
+
+    The dashed line at 1.0 is the ceiling: a curve at 1.0 over the whole grid has IIS = the grid's width (0.98 for
+    the default grid), the maximum. A run with a bootstrap interval gets a shaded band (the per-ratio interval of its
+    normalised curve); a single run without one keeps the shaded area under its curve (the area is the IIS)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    top = 1.05
-    for label, s in scored:
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    common, own = common_label([lbl for lbl, _ in scored])
+    sizes = {((s.get("meta") or {}).get("n_train"), (s.get("meta") or {}).get("n_val")) for _, s in scored}
+    if len(sizes) > 1:   # runs on other subsets: each label says which
+        own = [f"{name} (n {(s.get('meta') or {}).get('n_train')}/{(s.get('meta') or {}).get('n_val')})"
+               for name, (_, s) in zip(own, scored)]
+    lo, hi = 1.0, 1.0
+    for i, ((_, s), name) in enumerate(zip(scored, own)):
         band = (s.get("interval") or {}).get("normalised")
         iv = (s.get("interval") or {}).get("iis")
-        text = f"{label}  (IIS {s['iis']:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "") + \
-            (", chance-level" if s.get("chance_level") else "") + ")"
-        line, = ax.plot(s["ratios"], s["normalised"], marker="o", ms=4, label=text,
-                        ls=":" if s.get("chance_level") else "-")
+        text = f"{name}: IIS {s['iis']:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "") + \
+            (" (chance-level)" if s.get("chance_level") else "")
+        line, = ax.plot(s["ratios"], s["normalised"], marker=MARKERS[i % len(MARKERS)], ms=4, label=text,
+                        ls=":" if s.get("chance_level") else STYLES[i % len(STYLES)])
+        lo, hi = min(lo, *s["normalised"]), max(hi, *s["normalised"])
         if band:
-            ax.fill_between(s["ratios"], band[0], band[1], color=line.get_color(), alpha=0.2, lw=0)
-            top = max(top, max(band[1]) + 0.05)
+            ax.fill_between(s["ratios"], band[0], band[1], color=line.get_color(), alpha=0.15, lw=0)
+            lo, hi = min(lo, *band[0]), max(hi, *band[1])
         elif len(scored) == 1:
             ax.fill_between(s["ratios"], s["normalised"], alpha=0.15)
-        top = max(top, max(s["normalised"]) + 0.05)
+    ratios = scored[0][1]["ratios"]
+    width = max(ratios) - min(ratios)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.annotate(f"1.0 = standard top-1 (the ceiling: IIS max = {width:g}, the grid's width)", (min(ratios), 1.0),
+                xytext=(2, 3), textcoords="offset points", fontsize=7, color="grey")
+    pad = max(0.02, 0.08 * (hi - lo))
+    ax.set_ylim(max(0.0, lo - pad) if len(scored) > 1 or lo > 0.5 else 0.0, hi + 1.5 * pad)
     ax.set_xlabel("sparsity ratio s (fraction of concepts zeroed per sample)")
     ax.set_ylabel("top-1 at s / standard top-1")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, top)
+    ax.set_xlim(min(0.0, min(ratios)) - 0.02, max(ratios) + 0.02)
+    full = title + (f": {common}" if common else "") + f"\n{data_title(scored)}"
     if any((s.get("interval") or {}).get("normalised") for _, s in scored):
         lv = next(s["interval"]["level"] for _, s in scored if s.get("interval"))
-        title += f"\n(bands: {100 * lv:g} % bootstrap interval over val samples)"
-    ax.set_title(title, fontsize=10)
+        full += f"; bands: {100 * lv:g} % bootstrap interval over val samples"
+    if caveat:
+        full += "\nNOT PAIRED: runs on different val sets"
+    ax.set_title(full, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7 if len(scored) > 6 else 8, loc="lower left")
     fig.tight_layout()
@@ -65,9 +102,9 @@ def plot_curves(scored, path, title="Accuracy kept under sparsity"):
 # ---------------------------------------------------------------------------------------------------------------------
 # Comparison reports
 # ---------------------------------------------------------------------------------------------------------------------
-COLUMNS = ("backbone", "weights", "layer", "dataset", "concept_type", "seeds", "standard_top1", "standard_lo",
-           "standard_hi", "chance", "chance_level", "iis", "iis_std", "iis_lo", "iis_hi", "iis_cc", "iis_cc_lo",
-           "iis_cc_hi")
+COLUMNS = ("backbone", "weights", "layer", "dataset", "n_train", "n_val", "val_set", "concept_type", "select_on",
+           "seeds", "standard_top1", "standard_lo", "standard_hi", "chance", "chance_level", "flags", "iis", "iis_std",
+           "iis_lo", "iis_hi", "iis_cc", "iis_cc_lo", "iis_cc_hi")
 FLOOR_COLUMNS = ("floor", "floor_std", "lift", "lift_lo", "lift_hi", "lift_p")
 VERSUS = ("vs_next", "vs_next_diff", "vs_next_lo", "vs_next_hi", "vs_next_p")
 
@@ -94,8 +131,12 @@ def table_rows(scored, comparisons=None):
     for i, (_, s) in enumerate(scored):
         m = s["meta"]
         iv = s.get("interval") or {}
-        row = {"backbone": m.get("backbone"), "weights": m.get("weights"), "layer": m.get("layer"),
-               "dataset": m.get("dataset"), "concept_type": m.get("concept_type"), "seeds": len(s.get("seeds", [0])),
+        row = {"backbone": m.get("backbone"), "weights": m.get("weights_label") or m.get("weights"),
+               "layer": m.get("layer"), "dataset": m.get("dataset"), "n_train": m.get("n_train"),
+               "n_val": m.get("n_val"), "val_set": (m.get("val_samples") or "")[:8] or None,
+               "concept_type": m.get("concept_type"), "select_on": m.get("select_on"),
+               "flags": " ".join(f["code"] for f in s.get("flags") or []) or None, "_flags": s.get("flags") or [],
+               "seeds": len(s.get("seeds", [0])),
                "standard_top1": round(s["standard_accuracy"], 2),
                "standard_lo": _r(iv.get("standard_accuracy", [None])[0], 2),
                "standard_hi": _r(iv.get("standard_accuracy", [None, None])[1], 2),
@@ -133,10 +174,12 @@ def _with_interval(v, lo, hi, std=None):
     return out + (f" [{lo}, {hi}]" if lo is not None else "")
 
 
-def write_table(rows, md_path, csv_path, comparisons=None):
+def write_table(rows, md_path, csv_path, comparisons=None, corr=None, notes=()):
     """report.csv: every column of ``rows`` as numbers; report.md: the same values laid out for reading (value ±
-    std over seeds [interval]), chance-level runs marked, then the paired verdicts between neighbouring rows."""
-    cols = list(COLUMNS) + list(FLOOR_COLUMNS) + [c for c in rows[0] if c not in COLUMNS + FLOOR_COLUMNS + VERSUS] + \
+    std over seeds [interval]), chance-level runs marked, the flags and ``notes`` spelled out, the correlation (or why
+    there is none), then the paired verdicts between neighbouring rows."""
+    cols = list(COLUMNS) + list(FLOOR_COLUMNS) + \
+        [c for c in rows[0] if c not in COLUMNS + FLOOR_COLUMNS + VERSUS and c[0] != "_"] + \
         [c for c in VERSUS if c in rows[0]]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
@@ -144,20 +187,27 @@ def write_table(rows, md_path, csv_path, comparisons=None):
     w.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
     atomic_write_bytes(csv_path, buf.getvalue().encode())
     ratio_cols = [c for c in cols if c.startswith("top1@")]
-    head = ["backbone", "weights", "layer", "dataset", "concept_type", "seeds", "standard top-1 [95 %]",
-            "IIS ± std over seeds [95 %]", "chance-corrected IIS [95 %]", "chance", "chance-level",
-            "floor ± std over draws", "concept lift [95 % paired]"] + ratio_cols
+    head = ["#", "backbone", "weights", "layer", "dataset", "n_train", "n_val", "concept_type", "chosen on", "seeds",
+            "standard top-1 [95 %]", "IIS ± std over seeds [95 %]", "chance-corrected IIS [95 %]", "chance",
+            "chance-level", "flags", "floor ± std over draws", "concept lift [95 % paired]"] + ratio_cols
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
+    for i, r in enumerate(rows):
         iis_cell = _with_interval(r["iis"], r["iis_lo"], r["iis_hi"], r["iis_std"])
         if r["chance_level"] == "yes":
             iis_cell = f"**{iis_cell}** (chance-level)"
-        cells = [r["backbone"], r["weights"], r["layer"], r["dataset"], r["concept_type"], r["seeds"],
+        cells = [i + 1, r["backbone"], r["weights"], r["layer"], r["dataset"], r.get("n_train"), r.get("n_val"),
+                 r["concept_type"], r.get("select_on"), r["seeds"],
                  _with_interval(r["standard_top1"], r["standard_lo"], r["standard_hi"]), iis_cell,
                  _with_interval(r["iis_cc"], r["iis_cc_lo"], r["iis_cc_hi"]), r["chance"], r["chance_level"],
-                 _with_interval(r.get("floor"), None, None, r.get("floor_std")),
+                 r.get("flags"), _with_interval(r.get("floor"), None, None, r.get("floor_std")),
                  _with_interval(r.get("lift"), r.get("lift_lo"), r.get("lift_hi"))]
         md.append("| " + " | ".join(_cell(c) for c in cells + [r.get(c) for c in ratio_cols]) + " |")
+    extra = [f"* {n}" for n in notes] + [f"* row {i + 1} flag {f['code']}: {f['line']}" for i, r in enumerate(rows)
+                                         for f in r.get("_flags") or []]
+    if corr is not None:
+        extra.append(f"* IIS vs standard top-1: {corr_line(corr)}")
+    if extra:
+        md += [""] + extra
     if comparisons:
         md += ["", "Paired comparisons of neighbouring rows (same val samples, same bootstrap resamples):", ""]
         for i, c in enumerate(comparisons):
@@ -183,21 +233,55 @@ def correlations(x, y):
     return float(np.corrcoef(x, y)[0, 1]), float(np.corrcoef(rank(x), rank(y))[0, 1])
 
 
+MIN_DISTINCT = 3   # a correlation over fewer distinct accuracies is a line through two points
+
+
 def correlation_summary(rows):
     """Correlations of IIS with standard top-1 over the rows not flagged chance-level (a chance-level IIS is noise
-    near the grid's width and would dominate them), with Fisher-z 95 % intervals. Returns a dict."""
+    near the grid's width and would dominate them), with Fisher-z 95 % intervals. None with a ``reason`` when the
+    rows were scored on different val sets (or sizes) or hold fewer than MIN_DISTINCT distinct accuracies. Returns a
+    dict; ``no_scatter`` says why a scatter would show nothing (every point at one accuracy), else None."""
     kept = [r for r in rows if r.get("chance_level") != "yes"]
-    pearson, spearman = correlations([r["standard_top1"] for r in kept], [r["iis"] for r in kept])
-    return {"n": len(kept), "left_out": len(rows) - len(kept), "pearson": pearson, "spearman": spearman,
-            "pearson_interval": correlation_interval(pearson, len(kept)),
-            "spearman_interval": correlation_interval(spearman, len(kept), spearman=True)}
+    out = {"n": len(kept), "left_out": len(rows) - len(kept), "pearson": None, "spearman": None,
+           "pearson_interval": None, "spearman_interval": None, "reason": None, "no_scatter": None}
+    distinct = len({r["standard_top1"] for r in kept})
+    if len({r["standard_top1"] for r in rows}) < 2:
+        out["no_scatter"] = "every run has the same standard top-1, so IIS has nothing to vary against"
+    sets = {(r.get("dataset"), r.get("n_val"), r.get("val_set")) for r in rows}
+    if len(sets) > 1:
+        out["reason"] = (f"the runs were scored on {len(sets)} different val sets (" +
+                         "; ".join(f"{d} n_val {n}" for d, n, _ in sorted(sets, key=str)) + "): a correlation "
+                         "across them would mix subset sizes with interpretability")
+    elif distinct < MIN_DISTINCT:
+        out["reason"] = (f"{distinct} distinct standard top-1 value{'s' * (distinct != 1)} among the {len(kept)} runs "
+                         f"not at chance level: a correlation needs at least {MIN_DISTINCT}")
+    else:
+        out["pearson"], out["spearman"] = correlations([r["standard_top1"] for r in kept], [r["iis"] for r in kept])
+        out["pearson_interval"] = list(correlation_interval(out["pearson"], len(kept)))
+        out["spearman_interval"] = list(correlation_interval(out["spearman"], len(kept), spearman=True))
+    return out
 
 
-def plot_scatter(rows, path):
-    """IIS against standard top-1, one point per run (marker by concept type) with error bars (their bootstrap
-    intervals); chance-level runs hollow and left out of the correlations, which carry Fisher-z intervals."""
+def corr_line(corr):
+    """The correlation in words: r and rho with their intervals, or why there is none."""
+    left = f", {corr['left_out']} chance-level left out" if corr["left_out"] else ""
+    if corr["reason"]:
+        return f"no correlation: {corr['reason']}"
+
+    def ci(v):
+        return "" if v is None or v[0] != v[0] else f" [{v[0]:.3f}, {v[1]:.3f}]"   # v != v: NaN, below 4 runs
+    return (f"over {corr['n']} runs{left}: Pearson {corr['pearson']:.3f}{ci(corr['pearson_interval'])}, "
+            f"Spearman {corr['spearman']:.3f}{ci(corr['spearman_interval'])} (95 % Fisher-z intervals)")
+
+
+def plot_scatter(rows, path, corr=None):
+    """IIS against standard top-1, one point per run (marker by concept type) with error bars where there are
+    bootstrap intervals; chance-level runs hollow and left out of the correlation. Nothing is drawn (returns None)
+    when every run has one standard top-1 (``corr['no_scatter']``); else returns the PNG's path."""
+    corr = corr or correlation_summary(rows)
+    if corr["no_scatter"]:
+        return None
     plt = pyplot()
-    corr = correlation_summary(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     markers = dict(zip(sorted({r["concept_type"] for r in rows}), "osD^vP*X"))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -219,19 +303,18 @@ def plot_scatter(rows, path):
             ye = None if r.get("iis_lo") is None else [[r["iis"] - r["iis_lo"]], [r["iis_hi"] - r["iis"]]]
             ax.errorbar([r["standard_top1"]], [r["iis"]], xerr=xe, yerr=ye, fmt="none", ecolor=col, elinewidth=0.9,
                         capsize=2, alpha=0.8, zorder=2)
-    for r in rows:
-        ax.annotate(f"{r['backbone']}@{r['layer']}", (r["standard_top1"], r["iis"]), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
-
-    def ci(v):
-        return "" if v[0] != v[0] else f" [{v[0]:.2f}, {v[1]:.2f}]"   # v != v: NaN, no interval
-    left = f"; {corr['left_out']} chance-level left out" if corr["left_out"] else ""
-    ax.set_title(f"IIS vs classifiability (n = {corr['n']}{left}; 95 % Fisher-z intervals)\n"
-                 f"Pearson r = {corr['pearson']:.3f}{ci(corr['pearson_interval'])}, "
-                 f"Spearman ρ = {corr['spearman']:.3f}{ci(corr['spearman_interval'])}", fontsize=9)
+    names = [f"{r['backbone']}@{r['layer']}" + (f" {r['weights']}" if str(r.get("weights")).startswith("ft:")
+                                                 else "") for r in rows]
+    common, own = common_label(names)
+    for r, name in zip(rows, own):
+        ax.annotate(name, (r["standard_top1"], r["iis"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    bars = any(r.get("iis_lo") is not None for r in rows)
+    title = "IIS vs classifiability" + (f": {common}" if common else "") + f" ({len(rows)} runs"
+    title += (", bars: 95 % bootstrap intervals)" if bars else ")")
+    ax.set_title(f"{title}\n{corr_line(corr)}".replace(" (95 % Fisher-z intervals)", ""), fontsize=8, wrap=True)
     ax.set_xlabel("standard top-1 (%)")
     ax.set_ylabel("IIS")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return save_png(fig, path), corr
+    return save_png(fig, path)

@@ -125,7 +125,12 @@ def resample_counts(n, n_boot=N_BOOT, seed=0):
 
 def bootstrap_accuracies(correct, labels=None, n_boot=N_BOOT, seed=0):
     """Accuracy (%) of every head on each of ``n_boot`` resamples of the val samples: (n_boot, H); with ``labels``,
-    also the chance level (%) of each resample: (n_boot,) (else None)."""
+    also the chance level (%) on each resample: (n_boot,) (else None).
+
+    The chance level on a resample is the accuracy there of the one majority-class answer of the whole val set (the
+    class :func:`chance_level` counts; ties: the lowest label), a head held fixed like the others. Not the resample's
+    own majority rate: the maximum of the class counts is biased upwards (with 3 balanced classes of 10 samples its
+    mean is ~43 %, not 33 %), which put the point chance-corrected IIS outside its own interval."""
     correct = np.asarray(correct, dtype=bool)
     h, n = correct.shape
     # float32 sums of 0/1 weighted by integer counts are exact below 2**24 draws; beyond that, float64
@@ -135,15 +140,13 @@ def bootstrap_accuracies(correct, labels=None, n_boot=N_BOOT, seed=0):
     chance = None
     if labels is not None:
         labels = np.asarray(labels)
-        order = np.argsort(labels, kind="stable")                      # samples grouped by class ...
-        starts = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0])   # ... so a class count is one reduceat
+        majority = (labels == np.bincount(labels).argmax()).astype(dt)   # (n,): where the majority answer is right
         chance = np.empty(n_boot)
     for start, counts in resample_counts(n, n_boot, seed):
         c = len(counts)
         acc[start:start + c] = (counts.astype(dt) @ right) * (100.0 / n)
         if labels is not None:
-            per_class = np.add.reduceat(counts[:, order], starts, axis=1)
-            chance[start:start + c] = per_class.max(1) * (100.0 / n)
+            chance[start:start + c] = (counts.astype(dt) @ majority) * (100.0 / n)
     return acc, chance
 
 
