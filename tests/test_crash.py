@@ -289,6 +289,21 @@ def check_killed_at_every_point(script, tmp_path, old_args, new_args, out, name,
     assert outcomes == set(expect), outcomes
 
 
+def same_library(a, b):
+    """Two libraries hold the same files, byte for byte, but for how many classes a resumed build found finished
+    (index.json's ``classes_resumed``: the one thing that says a build was resumed)."""
+    def without_resumed(d):
+        if isinstance(d, dict):
+            return {k: without_resumed(v) for k, v in d.items() if k != "classes_resumed"}
+        return [without_resumed(v) for v in d] if isinstance(d, list) else d
+    ta, tb = tree(a), tree(b)
+    index = [k for k in ta if k.endswith("index.json")]
+    return {k: v for k, v in ta.items() if k not in index} == {k: v for k, v in tb.items() if k not in index} and \
+        set(index) == {k for k in tb if k.endswith("index.json")} and \
+        all(without_resumed(json.load(open(os.path.join(a, k)))) == without_resumed(json.load(open(os.path.join(b, k))))
+            for k in index)
+
+
 def test_library_building_killed_at_every_replacement(script, tmp_path):
     images = make_image_folder(str(tmp_path / "shapes"), n_train=2, n_val=1, size=24)
 
@@ -311,7 +326,7 @@ def test_library_building_killed_at_every_replacement(script, tmp_path):
         assert r.returncode == -9, (kill, r.returncode, r.stderr[-1500:])
         r = script(*patches(1)(base))
         assert r.returncode == 0, r.stderr[-2000:]
-        assert tree(base / "lib") == clean, kill
+        assert same_library(base / "lib", tmp_path / "clean" / "lib"), kill
         strays = [f for d, ds, fs in os.walk(base) for f in ds + fs if ".tmp-" in f or ".old-" in f]
         assert not strays, (kill, strays)
 

@@ -24,6 +24,8 @@ def _problem(f, need_manifest):
     try:
         res = read_json(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        if os.path.basename(f) != "results.json":     # e.g. a plot caught by a glob: not a damaged run
+            return None, f"{f} is not a results file (not JSON)"
         return None, f"{f} is damaged (not valid JSON: {str(e).splitlines()[0][:80]})"
     try:
         check_schema(f, res, SCHEMAS)
@@ -46,6 +48,8 @@ def read(path, need_manifest=False):
     if not os.path.isfile(f):
         raise UserError(f"no results.json at {path}: train the run first")
     res, why = _problem(f, need_manifest)
+    if why and why.endswith("(not JSON)"):
+        raise UserError(f"{why}: give run folders or their results.json")
     if why:
         raise UserError(f"{why}; {RETRAIN}")
     return res
