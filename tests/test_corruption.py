@@ -448,6 +448,12 @@ def element_entry(tmp_path_factory):
 
 @pytest.mark.parametrize("corrupt", INDEX_CORRUPTIONS, ids=lambda c: c.__name__)
 def test_element_embedding_refuses(element_entry, script, tmp_path, corrupt):
+    check_element_embedding_refuses(element_entry, script, tmp_path, corrupt)
+
+
+def check_element_embedding_refuses(element_entry, script, tmp_path, corrupt):
+    """A copy of the element library damaged by ``corrupt``: the element-embedding extractor refuses it in one line
+    naming what ``corrupt`` returns, and leaves its output entry and the folder as they were."""
     shutil.copytree(element_entry / "lib", tmp_path / "lib")
     shutil.copytree(element_entry / "emb", tmp_path / "emb")
     before, listing = snapshot(tmp_path / "emb"), sorted(os.listdir(tmp_path))

@@ -3,15 +3,14 @@
 the damaged file is the stage's own output (results.json, index.json), the rerun rebuilds it instead."""
 import json
 import os
-import shutil
 import struct
 import zlib
 
 import pytest
 import torch
 
-from test_corruption import (EMB, PROTO, base, case_copy, check_refused, element_entry, io_args,  # noqa: F401
-                             one_error_line, script, snapshot)
+from test_corruption import (PROTO, base, case_copy, check_element_embedding_refuses, check_refused,  # noqa: F401
+                             element_entry, io_args, one_error_line, script, snapshot)
 from utils import fileio
 
 
@@ -165,12 +164,7 @@ def index_schema(lib):
 @pytest.mark.parametrize("corrupt", [path_escapes, path_absolute, path_unnormalised, index_schema],
                          ids=lambda c: c.__name__)
 def test_element_embedding_refuses_paths_outside_the_library(element_entry, script, tmp_path, corrupt):
-    shutil.copytree(element_entry / "lib", tmp_path / "lib")
-    shutil.copytree(element_entry / "emb", tmp_path / "emb")
-    before, listing = snapshot(tmp_path / "emb"), sorted(os.listdir(tmp_path))
-    fragments = corrupt(tmp_path / "lib")
-    r = script(*EMB, "--elements", str(tmp_path / "lib"), "--out", str(tmp_path / "emb"))
-    check_refused(r, tmp_path / "lib", fragments, tmp_path / "emb", before, tmp_path, listing)
+    check_element_embedding_refuses(element_entry, script, tmp_path, corrupt)
 
 
 def bomb_png(path, side=20000):
