@@ -118,6 +118,7 @@ def instrumented(regions, fits):
     import torch.nn.functional as F
 
     import utils.heads as H
+    import utils.probe as P
     import utils.sweep as S
     from IP_training import IP_Prototype_training as T
     patches = []
@@ -126,6 +127,7 @@ def instrumented(regions, fits):
             (S, "features", "features to device"), (S, "concept_scores", "concept scores"),
             (S, "make_splits", "splits"),
             (S, "fit", lambda *a, **kw: _record_fit(fits, *a, **kw)), (S, "save", "write results"),
+            (P, "fit_standard", "fit: standard probe"),     # the iis protocol's converged probe (L-BFGS, no epochs)
             (H, "gather", "batch rows"), (H, "keep_weights", "top-k mask"),
             (F, "cross_entropy", "cross-entropy"), (torch.autograd, "grad", "backward"), (H._Adam, "step", "Adam"),
             (H, "evaluate", lambda *a, **kw: "evaluate " + ("dev" if kw.get("row_groups") is not None else "val"))):
@@ -241,6 +243,7 @@ def trainer_args(args, paths, out, epochs):
     from IP_training import IP_Prototype_training as T
     argv = ["--train_features", paths["train"], "--val_features", paths["val"], "--concepts", paths["elements"],
             "--out", out, "--n_concepts", "0", "--protocol", args.protocol, "--epochs", str(epochs),
+            "--floor_draws", "0",           # the concept sweep alone: the random-concept floor is a sweep of its own
             "--precision", args.precision, "--device", str(args.device), "--seeds", *map(str, args.seeds)]
     if args.batch_size:
         argv += ["--batch_size", str(args.batch_size)]

@@ -172,8 +172,7 @@ def run_all(commands, jobs, what, logs):
 
 def score(runs, report_dir, bootstrap):
     """``iis_computing.py RUNS --report report_dir``; the rows of its report.csv, in ``runs`` order."""
-    argv = [sys.executable, "iis_computing.py", *runs, "--report", report_dir, "--bootstrap", str(bootstrap),
-            "--plot", os.path.join(report_dir, "overlay.png")]
+    argv = [sys.executable, "iis_computing.py", *runs, "--report", report_dir, "--bootstrap", str(bootstrap)]
     r = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True)
     if r.returncode != 0:
         raise SuiteError(f"iis_computing.py over {report_dir} failed (exit {r.returncode}): {r.stderr.strip()[-800:]}")

@@ -15,6 +15,7 @@ from utils import cli, decode, store
 from utils.backbones import Backbone, Preprocess
 from utils.data import load_image
 from utils.errors import UserError
+from utils.layout import model_folder
 from utils.specs import load_spec
 
 LOADER = ["--workers", "0", "--batch_size", "4", "--chunk_size", "5"]
@@ -168,7 +169,8 @@ def pil_and_gpu_runs(tmp_path, device, capsys):
     extract(*common, "--out", str(tmp_path / "gpu"), "--decode", "gpu")
     return capsys.readouterr().out, {tag: store.read(str(tmp_path / "pil" / tag / "val"))
                                      + store.read(str(tmp_path / "gpu" / tag / "val"))
-                                     for tag in ("mnv3", "efficientnet_lite0")}
+                                     for tag in (model_folder(m, weights="none")      # <model>+none
+                                                 for m in ("mnv3", "efficientnet_lite0"))}
 
 
 def cosines(a, b):

@@ -17,14 +17,14 @@ def test_profile_regions_cover_a_real_trainer_run(tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 5 and cells[1].isdigit():
             rows[line.split("|")[1].rstrip()] = int(cells[1])
-    for fit in ("fit: standard probe", "fit: concept heads"):
+    for fit in ("fit: standard probe", "fit: concept heads"):    # under iis the probe is utils/probe.py's solver
         assert rows[f"   {fit}"] == 1
-        for region in ("batch rows", "forward", "cross-entropy", "backward", "Adam", "evaluate dev"):
-            assert rows.get(f"     {region}", 0) > 0, region
+    for region in ("batch rows", "forward", "cross-entropy", "backward", "Adam", "evaluate dev"):   # the heads' epochs
+        assert rows.get(f"     {region}", 0) > 0, region
     assert rows["       top-k mask"] > 0                                 # inside the heads' forward
     assert rows["     evaluate val"] == 1                                 # holdout: val once, after training
     assert rows["   read + validate entries"] == 3 and rows["   write results"] == 1
     run = next(p for p in os.listdir(tmp_path) if p.startswith("run-"))
     with open(tmp_path / run / "results.json") as f:
-        assert len(json.load(f)["runs"]) == 2 + 16                       # 2 probes, 8 ratios x 2 lrs
+        assert len(json.load(f)["runs"]) == 1 + 16                       # 1 converged probe, 8 ratios x 2 lrs
     assert "Operators by self CPU time" in md.read_text()
