@@ -13,6 +13,7 @@ from .fileio import check_manifest, check_schema, read_json
 
 SCHEMAS = ("iis.results/1", "iis.results/2")
 RETRAIN = "rerun the training command that wrote it (an unfinished or damaged run is retrained, not reused)"
+NOT_RESULTS = "give run folders or their results.json"
 
 
 def results_path(path):
@@ -20,24 +21,24 @@ def results_path(path):
 
 
 def _problem(f, need_manifest):
-    """(results dict or None, why it cannot be used or None)."""
+    """(results dict or None, why it cannot be used or None, what to do about it)."""
     try:
         res = read_json(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         if os.path.basename(f) != "results.json":     # e.g. a plot caught by a glob: not a damaged run
-            return None, f"{f} is not a results file (not JSON)"
-        return None, f"{f} is damaged (not valid JSON: {str(e).splitlines()[0][:80]})"
+            return None, f"{f} is not a results file (not JSON)", NOT_RESULTS
+        return None, f"{f} is damaged (not valid JSON: {str(e).splitlines()[0][:80]})", RETRAIN
     try:
         check_schema(f, res, SCHEMAS)
     except UserError as e:
-        return None, str(e)
+        return None, str(e), RETRAIN
     if not isinstance(res.get("runs"), list) or not isinstance(res.get("meta", {}), dict):
-        return None, f"{f} is not a results file (no 'runs' list or no 'meta' object)"
+        return None, f"{f} is not a results file (no 'runs' list or no 'meta' object)", RETRAIN
     if "files" in res or need_manifest:
         why = check_manifest(os.path.dirname(f), res.get("files"))
         if why:
-            return None, f"{os.path.dirname(f) or '.'} is an unfinished run ({why})"
-    return res, None
+            return None, f"{os.path.dirname(f) or '.'} is an unfinished run ({why})", RETRAIN
+    return res, None, None
 
 
 def read(path, need_manifest=False):
@@ -47,11 +48,9 @@ def read(path, need_manifest=False):
     f = results_path(path)
     if not os.path.isfile(f):
         raise UserError(f"no results.json at {path}: train the run first")
-    res, why = _problem(f, need_manifest)
-    if why and why.endswith("(not JSON)"):
-        raise UserError(f"{why}: give run folders or their results.json")
+    res, why, todo = _problem(f, need_manifest)
     if why:
-        raise UserError(f"{why}; {RETRAIN}")
+        raise UserError(f"{why}; {todo}")
     return res
 
 
@@ -61,7 +60,7 @@ def finished(out, key_hash):
     f = results_path(out)
     if not os.path.exists(f):
         return False
-    res, why = _problem(f, need_manifest=False)
+    res, why, _ = _problem(f, need_manifest=False)
     if res is not None and res.get("key_hash") != key_hash:
         return False
     if not why and "files" not in res:
