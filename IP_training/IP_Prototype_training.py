@@ -23,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, compat, floor, sweep, validate
+from utils import cli, compat, fitcache, floor, sweep, validate
 from utils.cli import flags
 from utils.concepts import SELECTIONS, background_rows, cluster_centres, select_prototypes
 from utils.device import resolve_device
@@ -164,11 +164,12 @@ def main(args):
         head_data = (sweep.concept_scores(heads, probe_data[0], device), probe_data[1],
                      sweep.concept_scores(heads, probe_data[2], device), probe_data[3])
     splits = sweep.make_splits(ytr, cfg.seeds, cfg.select_on, cfg.holdout_fraction)
-    runs, probes, preds = sweep.train(cfg, module, grid, probe_data, head_data, len(classes), device, splits)
+    cache = fitcache.FitCache(args.train_features, dict(train=fitcache.entry_key(mtr), val=fitcache.entry_key(mva)))
+    runs, probes, preds = sweep.train(cfg, module, grid, probe_data, head_data, len(classes), device, splits, cache)
     floor_info = None
     if fcfg.floor_draws:
         floor_runs, floor_preds, directions = floor.train(cfg, fcfg, ratios, lrs, k, np.asarray(emb), len(classes),
-                                                          probe_data, splits, device, len(preds))
+                                                          probe_data, splits, device, len(preds), cache)
         runs, preds = runs + floor_runs, np.concatenate([preds, floor_preds])
         floor_info = dict(floor.key_of(fcfg), paired_seeds=[floor.paired_seed(cfg.seeds, d)
                                                            for d in range(fcfg.floor_draws)])

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from utils import cli, compat, store, sweep, validate
+from utils import cli, compat, fitcache, store, sweep, validate
 from utils.cli import flags
 from utils.device import resolve_device
 from utils.errors import UserError
@@ -108,8 +108,10 @@ def main(args):
                               keep_rule=cfg.keep_rule, init=cfg.init,
                               groups=sweep.groups_of(grid, cfg.seeds)).to(device)
     splits = sweep.make_splits(ytr, cfg.seeds, cfg.select_on, cfg.holdout_fraction)
+    cache = fitcache.FitCache(args.train_features, dict(train=fitcache.entry_key(mtr), val=fitcache.entry_key(mva)))
     runs, probes, preds = sweep.train(cfg, heads, grid, (x_tr, y_tr, x_va, y_va),
-                                      (with_ranks(z_tr), y_tr, with_ranks(z_va), y_va), len(classes), device, splits)
+                                      (with_ranks(z_tr), y_tr, with_ranks(z_va), y_va), len(classes), device, splits,
+                                      cache)
     meta = sweep.run_meta(cfg, mtr, mva, concept_type="text", n_concepts=len(kept), n_train=len(ytr),
                           n_val=len(yva), feature_dim=int(xtr.shape[1]), device=str(device),
                           concepts=[concepts[i] for i in kept], concept_val_similarity=[float(s) for s in sim[fits]],

@@ -3,6 +3,7 @@ directions give a lift whose interval is above 0, random directions in place of 
 the floor rows are keyed, reproducible, and leave the concept rows exactly as a floorless run trains them; the
 scoring equals the IIS rule applied by hand and the paired bootstrap computed independently."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -100,6 +101,7 @@ def test_floor_rows_are_keyed_reproducible_and_leave_the_concept_rows_alone(carr
     assert with_floor["key"]["floor"] == {"draws": 3, "kind": "iso", "stream": floor.STREAM}
     again = train(carry, carry / "run")                     # same key: nothing is trained again
     assert "up to date" in again.stdout
+    shutil.rmtree(carry / "train.fits")                     # trained again, not read from the shared fits
     train(carry, tmp_path / "again")                        # a fresh folder: the same floor, row for row
     assert results(tmp_path / "again")["runs"] == with_floor["runs"]
     train(carry, tmp_path / "none", "--floor_draws", "0")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from . import iis, stats, sweep
+from . import fitcache, iis, stats, sweep
 from .errors import UserError
 from .heads import SparseConceptHeads, fit
 
@@ -79,32 +79,51 @@ def _num(v):
     return None if not np.isfinite(v) else float(v)
 
 
-def train(cfg, fcfg, ratios, lrs, k, elements, n_classes, probe_data, splits, device, first_pred_row):
+def train(cfg, fcfg, ratios, lrs, k, elements, n_classes, probe_data, splits, device, first_pred_row, cache=None):
     """Train the floor heads of a resolved sweep config ``cfg`` and floor config ``fcfg`` (draws > 0).
 
     ``probe_data`` = (x_train, y_train, x_val, y_val) as the standard probe trains on; ``splits`` the run's
     :class:`utils.heads.Split` per seed of ``cfg.seeds``; ``k`` the concepts per set; ``elements`` the element
-    embeddings (for 'matched'). Returns (results rows with ``pred_row`` from ``first_pred_row`` on, predictions
-    (R, N_val), the directions (draws, k, dim))."""
+    embeddings (for 'matched'). The floor depends on none of the concepts but their number, so with ``cache`` (a
+    :class:`utils.fitcache.FitCache` of these features) every run of the same K and training settings shares one.
+    Returns (results rows with ``pred_row`` from ``first_pred_row`` on, predictions (R, N_val), the directions
+    (draws, k, dim))."""
     draws = range(fcfg.floor_draws)
     dim = probe_data[0].shape[1]
     vectors = np.stack([random_directions(fcfg.floor_kind, d, k, dim, elements) for d in draws])
-    grid = [(d, paired_seed(cfg.seeds, d), r, lr) for d in draws for r in ratios for lr in lrs]
+    floor_splits = [splits[cfg.seeds.index(paired_seed(cfg.seeds, d))] for d in draws]
+    key = dict(floor=key_of(fcfg), k=k, dim=dim, n_classes=n_classes, device=device.type,
+               training=sweep.training_key(cfg), x_train=fitcache.placement(probe_data[0]),
+               x_val=fitcache.placement(probe_data[2]),
+               splits=[[fitcache.rows_digest(s.train), fitcache.rows_digest(s.dev), s.seed] for s in floor_splits],
+               directions=fitcache.array_digest(vectors))
+    hit = cache.load("floor", key) if cache is not None else None
+    if hit is not None:
+        rows, pred = hit[1]["runs"], hit[0]["pred"]
+    else:
+        rows, pred = _train(cfg, fcfg, ratios, lrs, vectors, n_classes, probe_data, floor_splits, device)
+        if cache is not None:
+            cache.save("floor", key, {"pred": pred}, {"runs": rows})
+    return [dict(r, pred_row=first_pred_row + h) for h, r in enumerate(rows)], pred, vectors
+
+
+def _train(cfg, fcfg, ratios, lrs, vectors, n_classes, probe_data, floor_splits, device):
+    """(results rows without pred_row, predictions) of the floor heads over ``vectors``."""
+    grid = [(d, paired_seed(cfg.seeds, d), r, lr) for d in range(fcfg.floor_draws) for r in ratios for lr in lrs]
     heads = SparseConceptHeads(torch.as_tensor(vectors), n_classes, [r for _, _, r, _ in grid],
                                seed=[s for _, s, _, _ in grid], keep_rule=cfg.keep_rule, init=cfg.init,
                                groups=[d for d, _, _, _ in grid]).to(device)
     data = (sweep.concept_scores(heads, probe_data[0], device), probe_data[1],
             sweep.concept_scores(heads, probe_data[2], device), probe_data[3])
-    floor_splits = [splits[cfg.seeds.index(paired_seed(cfg.seeds, d))] for d in draws]
     res = fit(heads.on_scores(), [lr for *_, lr in grid], *data, epochs=cfg.epochs, batch_size=cfg.batch_size,
               weight_decay=cfg.weight_decay, lr_decay=cfg.lr_decay, splits=floor_splits, precision=cfg.precision,
               desc="floor heads")
     runs = [dict(head="floor", draw=d, ratio=r, lr=lr, seed=s, index=h, n_active=heads.keep_list[h],
                  top1=_num(res["top1"][h]), top5=_num(res["top5"][h]), select_top1=_num(res["select_top1"][h]),
                  epoch=int(res["epoch"][h]), train_loss=_num(res["train_loss"][h]), val_loss=_num(res["val_loss"][h]),
-                 diverged=int(res["diverged"][h]) or None, pred_row=first_pred_row + h)
+                 diverged=int(res["diverged"][h]) or None)
             for h, (d, s, r, lr) in enumerate(grid)]
-    return runs, res["pred"], vectors
+    return runs, res["pred"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

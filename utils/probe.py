@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .fitcache import placement, rows_digest
+
 # prior precisions on the summed loss; on 1 800 train rows the weight decays are 5.6 ... 5.6e-4
 PRIORS = (1e4, 1e3, 1e2, 1e1, 1.0)
 # what determines a converged probe besides its rows; bump "version" when the meaning of a fit changes
@@ -122,14 +124,15 @@ def _metrics(logits, y):
             float(F.cross_entropy(logits, y)), pred)
 
 
-def fit_standard(x_train, y_train, x_val, y_val, n_classes, splits, device):
+def fit_standard(x_train, y_train, x_val, y_val, n_classes, splits, device, cache=None):
     """The standard probe of each split (one per seed), in the shape :func:`utils.heads.fit` returns its heads'.
 
     Each split's probe trains on ``split.train`` and chooses its weight decay on ``split.dev`` (on val when it has
-    none, as the Adam probe then chooses its epoch). Splits with the same rows share one fit. Returns (result, probes,
-    extra): ``result`` holds per-probe arrays top1, top5, select_top1 (dev top-1 of the chosen weight decay), epoch
-    (0: no epochs), train_loss and val_loss (mean cross-entropy, unpenalised), diverged (0) and pred (G, N_val);
-    ``probes`` is a :class:`ConvergedProbes`; ``extra`` one dict per probe for its results.json row.
+    none, as the Adam probe then chooses its epoch). Splits with the same rows share one fit, and with ``cache`` (a
+    :class:`utils.fitcache.FitCache` of these features) so do runs: a fit found there is used as computed. Returns
+    (result, probes, extra): ``result`` holds per-probe arrays top1, top5, select_top1 (dev top-1 of the chosen
+    weight decay), epoch (0: no epochs), train_loss and val_loss (mean cross-entropy, unpenalised), diverged (0) and
+    pred (G, N_val); ``probes`` is a :class:`ConvergedProbes`; ``extra`` one dict per probe for its results.json row.
     """
     dev = torch.device("cpu") if device.type == "mps" else device     # MPS has no float64
     xv, yv = _take(x_val, torch.arange(len(y_val)), dev), y_val.to(dev)
@@ -138,16 +141,16 @@ def fit_standard(x_train, y_train, x_val, y_val, n_classes, splits, device):
     for split in splits:
         ident = (tuple(split.train.tolist()), None if split.dev is None else tuple(split.dev.tolist()))
         if ident not in done:
-            x, y = _take(x_train, split.train, dev), y_train[split.train.to(y_train.device)].to(dev)
-            if split.dev is None:
-                xd, yd = xv, yv
+            key = dict(settings=SETTINGS, n_classes=n_classes, device=dev.type, train_rows=rows_digest(split.train),
+                       dev_rows=rows_digest(split.dev), x_train=placement(x_train), x_val=placement(x_val))
+            hit = cache.load("probe", key) if cache is not None else None
+            if hit is not None:
+                done[ident] = _from_cache(*hit, dev)
+                bar.update(len(PRIORS))
             else:
-                xd, yd = _take(x_train, split.dev, dev), y_train[split.dev.to(y_train.device)].to(dev)
-            f = fit_converged_probe(x, y, xd, yd, n_classes, bar=bar)
-            with torch.no_grad():
-                train_loss = float(F.cross_entropy(((x - f["mean"]) / f["scale"]) @ f["weight"] + f["bias"], y))
-                val = _metrics(((xv - f["mean"]) / f["scale"]) @ f["weight"] + f["bias"], yv)
-            done[ident] = (f, train_loss, val)
+                done[ident] = _fit_split(x_train, y_train, xv, yv, n_classes, split, dev, bar)
+                if cache is not None:
+                    cache.save("probe", key, *_to_cache(*done[ident]))
         else:
             bar.update(len(PRIORS))
         f, train_loss, (top1, top5, val_loss, pred) = done[ident]
@@ -164,3 +167,35 @@ def fit_standard(x_train, y_train, x_val, y_val, n_classes, splits, device):
     result = {k: np.array([o[k] for o in out]) for k in out[0] if k != "pred"}
     result["pred"] = np.stack([o["pred"] for o in out])
     return result, ConvergedProbes(fits), extra
+
+
+def _fit_split(x_train, y_train, xv, yv, n_classes, split, dev, bar):
+    """(fit, train loss, val metrics) of one split's probe."""
+    x, y = _take(x_train, split.train, dev), y_train[split.train.to(y_train.device)].to(dev)
+    if split.dev is None:
+        xd, yd = xv, yv
+    else:
+        xd, yd = _take(x_train, split.dev, dev), y_train[split.dev.to(y_train.device)].to(dev)
+    f = fit_converged_probe(x, y, xd, yd, n_classes, bar=bar)
+    with torch.no_grad():
+        train_loss = float(F.cross_entropy(((x - f["mean"]) / f["scale"]) @ f["weight"] + f["bias"], y))
+        val = _metrics(((xv - f["mean"]) / f["scale"]) @ f["weight"] + f["bias"], yv)
+    return f, train_loss, val
+
+
+TENSORS = ("mean", "scale", "weight", "bias")
+NUMBERS = ("weight_decay", "dev_top1", "converged", "path")
+
+
+def _to_cache(f, train_loss, val):
+    """A fit as a store entry's (arrays, info): its tensors and val predictions, and its numbers (JSON floats
+    round-trip exactly)."""
+    top1, top5, val_loss, pred = val
+    arrays = {n: f[n].detach().cpu().numpy() for n in TENSORS}
+    arrays["pred"] = pred.cpu().numpy()
+    return arrays, dict({n: f[n] for n in NUMBERS}, train_loss=train_loss, top1=top1, top5=top5, val_loss=val_loss)
+
+
+def _from_cache(arrays, info, dev):
+    f = dict({n: torch.from_numpy(arrays[n]).to(dev) for n in TENSORS}, **{n: info[n] for n in NUMBERS})
+    return f, info["train_loss"], (info["top1"], info["top5"], info["val_loss"], torch.from_numpy(arrays["pred"]))

@@ -185,11 +185,13 @@ def _num(v):
     return None if not np.isfinite(v) else float(v)
 
 
-def train(cfg, module, grid, probe_data, head_data, n_classes, device, splits):
+def train(cfg, module, grid, probe_data, head_data, n_classes, device, splits, cache=None):
     """Train the standard probes (one per seed x lr) on ``probe_data`` and the concept heads ``module`` (one per
     (seed, ratio, lr) of ``grid``) on ``head_data``; each *_data is (x_train, y_train, x_val, y_val).
 
-    Returns (results rows, probes, predictions (R, N_val): row r = the val predictions of results row r).
+    ``cache``: a :class:`utils.fitcache.FitCache` of the probe features, which the converged probes' fits are
+    shared through. Returns (results rows, probes, predictions (R, N_val): row r = the val predictions of results
+    row r).
     """
     seeds, lrs = cfg.seeds, sorted(set(cfg.lrs))
     if device.type == "cuda":   # TF32 tensor cores for every float32 matmul of the trainer process, evaluation
@@ -200,7 +202,7 @@ def train(cfg, module, grid, probe_data, head_data, n_classes, device, splits):
                   lr_decay=cfg.lr_decay, splits=splits, precision=cfg.precision)
     std_extra = [{}] * len(std_grid)
     if converged_probe(cfg):    # one probe per seed, no lr (utils/probe.py)
-        std, probes, std_extra = probe.fit_standard(*probe_data, n_classes, splits, device)
+        std, probes, std_extra = probe.fit_standard(*probe_data, n_classes, splits, device, cache)
         std_grid = [(s.seed, None) for s in splits]
     else:
         probes = LinearProbes(probe_data[0].shape[1], n_classes, len(std_grid), [s for s, _ in std_grid],
