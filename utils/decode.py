@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision.transforms import functional as TF
 
 from .errors import UserError
 
@@ -105,6 +104,9 @@ class DeviceTransform:
     def __call__(self, images, device, ready=None):
         """(n, 3, crop, crop) float32, row k from ``images[k]`` (a dict row -> uint8 image) or from ``ready`` = (rows,
         (len(rows), 3, crop, crop) tensor already normalised: the PIL path's), n rows in all."""
+        # torchvision here, not at module level: importing it costs every trainer and scorer process (which import
+        # this module for its flag names) as much again as torch itself
+        from torchvision.transforms import functional as TF
         c = self.p.crop
         by_size, order, parts = {}, [], []
         for k, img in images.items():
