@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from utils import fileio, stats, store
+from utils import fileio, floor, stats, store
 from utils.iis import load_predictions, score_with_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,17 +30,14 @@ def mean_cosine(v):
 def floor_vectors(kind, rng, k, emb, train_x):
     """K random directions of the given floor ``kind`` (module docstring)."""
     d = emb.shape[1]
-    if kind == "iso":
-        return rng.standard_normal((k, d))
+    if kind in floor.KINDS:         # the trainer's own kinds, drawn by its generator
+        return floor.directions(kind, rng, k, d, emb)
     mu = emb.mean(0)
     if kind == "mean":
         # cos(mu + s z_i, mu + s z_j) ~ |mu|^2 / (|mu|^2 + s^2 d): solve for the elements' mean cosine
         c = min(max(mean_cosine(emb), 1e-3), 0.999)
         s = np.linalg.norm(mu) * np.sqrt((1.0 / c - 1.0) / d)
         return mu + s * rng.standard_normal((k, d))
-    if kind == "matched":
-        a = emb - mu
-        return mu + rng.standard_normal((k, len(a))) @ a / np.sqrt(len(a) - 1)
     if kind == "shuffle":
         return np.stack([emb[rng.integers(0, len(emb), k), j] for j in range(d)], 1)
     if kind == "rows":

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from bench.floor_common import centred, concept_entry, fmt_cmp, loop_seconds, short, table, train, whitened
-from utils import fileio, stats, store
+from utils import fileio, floor, stats, store
 from utils.iis import load_predictions
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def section_planted(demo, sc, args):
         def run(name, vectors, labels, seeds=(0, 1, 2), **key):
             entry = concept_entry(work, name, vectors, labels, {"rho": rho, **key}, like)
             return train(feats, entry, "prototype", seeds, k)
-        pool = np.random.default_rng([0, k, 7]).standard_normal((args.pool * k, x.shape[1]))
+        pool = floor.directions("iso", np.random.default_rng([0, k, 7]), args.pool * k, x.shape[1])
         runs[rho, "floor"] = [run("floor-iso", pool, np.arange(len(pool)) % PLANTED["n_classes"],
                                   seeds=tuple(range(args.draws)), pool=args.pool)]
         for i, (kind, _, fix) in enumerate(PLANTED_ELEMENTS):

@@ -61,7 +61,12 @@ def paired_seed(seeds, draw):
 def random_directions(kind, draw, k, dim, elements=None):
     """(k, dim) float32 random directions of floor draw ``draw``: a function of (kind, draw, k, dim) and, for
     'matched', of the element embeddings (E, dim) whose mean and covariance they take."""
-    rng = np.random.default_rng([STREAM, int(draw)])
+    return directions(kind, np.random.default_rng([STREAM, int(draw)]), k, dim, elements)
+
+
+def directions(kind, rng, k, dim, elements=None):
+    """(k, dim) float32 directions of ``kind`` drawn from the generator ``rng`` (the one place they are drawn:
+    :func:`random_directions` for the trainer, bench/floor_common.py for the floor study)."""
     if kind == "iso":
         return rng.standard_normal((k, dim)).astype(np.float32)
     if kind == "matched":
