@@ -3,6 +3,7 @@ computed once per train entry and reused by another concept type's run, which th
 run writes; a damaged, foreign or half-published cache entry is said and recomputed, never trusted; a cache that
 cannot be written changes nothing but the note."""
 import hashlib
+import json
 import os
 import shutil
 
@@ -58,40 +59,36 @@ def test_a_second_concept_type_reuses_the_fits_and_writes_what_an_uncached_run_w
     assert digests(tmp_path / "cached", RUN_FILES) == digests(tmp_path / "uncached", RUN_FILES)
     assert digests(fits) == cache                       # the same fits, byte for byte
     # the reused probe is the prototype run's: its rows of results.json are the same
-    import json
     rows = [[r for r in json.load(open(tmp_path / d / "results.json"))["runs"] if r["head"] != "concept"]
             for d in ("proto", "uncached")]
     assert rows[0] == rows[1] and len(rows[0]) == 1 + 2 * 2 * 1   # standard + draws x ratios x lrs
 
 
-@pytest.mark.parametrize("damage", ["array bytes", "meta.json", "foreign entry"])
-def test_a_damaged_cache_entry_is_recomputed_not_trusted(script, entries, tmp_path, damage):
+def test_a_damaged_cache_entry_is_recomputed_not_trusted_and_an_unwritable_one_costs_only_the_reuse(script, entries,
+                                                                                                    tmp_path):
     train(script, entries, tmp_path / "clean")
     fits = entries / "train.fits"
     cache = digests(fits)
     probe = next(n for n in os.listdir(fits) if n.startswith("probe_"))
     floor_ = next(n for n in os.listdir(fits) if n.startswith("floor_"))
-    if damage == "array bytes":          # same size and header, one weight changed: only the digest tells
-        p = fits / probe / "weight.npy"
-        b = bytearray(p.read_bytes())
-        b[-1] ^= 0x40
-        p.write_bytes(bytes(b))
-    elif damage == "meta.json":
-        (fits / probe / "meta.json").write_text("{not json")
-    else:                                 # the floor's entry under the probe's name
-        shutil.rmtree(fits / probe)
-        shutil.copytree(fits / floor_, fits / probe)
-    out = train(script, entries, tmp_path / "again")
-    assert "probe fit reused" not in out and "recomputing it" in out, out[-2000:]
-    assert "floor fit reused" in out
-    assert digests(tmp_path / "again", RUN_FILES) == digests(tmp_path / "clean", RUN_FILES)
-    assert digests(fits) == cache        # recomputed and put back whole
-
-
-def test_a_cache_that_cannot_be_written_changes_only_a_note(script, entries, tmp_path):
-    train(script, entries, tmp_path / "clean")
-    shutil.rmtree(entries / "train.fits")
-    (entries / "train.fits").write_text("in the way")      # not a folder: nothing can be kept there
+    for damage in ("array bytes", "meta.json", "foreign entry"):
+        if damage == "array bytes":          # same size and header, one weight changed: only the digest tells
+            p = fits / probe / "weight.npy"
+            b = bytearray(p.read_bytes())
+            b[-1] ^= 0x40
+            p.write_bytes(bytes(b))
+        elif damage == "meta.json":
+            (fits / probe / "meta.json").write_text("{not json")
+        else:                                 # the floor's entry under the probe's name
+            shutil.rmtree(fits / probe)
+            shutil.copytree(fits / floor_, fits / probe)
+        out = train(script, entries, tmp_path / damage)
+        assert "probe fit reused" not in out and "recomputing it" in out, (damage, out[-2000:])
+        assert "floor fit reused" in out
+        assert digests(tmp_path / damage, RUN_FILES) == digests(tmp_path / "clean", RUN_FILES), damage
+        assert digests(fits) == cache, damage    # recomputed and put back whole
+    shutil.rmtree(fits)
+    fits.write_text("in the way")                # not a folder: nothing can be kept there
     out = train(script, entries, tmp_path / "blocked")
     assert "could not be kept for other runs" in out and "this run is unaffected" in out
     assert digests(tmp_path / "blocked", RUN_FILES) == digests(tmp_path / "clean", RUN_FILES)

@@ -14,12 +14,11 @@ when its key matches and its arrays' bytes match their recorded digests; anythin
 foreign entry) is said and recomputed, never trusted. The cache is an optimisation: a run whose cache cannot be
 written (a read-only feature store) computes as before and says so.
 """
-import hashlib
 import os
 
 import numpy as np
 
-from . import store
+from . import store, validate
 from .errors import UserError
 from .fileio import key_hash, remove_strays
 
@@ -32,21 +31,16 @@ def entry_key(meta):
 
 
 def rows_digest(idx):
-    """sha256 of a row-index tensor or array (None stays None): which rows a fit used."""
+    """Digest of a row-index tensor or array (None stays None): which rows a fit used."""
     if idx is None:
         return None
-    a = np.ascontiguousarray(np.asarray(idx.cpu() if hasattr(idx, "cpu") else idx, dtype=np.int64))
-    return hashlib.sha256(a.tobytes()).hexdigest()
-
-
-def array_digest(a):
-    a = np.ascontiguousarray(a)
-    return hashlib.sha256(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes()).hexdigest()
+    return validate.array_digest(np.asarray(idx.cpu() if hasattr(idx, "cpu") else idx, dtype=np.int64))
 
 
 def placement(x):
-    """How a feature array reaches a fit: a tensor's dtype or a memory map's (they give the fits their values)."""
-    return f"tensor {x.dtype}" if hasattr(x, "device") else f"memmap {np.dtype(x.dtype)}"
+    """How a feature array reaches a fit, which gives the fit its values: a resident tensor's dtype, or a streamed
+    memory map's."""
+    return f"tensor {x.dtype}" if type(x).__module__.startswith("torch") else f"array {np.dtype(x.dtype)}"
 
 
 class FitCache:

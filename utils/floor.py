@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from . import fitcache, iis, stats, sweep
+from . import fitcache, iis, stats, sweep, validate
 from .errors import UserError
 from .heads import SparseConceptHeads, fit
 
@@ -101,7 +101,7 @@ def train(cfg, fcfg, ratios, lrs, k, elements, n_classes, probe_data, splits, de
                training=sweep.training_key(cfg), x_train=fitcache.placement(probe_data[0]),
                x_val=fitcache.placement(probe_data[2]),
                splits=[[fitcache.rows_digest(s.train), fitcache.rows_digest(s.dev), s.seed] for s in floor_splits],
-               directions=fitcache.array_digest(vectors))
+               directions=validate.array_digest(vectors))
     hit = cache.load("floor", key) if cache is not None else None
     if hit is not None:
         rows, pred = hit[1]["runs"], hit[0]["pred"]
