@@ -177,7 +177,7 @@ def train(root, out, *extra):
 
 def test_the_trainer_uses_the_converged_probe_under_iis_and_the_originals_under_reference(tmp_path):
     write_entries(tmp_path)
-    res, out = train(tmp_path, tmp_path / "iis", "--seeds", "0", "1")
+    res, out = train(tmp_path, tmp_path / "iis", "--seeds", "0", "1", "--floor_draws", "0")   # the probe, not the floor
     std = [r for r in res["runs"] if r["head"] == "standard"]
     assert [(r["seed"], r["lr"], r["probe"]) for r in std] == [(0, None, "converged"), (1, None, "converged")]
     assert all(r["converged"] and r["weight_decay"] in [e["weight_decay"] for e in r["solves"]] for r in std)
@@ -190,7 +190,7 @@ def test_the_trainer_uses_the_converged_probe_under_iis_and_the_originals_under_
     # features x 10: the converged probe's accuracy (and weight decay) do not move
     (tmp_path / "x10").mkdir()
     write_entries(tmp_path / "x10", k=10.0)
-    res10, _ = train(tmp_path / "x10", tmp_path / "iis10", "--seeds", "0", "1")
+    res10, _ = train(tmp_path / "x10", tmp_path / "iis10", "--seeds", "0", "1", "--floor_draws", "0")
     std10 = [r for r in res10["runs"] if r["head"] == "standard"]
     assert [r["top1"] for r in std10] == [r["top1"] for r in std]
     assert [r["weight_decay"] for r in std10] == [r["weight_decay"] for r in std]
