@@ -47,8 +47,9 @@ from utils.data import get_source, subset_indices, subset_key
 from utils.decode import DecodeConfig, GpuFeed, choose
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.extraction import (CacheFeed, ExtractConfig, GroupedImages, ImageFeed, backbone_passes,
-                              build_decoded_cache, cache_key, describe_row, extract_passes, plan_cache)
+from utils.extraction import ExtractConfig, backbone_passes, extract_passes
+from utils.feeds import (CacheFeed, GroupedImages, ImageFeed, build_decoded_cache, cache_key, describe_row,
+                         plan_cache)
 from utils.fileio import key_hash
 from utils.layout import model_folder
 from utils.specs import config_path, load_spec

@@ -17,8 +17,8 @@ from utils import store
 from utils.backbones import LayerTaps, Preprocess
 from utils.errors import UserError
 from utils.data import ImageSource, TransformedImages, get_source
-from utils.extraction import (CachePlan, CacheTransform, DecodeImages, ExtractConfig, extract_to_store,
-                              plan_cache)
+from utils.extraction import ExtractConfig, extract_to_store
+from utils.feeds import CachePlan, CacheTransform, DecodeImages, plan_cache
 from utils.specs import model_tag
 
 LOADER = ["--workers", "0", "--device", "cpu", "--batch_size", "3", "--chunk_size", "4"]
