@@ -53,7 +53,7 @@ from utils.feeds import (CacheFeed, GroupedImages, ImageFeed, build_decoded_cach
 from utils.fileio import key_hash
 from utils.layout import model_folder
 from utils.specs import config_path, load_spec
-from utils.validate import verify_requested
+from utils.validate import RebuildConfig
 
 
 def get_args_parser():
@@ -67,13 +67,8 @@ def get_args_parser():
                    help="one (backbone, layer): the store entry folder; several: a parent folder (entries at "
                         "<out>/<model>[@<layer>]/<split>) or a template with {model}, {split}, {dataset}")
     flags.add_decode_args(p)
-    flags.add_loader_args(p)
-    p.add_argument("--force", action="store_true",
-                   help="re-extract every entry from scratch even when it looks up to date (what a message about a "
-                        "damaged entry asks for)")
-    p.add_argument("--verify", action="store_true", default=None,
-                   help="also compare the images' bytes with the digest recorded at extraction (reads every file; "
-                        "default: IIS_VERIFY=1, else names, sizes and modification times only: docs/files.md)")
+    flags.add_strict_arg(flags.add_loader_args(p))
+    flags.add_rebuild_args(p, reads="the images' bytes")
     return p
 
 
@@ -124,7 +119,7 @@ def main(args):
     tag_data = os.path.basename(args.dataset.rstrip("/"))
     outs = out_paths(args.out, [t for t, _ in chosen], args.split, tag_data)
     info = {"classes": source.classes, "dataset": source.name, "split": args.split,
-            "data_root": os.path.abspath(args.data_root)}
+            "data_root": os.path.abspath(args.data_root), "command": cli.command()}
     passes, groups = backbone_passes([(spec, out, dict(info, backbone=asdict(spec)), tag)
                                       for (tag, spec), out in zip(chosen, outs)])
     dec, run = cli.config(DecodeConfig, args), cli.config(ExtractConfig, args)
@@ -142,10 +137,11 @@ def main(args):
                             f"{args.split}-{plan.resize}-{plan.crop}-{plan.interpolation}-"
                             f"{key_hash(cache_key(data_key, plan))[:8]}")
         images, labels = build_decoded_cache(path, source, idx, data_key, plan, run.workers)
-        feed = CacheFeed(images, labels, plan, groups, lambda r: describe_row(probe, r), threads=run.workers)
+        feed = CacheFeed(images, labels, plan, groups, probe, threads=run.workers)
+    rebuild = cli.config(RebuildConfig, args)
     extract_passes(passes, feed, data_key, run, desc=f"{args.split} features",
                    extra_arrays={"indices": np.asarray(idx, np.int64)}, content=source.content_digest,
-                   verify=verify_requested(args.verify), force=args.force)
+                   verify=rebuild.verifying, force=rebuild.force, strict=args.strict)
 
 
 if __name__ == "__main__":

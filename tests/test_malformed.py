@@ -229,20 +229,67 @@ def test_a_checkpoint_of_the_wrong_kind_is_one_line(script, tmp_path, make, name
     assert not os.path.exists(tmp_path / "f")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "bomb"])
-def test_an_unreadable_dataset_image_is_one_line_from_a_loader_worker(script, tmp_path, damage):
-    from conftest import make_image_folder
-    folder = make_image_folder(str(tmp_path / "shapes"), n_train=1, n_val=3, size=24)
-    bad = os.path.join(folder, "val", "green", "001.png")
+def damage_image(folder, damage, name="001.png"):
+    bad = os.path.join(folder, "val", "green", name)
     if damage == "bomb":
         bomb_png(bad)
     else:
         with open(bad, "r+b") as f:
             f.truncate(60)
-    r = script(*EXTRACT, "--weights", "none", "--dataset", folder, "--workers", "2", "--out", str(tmp_path / "f"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bomb"])
+def test_an_unreadable_dataset_image_under_strict_is_one_line_from_a_loader_worker(script, tmp_path, damage):
+    from conftest import make_image_folder
+    folder = make_image_folder(str(tmp_path / "shapes"), n_train=1, n_val=3, size=24)
+    damage_image(folder, damage)
+    r = script(*EXTRACT, "--weights", "none", "--dataset", folder, "--workers", "2", "--out", str(tmp_path / "f"),
+               "--strict")
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
     assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "DataLoader worker" not in r.stderr, r.stderr[-3000:]
     assert "green/001.png) is unreadable (" + ("DecompressionBombError" if damage == "bomb" else "OSError") in errors[0]
     print(errors[0])
     assert not os.path.exists(tmp_path / "f")
+
+
+@pytest.mark.parametrize("workers,decode", [(0, "pil"), (2, "pil"), (2, "gpu"), (0, "cache")])
+def test_an_unreadable_dataset_image_is_skipped_counted_and_listed(script, tmp_path, workers, decode):
+    """Two unreadable images of nine (a truncated PNG and a decompression bomb) are left out of every array, so the
+    other seven rows are exactly what the folder without them gives (features, labels: no shift); the entry's info
+    and the summary line name them, and the run's n_val is the seven rows present. --decode gpu on CPU takes the
+    PIL path, cache the decoded copy (its rows keep a black image labelled -1)."""
+    from conftest import make_image_folder
+    from utils import store
+    folder = make_image_folder(str(tmp_path / "shapes"), n_train=1, n_val=3, size=24)
+    clean = make_image_folder(str(tmp_path / "clean"), n_train=1, n_val=3, size=24)
+    damage_image(folder, "truncated", "001.png")
+    damage_image(folder, "bomb", "002.png")
+    for name in ("001.png", "002.png"):
+        os.remove(os.path.join(clean, "val", "green", name))
+    flags = ["--weights", "none", "--workers", str(workers), "--chunk_size", "4", "--decode", decode,
+             "--decode_cache", str(tmp_path / "decoded")]
+    r = script(*EXTRACT, *flags, "--dataset", folder, "--out", str(tmp_path / "f"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert ("(2 unreadable images skipped: green/001.png (OSError), green/002.png (DecompressionBombError); "
+            "listed in its meta.json info; --strict stops on them instead)") in r.stdout, r.stdout
+    ref = script(*EXTRACT, *flags, "--dataset", clean, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got, meta = store.read(str(tmp_path / "f"))
+    want, _ = store.read(str(tmp_path / "ref"))
+    # classes sorted: blue 0-2, green 3-5, red 6-8; rows 4 and 5 (green/001, green/002) are gone
+    assert list(got["labels"]) == [0, 0, 0, 1, 2, 2, 2] == list(want["labels"])
+    assert list(got["indices"]) == [0, 1, 2, 3, 6, 7, 8]
+    # equal up to float rounding (a batch of other shape), and each row nearest its own counterpart: aligned
+    import numpy as np
+    gf, wf = np.asarray(got["features"]), np.asarray(want["features"])
+    assert np.allclose(gf, wf, rtol=1e-4, atol=1e-5), np.abs(gf - wf).max()
+    dist = ((gf[:, None] - wf[None]) ** 2).sum(-1)
+    assert list(dist.argmin(1)) == list(range(7)), dist
+    assert meta["info"]["rows"] == 7
+    assert meta["info"]["skipped"] == {"count": 2, "files": [
+        {"file": "green/001.png", "row": 4, "error": "OSError"},
+        {"file": "green/002.png", "row": 5, "error": "DecompressionBombError"}]}
+    again = script(*EXTRACT, *flags, "--dataset", folder, "--out", str(tmp_path / "f"))
+    assert again.returncode == 0 and "is up to date" in again.stdout, again.stdout + again.stderr[-2000:]

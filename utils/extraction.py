@@ -26,6 +26,7 @@ from .backbones import Backbone
 from .device import resolve_device
 from .errors import UserError
 from .feeds import ImageFeed, barrier, distributed
+from .validate import RebuildConfig
 
 
 @dataclass(frozen=True)
@@ -183,12 +184,15 @@ class _Todo:
     missing: set = field(default_factory=set)       # chunks this rank writes
 
 
-def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content=None, verify=False, force=False):
+def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content=None, verify=False, force=False,
+                   strict=False):
     """Fill the store entry of every output of ``passes`` in one pass over ``feed``, skipping entries whose key is
     current and, on a resumed run, chunks already written. ``cfg`` (an :class:`ExtractConfig`) supplies batch_size,
     chunk_size, dtype, device, amp. ``content`` (optional) returns the inputs' content digest: recorded in each
     entry written, and with ``verify`` compared with the one a current entry recorded. ``force`` re-extracts every
-    entry from scratch (what a message about a damaged entry advises). Returns the entry paths."""
+    entry from scratch (what a message about a damaged entry advises). A row the feed marks unreadable (label -1)
+    is left out of every array (``extra_arrays`` are per feed row, and lose the same rows) and listed in the entry's
+    info (``skipped``); with ``strict`` it stops the run with one error naming the file. Returns the entry paths."""
     todo, digest = [], {}
 
     def content_once():
@@ -244,18 +248,28 @@ def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content
             for (rows, c, _), out, y in _stream(feed, work, modules, device, cfg.amp):
                 if c != current:
                     active = [t for t in todo if c in t.missing]
-                    feats, labels, got, current = [[] for _ in active], [], 0, c
+                    feats, labels, skipped, got, current = [[] for _ in active], [], [], 0, c
+                keep = y >= 0
+                if not keep.all():
+                    bad = [r for r, k in zip(rows, keep) if not k]
+                    if strict:
+                        raise UserError(f"{feed.describe(bad[0])} is unreadable ({feed.why_unreadable(bad[0])}); "
+                                        f"replace or remove the file, then rerun the same command (finished chunks "
+                                        f"are kept), or rerun it without --strict to skip unreadable images")
+                    skipped += bad
+                kept = [r for r, k in zip(rows, keep) if k]
                 for t, acc in zip(active, feats):
-                    f32 = out[t.pass_id][t.index]
+                    f32 = out[t.pass_id][t.index][keep]
                     stored = f32.astype(cfg.dtype)
-                    _check_finite(f32, stored, rows, feed, t.output, cfg.dtype)
+                    _check_finite(f32, stored, kept, feed, t.output, cfg.dtype)
                     acc.append(stored)
-                labels.append(y)
+                labels.append(y[keep])
                 got += len(rows)
                 bar.update(len(rows))
                 if got == min(size, n - c * size):
                     writer.submit(_write_chunks, store, c, [(t.partial, np.concatenate(acc))
-                                                            for t, acc in zip(active, feats)], np.concatenate(labels))
+                                                            for t, acc in zip(active, feats)], np.concatenate(labels),
+                                  np.asarray(skipped, np.int64))
         finally:
             bar.close()       # first: a chunk write's error, raised by close(), then starts on its own line
             writer.close()
@@ -264,18 +278,48 @@ def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content
     barrier(world)
     if rank == 0:
         for t in todo:
-            store.merge_chunks(t.partial, t.output.out, n_chunks, t.key, {**t.output.info, **decode_info},
-                               extra_arrays)
+            skipped = sorted(int(r) for c in range(n_chunks) for r in store.chunk_array(t.partial, c, "skipped"))
+            info = {**t.output.info, **decode_info, **skip_info(feed, skipped, n)}
+            keep = np.ones(n, bool)
+            keep[skipped] = False
+            extra = {k: np.asarray(a)[keep] for k, a in (extra_arrays or {}).items()}
+            store.merge_chunks(t.partial, t.output.out, n_chunks, t.key, info, extra, side=("skipped",))
             arrays, _ = store.read(t.output.out, verify=False)   # its digest was just computed
             print(f"{arrays['features'].shape[0]} x {arrays['features'].shape[1]} {cfg.dtype} features "
-                  f"-> {t.output.out}")
+                  f"-> {t.output.out}" + skip_note(info))
     barrier(world)
     return paths
 
 
-def _write_chunks(store, c, batch, labels):
+def _write_chunks(store, c, batch, labels, skipped):
     for partial, features in batch:
-        store.write_chunk(partial, c, {"features": features, "labels": labels})
+        store.write_chunk(partial, c, {"features": features, "labels": labels, "skipped": skipped})
+
+
+SKIP_LISTED = 1000       # files named in an entry's info; the count is always whole
+
+
+def skip_info(feed, skipped, n):
+    """The entry info of an extraction of ``n`` feed rows that skipped rows ``skipped`` (unreadable images): how many
+    rows the entry holds, and the skipped files (relative paths) with the error class each raised."""
+    if not skipped:
+        return {"rows": n - len(skipped), "skipped": {"count": 0, "files": []}}
+    files = []
+    for r in skipped[:SKIP_LISTED]:
+        why = feed.why_unreadable(r)
+        files.append({"file": feed.source_file(r), "row": r, "error": why.split(":")[0]})
+    return {"rows": n - len(skipped), "skipped": {"count": len(skipped), "files": files}}
+
+
+def skip_note(info):
+    """The summary line's note on skipped images ('' when none was)."""
+    sk = info.get("skipped") or {}
+    if not sk.get("count"):
+        return ""
+    named = ", ".join(f"{f['file']} ({f['error']})" for f in sk["files"][:3])
+    more = f" and {sk['count'] - 3} more" if sk["count"] > 3 else ""
+    return (f" ({sk['count']} unreadable image{'s' if sk['count'] > 1 else ''} skipped: {named}{more}; listed in its "
+            f"meta.json info; --strict stops on them instead)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -290,15 +334,18 @@ class _AsList(nn.Module):
         return [self.module(x)]
 
 
-def extract_to_store(make_extractor, model_key, dataset, data_key, out, info, cfg, desc, extra_arrays=None):
+def extract_to_store(make_extractor, model_key, dataset, data_key, out, info, cfg, desc, extra_arrays=None,
+                     content=None, rebuild=RebuildConfig(), strict=False):
     """Extract ``dataset`` (map-style, (input tensor, label)) features with ``make_extractor()`` (a module returning
     (N, D)) into the store entry ``out`` unless an entry with the same key is there.
 
     The key is ``model_key`` (a backbone's: architecture, weights content, layer, pooling, preprocessing; or CLIP's),
-    the stored dtype and ``data_key``. Chunked, resumable, torchrun-sharded and checked as :func:`extract_passes`.
+    the stored dtype and ``data_key``. Chunked, resumable, torchrun-sharded and checked as :func:`extract_passes`;
+    ``content``, ``rebuild`` (--force, --verify) and ``strict`` mean what they do there.
     """
     p = Pass(make=lambda: _AsList(make_extractor()), outputs=[Output(out, model_key, info, desc)])
-    extract_passes([p], ImageFeed(dataset, cfg.workers), data_key, cfg, desc, extra_arrays)
+    extract_passes([p], ImageFeed(dataset, cfg.workers), data_key, cfg, desc, extra_arrays, content=content,
+                   verify=rebuild.verifying, force=rebuild.force, strict=strict)
     return out
 
 

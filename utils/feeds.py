@@ -31,7 +31,6 @@ from tqdm import tqdm
 from . import store, validate
 from .data import UNREADABLE
 from .decode import Normalise, check_interpolations
-from .errors import UserError
 
 
 def distributed():
@@ -78,6 +77,10 @@ class GroupedImages:
             return f"{type(e).__name__}: {validate.one_line(e)}"
         return "it could not be read in a loader worker"
 
+    def source_file(self, i):
+        """Row ``i``'s file as an entry's info lists it (relative to the ImageFolder root)."""
+        return self.source.ident(int(self.indices[i]))
+
 
 def describe_row(dataset, row):
     """Where row ``row`` of an extraction came from, for messages."""
@@ -106,18 +109,20 @@ class ImageFeed:
     def describe(self, row):
         return describe_row(self.dataset, row)
 
+    def why_unreadable(self, row):
+        return self.dataset.why_unreadable(row)
+
+    def source_file(self, row):
+        return self.dataset.source_file(row) if hasattr(self.dataset, "source_file") else self.describe(row)
+
     def batches(self, batches, device):
-        """Yield (inputs per group on ``device``, labels int64 ndarray) for each list of rows in ``batches``."""
+        """Yield (inputs per group on ``device``, labels int64 ndarray: -1 for a row the dataset could not read) for
+        each list of rows in ``batches``."""
         groups = len(getattr(self.dataset, "transforms", [None]))    # batches in flight hold every group's input
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
                             pin_memory=device.type == "cuda", persistent_workers=False,
                             prefetch_factor=max(1, 4 // max(1, groups)) if self.workers else None)
-        for rows, (x, y) in zip(batches, loader):
-            bad = np.flatnonzero(y.numpy() < 0)
-            if len(bad) and hasattr(self.dataset, "why_unreadable"):
-                r = rows[int(bad[0])]
-                raise UserError(f"{self.describe(r)} is unreadable ({self.dataset.why_unreadable(r)}); replace or "
-                                f"remove the file, then rerun the same command (finished chunks are kept)")
+        for rows, (x, y) in zip(batches, loader):     # label -1: unreadable (GroupedImages), for the caller
             xs = x if isinstance(x, (list, tuple)) else [x]
             # channels-last lets conv kernels (oneDNN on CPU, cuDNN on GPU) skip layout conversions
             yield ([t.to(device, non_blocking=True).to(memory_format=torch.channels_last) for t in xs],
@@ -157,7 +162,7 @@ class DecodeImages:
 
     def __init__(self, source, indices, plan):
         from torchvision import transforms as T
-        self.source, self.indices = source, np.asarray(indices)
+        self.source, self.indices, self.crop = source, np.asarray(indices), plan.crop
         self.transform = T.Compose([T.Resize(plan.resize, T.InterpolationMode(plan.interpolation), antialias=True),
                                     T.CenterCrop(plan.crop)])
 
@@ -166,7 +171,11 @@ class DecodeImages:
 
     def __getitem__(self, i):
         j = int(self.indices[i])
-        return torch.from_numpy(np.array(self.transform(self.source.image(j)), np.uint8)), int(self.source.targets[j])
+        try:
+            img = self.source.image(j)
+        except UNREADABLE:       # a black image labelled -1: the copy keeps its rows, the extraction skips it
+            return torch.zeros((self.crop, self.crop, 3), dtype=torch.uint8), -1
+        return torch.from_numpy(np.array(self.transform(img), np.uint8)), int(self.source.targets[j])
 
 
 def cache_key(data_key, plan):
@@ -260,16 +269,22 @@ class CacheFeed:
     """Batches sliced from the decoded copy (memory-mapped) by ``threads`` background threads, one copy each into
     (pinned, on CUDA) memory; the device makes every group's input (:class:`CacheTransform`)."""
 
-    def __init__(self, images, labels, plan, groups, describe=None, threads=2):
+    def __init__(self, images, labels, plan, groups, names=None, threads=2):
         self.images, self.labels, self.plan, self.groups = images, labels, plan, list(groups)
-        self.threads, self._describe = max(1, threads), describe
+        self.threads, self.names = max(1, threads), names      # names: the split's GroupedImages, for messages
         self.key = {"decode": "uint8 cache", **asdict(plan)}
 
     def __len__(self):
         return len(self.images)
 
     def describe(self, row):
-        return self._describe(row) if self._describe else f"row {row}"
+        return describe_row(self.names, row) if self.names is not None else f"row {row}"
+
+    def why_unreadable(self, row):
+        return self.names.why_unreadable(row) if self.names is not None else "it could not be read"
+
+    def source_file(self, row):
+        return self.names.source_file(row) if self.names is not None else f"row {row}"
 
     def _load(self, rows, pin):
         a = rows[0]

@@ -14,6 +14,8 @@ Every failure is one :class:`~utils.errors.UserError` whose message starts with 
 import hashlib
 import json
 import os
+import shlex
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.lib.format as npy_format
@@ -31,6 +33,19 @@ def verify_requested(flag=None):
     if flag is not None:
         return bool(flag)
     return os.environ.get("IIS_VERIFY", "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclass(frozen=True)
+class RebuildConfig:
+    """The --force / --verify flags of every extractor and builder (utils/cli/flags.add_rebuild_args): ``force``
+    rebuilds an output that looks finished (published whole, as any build); ``verify`` (None: IIS_VERIFY) also
+    compares its inputs' content digest with the one recorded at build time and rebuilds on a mismatch."""
+    force: bool = False
+    verify: object = None
+
+    @property
+    def verifying(self):
+        return verify_requested(self.verify)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -83,8 +98,39 @@ def array_specs(entry, meta):
     return specs
 
 
+def forced(recorded):
+    """The shell command that rebuilds an output from ``recorded`` (the {"command", "cwd"} an output records: see
+    utils/cli.command), with --force; None when nothing usable is recorded."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("command"), str) or not recorded["command"]:
+        return None
+    cmd = recorded["command"]
+    try:
+        has_force = "--force" in shlex.split(cmd)
+    except ValueError:
+        return None
+    cmd = cmd if has_force else f"{cmd} --force"
+    cwd = recorded.get("cwd")
+    return f"cd {shlex.quote(cwd)} && {cmd}" if isinstance(cwd, str) and cwd else cmd
+
+
+def recorded_command(entry):
+    """The command that built the store entry ``entry`` (its meta.json's ``info.command``), with --force, or None
+    when meta.json is unreadable or records none (an entry written before commands were recorded)."""
+    try:
+        with open(os.path.join(entry, "meta.json"), "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    info = meta.get("info") if isinstance(meta, dict) else None
+    return forced(info.get("command")) if isinstance(info, dict) else None
+
+
 def redo(entry):
-    """How to rebuild ``entry``: its extractor's command again, with --force (a damaged entry can look current)."""
+    """How to rebuild ``entry``: the command that made it (recorded in its meta.json) again, with --force (a damaged
+    entry can look current); the command's pattern when the entry records none."""
+    cmd = recorded_command(entry)
+    if cmd:
+        return f"re-extract it: {cmd}"
     return (f"re-extract it: rerun the command that made {entry} with --force (dataset features: python -m "
             f"concept_extractor.dataset_feature_extractor ... --out {entry} --force)")
 

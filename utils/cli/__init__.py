@@ -3,6 +3,8 @@ from parsed flags (:func:`config`, :func:`backbone_spec`). The shared flags them
 utils/cli/flags.py. Only scripts import this package; below it, nothing sees argparse or a parsed Namespace.
 """
 import dataclasses
+import os
+import shlex
 import sys
 
 from ..errors import UserError
@@ -34,6 +36,16 @@ def run(main, parser, dialect=None):
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept, the unfinished one left nothing behind", file=sys.stderr)
         sys.exit(130)
+
+
+def command():
+    """This run's command line, to record in what it builds (so advice to rebuild can quote it): {"command": the
+    command, shell-quoted (the interpreter, ``-m`` and the module for a stage script run as one), "cwd": where it
+    ran (its relative paths are relative to it)}."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    head = [sys.executable, "-m", spec.name] if spec is not None and spec.name else [sys.executable, sys.argv[0]]
+    return {"command": shlex.join(head + sys.argv[1:]), "cwd": os.getcwd()}
 
 
 def config(cls, args):
