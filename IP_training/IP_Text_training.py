@@ -111,7 +111,7 @@ def main(args):
     runs, probes, preds = sweep.train(cfg, heads, grid, (x_tr, y_tr, x_va, y_va),
                                       (with_ranks(z_tr), y_tr, with_ranks(z_va), y_va), len(classes), device, splits)
     meta = sweep.run_meta(cfg, mtr, mva, concept_type="text", n_concepts=len(kept), n_train=len(ytr),
-                          n_val=len(yva), feature_dim=int(xtr.shape[1]), device=str(device),
+                          n_val=len(yva), feature_dim=int(xtr.shape[1]), device=str(device), command=cli.command(),
                           concepts=[concepts[i] for i in kept], concept_val_similarity=[float(s) for s in sim[fits]],
                           dropped_clip_cutoff=dropped_clip, dropped_interpretability_cutoff=dropped_fit,
                           clip=tmeta["key"].get("clip"), inputs={"train": os.path.abspath(args.train_features),

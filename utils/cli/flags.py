@@ -114,6 +114,7 @@ def add_element_args(parser):
     add_workers_arg(g)
     g.add_argument("--out_dir", default="concept_library/prototype",
                    help="the library root; elements go to <out_dir>/<segments|patches>/<class>/")
+    add_rebuild_args(parser, reads="the source images' bytes")
     return g
 
 
