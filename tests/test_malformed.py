@@ -293,3 +293,47 @@ def test_an_unreadable_dataset_image_is_skipped_counted_and_listed(script, tmp_p
         {"file": "green/002.png", "row": 5, "error": "DecompressionBombError"}]}
     again = script(*EXTRACT, *flags, "--dataset", folder, "--out", str(tmp_path / "f"))
     assert again.returncode == 0 and "is up to date" in again.stdout, again.stdout + again.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# iis.json, read back (utils/results.read_scored: the fine-tune comparison's reader)
+# ---------------------------------------------------------------------------------------------------------------------
+GOOD_SCORED = {"schema": "iis.scored/1", "iis": 0.8, "standard_accuracy": 85.0, "ratios": [0.0, 0.1, 0.9],
+               "accuracies": [85.0, 84.0, 75.0], "metric": "top1", "meta": {}, "results": "r/results.json"}
+SCORED_DAMAGE = {
+    "field_missing": (lambda s: s.pop("iis"), "'iis' is missing, expected a number"),
+    "field_wrong_type": (lambda s: s.update(ratios="0.1 0.9"), "'ratios' is str, expected a list"),
+    "lengths_differ": (lambda s: s.update(accuracies=[85.0]), "'ratios' and 'accuracies' are not two number lists"),
+    "schema_unknown": (lambda s: s.update(schema="iis.scored/99"), "has schema 'iis.scored/99' (written by another "
+                                                                    "version); this version reads schema 'iis.scored/1'"),
+    "schema_missing": (lambda s: s.pop("schema"), "has schema None (written by a version before iis.json had one)"),
+    "not_json": (None, "is damaged (not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCORED_DAMAGE))
+def test_a_malformed_iis_json_is_one_line_naming_it(script, tmp_path, case):
+    change, fragment = SCORED_DAMAGE[case]
+    run = tmp_path / "run"
+    run.mkdir()
+    s = json.loads(json.dumps(GOOD_SCORED))
+    if change is None:
+        (run / "iis.json").write_text(json.dumps(s)[:40])
+    else:
+        change(s)
+        (run / "iis.json").write_text(json.dumps(s))
+    (tmp_path / "m.tsv").write_text(f"plain\t0\t0\t{run}\n")
+    before = snapshot(tmp_path)
+    r = script("-m", "IP_training.IP_finetune_compare", str(tmp_path / "m.tsv"), "--out", str(tmp_path / "report"))
+    one_error_line(r, str(run / "iis.json"), fragment, f"rerun iis_computing.py on the run to write it again: python iis_computing.py {run}")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_good_iis_json_is_read(script, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "iis.json").write_text(json.dumps(GOOD_SCORED))
+    (tmp_path / "m.tsv").write_text(f"plain\t0\t0\t{run}\n")
+    r = script("-m", "IP_training.IP_finetune_compare", str(tmp_path / "m.tsv"), "--out", str(tmp_path / "report"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| plain | 0 | 0 | 85.00 | 0.8000 | 84.00 | 75.00 |" in (tmp_path / "report" / "finetune_compare.md").read_text()

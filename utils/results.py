@@ -7,6 +7,7 @@ seen as unfinished, never read as one run.
 """
 import json
 import os
+import shlex
 
 from .errors import UserError
 from .fileio import check_manifest, check_schema, read_json
@@ -89,7 +90,8 @@ def read_scored(path):
     this code writes, and each field readers use present with its type (ratios and accuracies numbers of one
     length). Every failure is one :class:`UserError` naming the file and what to do (score the run again)."""
     f = os.path.join(path, "iis.json") if os.path.isdir(path) else path
-    todo = f"rerun iis_computing.py on the run ({os.path.dirname(os.path.abspath(f))}) to write it again"
+    run = os.path.dirname(os.path.abspath(f))
+    todo = f"rerun iis_computing.py on the run to write it again: python iis_computing.py {shlex.quote(run)}"
     if not os.path.isfile(f):
         raise UserError(f"no iis.json at {path}: score the run first (iis_computing.py {path})")
     try:

@@ -393,7 +393,7 @@ def check_element_index(index_path):
             raise UserError(f"{index_path}: element {i} has label {label!r}, outside [0, {n}) ({n} classes)")
         if not isinstance(file, str) or not inside(root, file):
             raise UserError(f"{index_path}: element {i}: its path {file!r} is not a normalised relative path inside "
-                            f"the library; refusing it ({rebuild_library(index_path)})")
+                            f"the library; refusing it: {rebuild_library(index_path)}")
         if not os.path.isfile(os.path.join(root, file)):
             raise UserError(f"{index_path}: element {i}: its image {file!r} is missing; {rebuild_library(index_path)}")
     return index
