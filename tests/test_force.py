@@ -4,7 +4,6 @@ command, run as printed (a shell line), fixes the state.
 
 Each --force case first makes the damage invisible to the up-to-date check (a NaN or a garbled image with the file's
 structure intact), so the rerun without --force says "up to date" and only --force restores the clean bytes."""
-import hashlib
 import json
 import os
 import shutil
@@ -16,18 +15,13 @@ from PIL import Image
 
 from conftest import REPO, make_image_folder
 from test_corruption import EMB, PROTO, base, io_args, one_error_line, script  # noqa: F401
+from test_crash import tree      # file digests; JSON files without the recorded command (it holds --force)
 from utils import store
 
 TINY = os.path.join(REPO, "tests", "assets", "tiny-clip.json")
 PATCH = ["-m", "concept_extractor.patch_extractor", "--images_per_class", "2", "--image_size", "32", "--workers", "1"]
 SEGMENT = ["-m", "concept_extractor.segment_extractor", "--images_per_class", "1", "--image_size", "32",
            "--workers", "1", "--n_segments", "4"]
-
-
-def tree(root):
-    """{relative path: sha256} of every file under ``root``."""
-    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-            for d, _, fs in os.walk(root) for f in fs}
 
 
 def plant_nan(entry):
@@ -74,7 +68,7 @@ def test_element_embedding_force_re_extracts_an_entry_that_looks_current(library
     ok(script(*args))
     clean = tree(tmp_path / "emb")
     assert json.load(open(tmp_path / "emb" / "meta.json"))["info"]["command"]["command"].endswith(
-        "-m concept_extractor.visual_element_emb_extractor " + " ".join(args[1:]))
+        "-m concept_extractor.visual_element_emb_extractor " + " ".join(args[2:]))
     plant_nan(tmp_path / "emb")
     assert "is up to date" in ok(script(*args)).stdout
     r = ok(script(*args, "--force"))
