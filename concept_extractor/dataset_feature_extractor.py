@@ -34,6 +34,11 @@ default PIL path's.
 and resized, cropped and normalised there with each backbone's own preprocessing; other files (PNG, greyscale, CMYK
 or progressive JPEGs, ...) take the PIL path, counted in the summary line and the entries' info (utils/decode.py).
 Its entries are keyed apart too. Without a CUDA device it says so in one line and uses the PIL path.
+
+An image PIL cannot read (corrupt, truncated, a decompression bomb) is skipped: left out of features, labels and
+indices alike, counted in the summary line and listed in the entry's info (``skipped``); --strict stops at it with
+one error naming it instead. --force re-extracts entries that look current; --verify also compares the images' bytes
+with the digest recorded at extraction (docs/files.md, "What is checked").
 """
 import argparse
 import os

@@ -304,10 +304,11 @@ def check_killed_at_every_point(script, tmp_path, old_args, new_args, out, name,
 
 def same_library(a, b):
     """Two libraries hold the same files, byte for byte, but for how many classes a resumed build found finished
-    (index.json's ``classes_resumed``: the one thing that says a build was resumed)."""
+    (index.json's ``classes_resumed``: the one thing that says a build was resumed) and the command recorded (it
+    names the folder built)."""
     def without_resumed(d):
         if isinstance(d, dict):
-            return {k: without_resumed(v) for k, v in d.items() if k != "classes_resumed"}
+            return {k: without_resumed(v) for k, v in d.items() if k not in ("classes_resumed", "command")}
         return [without_resumed(v) for v in d] if isinstance(d, list) else d
     ta, tb = tree(a), tree(b)
     index = [k for k in ta if k.endswith("index.json")]
