@@ -156,26 +156,19 @@ def plan_cache(preprocesses):
     return CachePlan(resize, crop, interp)
 
 
-class DecodeImages:
+class DecodeImages(GroupedImages):
     """Map-style dataset for building the decoded copy: (uint8 HWC tensor, label) per image, resized and centre-cropped
-    by PIL exactly as torchvision's Resize + CenterCrop do."""
+    by PIL exactly as torchvision's Resize + CenterCrop do (an unreadable image: a black one labelled -1, so the copy
+    keeps its row and the extraction skips it)."""
 
     def __init__(self, source, indices, plan):
         from torchvision import transforms as T
-        self.source, self.indices, self.crop = source, np.asarray(indices), plan.crop
-        self.transform = T.Compose([T.Resize(plan.resize, T.InterpolationMode(plan.interpolation), antialias=True),
-                                    T.CenterCrop(plan.crop)])
-
-    def __len__(self):
-        return len(self.indices)
+        super().__init__(source, indices, [T.Compose([
+            T.Resize(plan.resize, T.InterpolationMode(plan.interpolation), antialias=True), T.CenterCrop(plan.crop)])])
 
     def __getitem__(self, i):
-        j = int(self.indices[i])
-        try:
-            img = self.source.image(j)
-        except UNREADABLE:       # a black image labelled -1: the copy keeps its rows, the extraction skips it
-            return torch.zeros((self.crop, self.crop, 3), dtype=torch.uint8), -1
-        return torch.from_numpy(np.array(self.transform(img), np.uint8)), int(self.source.targets[j])
+        (img,), label = super().__getitem__(i)
+        return torch.from_numpy(np.array(img, np.uint8)), label
 
 
 def cache_key(data_key, plan):
