@@ -281,6 +281,8 @@ def run_meta(cfg, train_meta, val_meta, **extra):
     skipped = {split: _skipped(m) for split, m in (("train", train_meta), ("val", val_meta))}
     if any(skipped.values()):
         extra = dict(extra, skipped_images=skipped)
+        print(f"note: the features skip unreadable images (train {skipped['train']}, val {skipped['val']}: listed in "
+              f"their meta.json info); n_train and n_val count the rows present")
     return dict(backbone_meta(train_meta), **extra, protocol=cfg.protocol, select_on=cfg.select_on,
                 seeds=list(cfg.seeds), val_samples=key_hash(val_meta["key"].get("data", val_meta["key"])))
 
