@@ -337,3 +337,17 @@ def test_a_good_iis_json_is_read(script, tmp_path):
     r = script("-m", "IP_training.IP_finetune_compare", str(tmp_path / "m.tsv"), "--out", str(tmp_path / "report"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| plain | 0 | 0 | 85.00 | 0.8000 | 84.00 | 75.00 |" in (tmp_path / "report" / "finetune_compare.md").read_text()
+
+
+def test_a_run_on_features_that_skipped_images_says_so_and_records_it(capsys):
+    from types import SimpleNamespace
+    from utils import sweep
+    backbone = {"name": "m", "arch": "a", "weights": "none", "layer": "pre_logits", "pooling": "auto"}
+    def meta(count):
+        return {"key": {"data": {"n": 9}}, "info": {"backbone": backbone, "classes": ["a", "b"],
+                                                    "skipped": {"count": count, "files": []}}}
+    cfg = SimpleNamespace(protocol="iis", select_on="holdout", seeds=[0])
+    m = sweep.run_meta(cfg, meta(0), meta(2), n_train=9, n_val=7)
+    assert m["skipped_images"] == {"train": 0, "val": 2} and (m["n_train"], m["n_val"]) == (9, 7)
+    assert "note: the features skip unreadable images (train 0, val 2" in capsys.readouterr().out
+    assert "skipped_images" not in sweep.run_meta(cfg, meta(0), meta(0))
