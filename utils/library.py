@@ -75,6 +75,24 @@ def elements_digest(folder, index):
     return "sha256:" + h.hexdigest()
 
 
+def chosen_digest(source, chosen):
+    """sha256 over the bytes of the images a library is cut from (``chosen``: class -> indices), in order: what its
+    --verify compares (reads those files only; a dataset held in memory: its raw files)."""
+    encoded, whole = getattr(source, "encoded", None), getattr(source, "content_digest", None)
+    h = hashlib.sha256()
+    for c in sorted(chosen):
+        for i in chosen[c]:
+            try:
+                blob = encoded(int(i)) if encoded else None
+            except OSError:             # unreadable: skipped by the build, and so by the digest
+                blob = b""
+            if blob is None:
+                return whole() if whole else None
+            h.update(blob)
+            h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
+
 def _key_hash_of(path):
     """The ``key_hash`` a library's JSON file records, or None when it is missing or damaged."""
     try:
@@ -143,13 +161,14 @@ def build_library(source, method, cut, params, out_dir, images_per_class=10, see
     h = key_hash(key)
     for p in (index_path, manifest_path):
         remove_strays(p)                  # temp files of a killed run
+    chosen = per_class_indices(source.targets, images_per_class, seed)
     old, restart = _key_hash_of(index_path), rebuild.force
     if old == h:
         try:
             index = check_element_index(index_path)
             if rebuild.force:
                 print(f"{index_path}: --force: rebuilding the library")
-            elif rebuild.verifying and index.get("content_digest") not in (None, source.content_digest()):
+            elif rebuild.verifying and index.get("content_digest") not in (None, chosen_digest(source, chosen)):
                 print(f"{root}: its source images' bytes changed since it was built (same names, sizes and "
                       f"modification times; found by --verify): rebuilding it")
                 restart = True
@@ -177,7 +196,6 @@ def build_library(source, method, cut, params, out_dir, images_per_class=10, see
     atomic_write_json(manifest_path, {"key": key, "key_hash": h, "command": command})
 
     folders = class_folders(source.classes)
-    chosen = per_class_indices(source.targets, images_per_class, seed)
     done, tmp, tasks, resumed = {}, {}, [], 0
     for c, idxs in chosen.items():
         remove_strays(os.path.join(root, folders[c]))       # a killed run's temp class folders
@@ -227,7 +245,7 @@ def build_library(source, method, cut, params, out_dir, images_per_class=10, see
                "skipped_files": [f"{w}: {m}" for w, m in skipped][:1000], "classes_resumed": resumed,
                **{f"skipped_{w.replace(' ', '_')}": n for w, n in counts.items()}}
     atomic_write_json(index_path, {"schema": LIBRARY_SCHEMA, "key": key, "key_hash": h, "classes": source.classes,
-                                   "elements": rows, "summary": summary, "content_digest": source.content_digest(),
+                                   "elements": rows, "summary": summary, "content_digest": chosen_digest(source, chosen),
                                    "command": command})   # the library's commit point
     print(f"{len(rows)} elements from {n_images - len(skipped)} images "
           f"({counts['unreadable']} unreadable and {counts['too small']} too small skipped; "
