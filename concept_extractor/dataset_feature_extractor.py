@@ -20,9 +20,9 @@ their layers hooked; backbones with the same preprocessing share one transformed
 
 Output: a store entry (utils/store.py) per (backbone, layer) with features (N, D) float32, labels (N,) int64 and
 indices (N,) int64 (rows of the split), keyed by backbone, weights, layer, pooling, preprocessing, dataset, split and
-subset — the same bytes a separate run of each writes. --out is the entry for one (backbone, layer); for several, a
-parent folder (entries at <out>/<model>[@<layer>]/<split>, run_pipeline.sh's layout under outputs/features/<dataset>)
-or a template with {model}, {split} and {dataset}. <model> is the config's name (the --backbone name with ':' as '_'),
+subset — the same bytes a separate run of each writes (but for the command recorded in meta.json's info). --out is
+the entry for one (backbone, layer); for several, a parent folder (entries at <out>/<model>[@<layer>]/<split>,
+run_pipeline.sh's layout under outputs/features/<dataset>) or a template with {model}, {split} and {dataset}. <model> is the config's name (the --backbone name with ':' as '_'),
 with @<layer> when a layer was named (utils/specs.model_tag).
 
 --decode cache (the fast path for GPUs) first writes a one-time uint8 copy of the split, decoded and resized once at
