@@ -186,7 +186,7 @@ def main(args):
         provenance["floor_directions"] = torch.as_tensor(directions)
     meta = sweep.run_meta(cfg, mtr, mva, concept_type=args.concept_type,
                           elements=mco["info"].get("elements_index"), n_concepts=k, n_train=len(ytr), n_val=len(yva),
-                          feature_dim=int(xtr.shape[1]), device=str(device), floor=floor_info,
+                          feature_dim=int(xtr.shape[1]), device=str(device), floor=floor_info, command=cli.command(),
                           inputs={"train": os.path.abspath(args.train_features),
                                   "val": os.path.abspath(args.val_features),
                                   "concepts": os.path.abspath(args.concepts)})

@@ -113,7 +113,7 @@ def main(args):
                                       (with_ranks(z_tr), y_tr, with_ranks(z_va), y_va), len(classes), device, splits,
                                       cache)
     meta = sweep.run_meta(cfg, mtr, mva, concept_type="text", n_concepts=len(kept), n_train=len(ytr),
-                          n_val=len(yva), feature_dim=int(xtr.shape[1]), device=str(device),
+                          n_val=len(yva), feature_dim=int(xtr.shape[1]), device=str(device), command=cli.command(),
                           concepts=[concepts[i] for i in kept], concept_val_similarity=[float(s) for s in sim[fits]],
                           dropped_clip_cutoff=dropped_clip, dropped_interpretability_cutoff=dropped_fit,
                           clip=tmeta["key"].get("clip"), inputs={"train": os.path.abspath(args.train_features),

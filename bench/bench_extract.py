@@ -36,8 +36,8 @@ from bench.common import Timer, hardware
 from utils.backbones import LayerTaps, Preprocess
 from utils.data import to_rgb
 from utils.decode import DECODE_PATHS, GpuFeed
-from utils.extraction import (CacheFeed, ExtractConfig, GroupedImages, ImageFeed, Output, Pass, assign_groups,
-                              build_decoded_cache, extract_passes, plan_cache)
+from utils.extraction import ExtractConfig, Output, Pass, assign_groups, extract_passes
+from utils.feeds import CacheFeed, GroupedImages, ImageFeed, build_decoded_cache, plan_cache
 
 # 14 torchvision architectures cheap enough to run together; their default weights use 6 distinct preprocessings
 MANY = ["resnet50", "vit_b_16", "resnet18", "resnet34", "resnet101", "resnext50_32x4d", "densenet121",

@@ -32,7 +32,7 @@ from bench.common import hardware
 from utils.backbones import Backbone, Preprocess
 from utils.data import to_rgb
 from utils.decode import GpuFeed
-from utils.extraction import CacheTransform, DecodeImages, plan_cache
+from utils.feeds import CacheTransform, DecodeImages, plan_cache
 from utils.specs import load_spec
 
 SETS = {

@@ -20,9 +20,9 @@ their layers hooked; backbones with the same preprocessing share one transformed
 
 Output: a store entry (utils/store.py) per (backbone, layer) with features (N, D) float32, labels (N,) int64 and
 indices (N,) int64 (rows of the split), keyed by backbone, weights, layer, pooling, preprocessing, dataset, split and
-subset — the same bytes a separate run of each writes. --out is the entry for one (backbone, layer); for several, a
-parent folder (entries at <out>/<model>[@<layer>]/<split>, run_pipeline.sh's layout under outputs/features/<dataset>)
-or a template with {model}, {split} and {dataset}. <model> is the config's name (the --backbone name with ':' as '_'),
+subset — the same bytes a separate run of each writes (but for the command recorded in meta.json's info). --out is
+the entry for one (backbone, layer); for several, a parent folder (entries at <out>/<model>[@<layer>]/<split>,
+run_pipeline.sh's layout under outputs/features/<dataset>) or a template with {model}, {split} and {dataset}. <model> is the config's name (the --backbone name with ':' as '_'),
 with @<layer> when a layer was named (utils/specs.model_tag).
 
 --decode cache (the fast path for GPUs) first writes a one-time uint8 copy of the split, decoded and resized once at
@@ -34,6 +34,11 @@ default PIL path's.
 and resized, cropped and normalised there with each backbone's own preprocessing; other files (PNG, greyscale, CMYK
 or progressive JPEGs, ...) take the PIL path, counted in the summary line and the entries' info (utils/decode.py).
 Its entries are keyed apart too. Without a CUDA device it says so in one line and uses the PIL path.
+
+An image PIL cannot read (corrupt, truncated, a decompression bomb) is skipped: left out of features, labels and
+indices alike, counted in the summary line and listed in the entry's info (``skipped``); --strict stops at it with
+one error naming it instead. --force re-extracts entries that look current; --verify also compares the images' bytes
+with the digest recorded at extraction (docs/files.md, "What is checked").
 """
 import argparse
 import os
@@ -47,12 +52,13 @@ from utils.data import get_source, subset_indices, subset_key
 from utils.decode import DecodeConfig, GpuFeed, choose
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.extraction import (CacheFeed, ExtractConfig, GroupedImages, ImageFeed, backbone_passes,
-                              build_decoded_cache, cache_key, describe_row, extract_passes, plan_cache)
+from utils.extraction import ExtractConfig, backbone_passes, extract_passes
+from utils.feeds import (CacheFeed, GroupedImages, ImageFeed, build_decoded_cache, cache_key, describe_row,
+                         plan_cache)
 from utils.fileio import key_hash
 from utils.layout import model_folder
 from utils.specs import config_path, load_spec
-from utils.validate import verify_requested
+from utils.validate import RebuildConfig
 
 
 def get_args_parser():
@@ -66,13 +72,8 @@ def get_args_parser():
                    help="one (backbone, layer): the store entry folder; several: a parent folder (entries at "
                         "<out>/<model>[@<layer>]/<split>) or a template with {model}, {split}, {dataset}")
     flags.add_decode_args(p)
-    flags.add_loader_args(p)
-    p.add_argument("--force", action="store_true",
-                   help="re-extract every entry from scratch even when it looks up to date (what a message about a "
-                        "damaged entry asks for)")
-    p.add_argument("--verify", action="store_true", default=None,
-                   help="also compare the images' bytes with the digest recorded at extraction (reads every file; "
-                        "default: IIS_VERIFY=1, else names, sizes and modification times only: docs/files.md)")
+    flags.add_strict_arg(flags.add_loader_args(p))
+    flags.add_rebuild_args(p, reads="the images' bytes")
     return p
 
 
@@ -123,7 +124,7 @@ def main(args):
     tag_data = os.path.basename(args.dataset.rstrip("/"))
     outs = out_paths(args.out, [t for t, _ in chosen], args.split, tag_data)
     info = {"classes": source.classes, "dataset": source.name, "split": args.split,
-            "data_root": os.path.abspath(args.data_root)}
+            "data_root": os.path.abspath(args.data_root), "command": cli.command()}
     passes, groups = backbone_passes([(spec, out, dict(info, backbone=asdict(spec)), tag)
                                       for (tag, spec), out in zip(chosen, outs)])
     dec, run = cli.config(DecodeConfig, args), cli.config(ExtractConfig, args)
@@ -141,10 +142,11 @@ def main(args):
                             f"{args.split}-{plan.resize}-{plan.crop}-{plan.interpolation}-"
                             f"{key_hash(cache_key(data_key, plan))[:8]}")
         images, labels = build_decoded_cache(path, source, idx, data_key, plan, run.workers)
-        feed = CacheFeed(images, labels, plan, groups, lambda r: describe_row(probe, r), threads=run.workers)
+        feed = CacheFeed(images, labels, plan, groups, probe, threads=run.workers)
+    rebuild = cli.config(RebuildConfig, args)
     extract_passes(passes, feed, data_key, run, desc=f"{args.split} features",
                    extra_arrays={"indices": np.asarray(idx, np.int64)}, content=source.content_digest,
-                   verify=verify_requested(args.verify), force=args.force)
+                   verify=rebuild.verifying, force=rebuild.force, strict=args.strict)
 
 
 if __name__ == "__main__":

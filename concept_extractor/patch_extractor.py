@@ -12,6 +12,7 @@ from utils.cli import flags
 from utils.elements import patches
 from utils.errors import UserError
 from utils.library import LibraryConfig, build
+from utils.validate import RebuildConfig
 
 
 def get_args_parser():
@@ -26,7 +27,8 @@ def main(args):
     if min(args.grids) < 1:
         raise UserError("--grids must be at least 1")
     params = dict(grids=list(args.grids), out_size=args.out_size)
-    build(cli.config(LibraryConfig, args), "patches", partial(patches, **params), params)
+    build(cli.config(LibraryConfig, args), "patches", partial(patches, **params), params,
+          cli.config(RebuildConfig, args), cli.command())
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from utils import cli, compat
 from utils.cli import flags
 from utils.elements import FILL, SLIC_SCALES, segments
 from utils.library import LibraryConfig, build
+from utils.validate import RebuildConfig
 
 
 def get_args_parser():
@@ -34,7 +35,8 @@ def main(args):
     params = dict(scales=list(args.n_segments), compactness=args.compactness, sigma=args.sigma,
                   max_per_scale=args.max_per_scale, max_jaccard=args.max_jaccard, min_area=args.min_area,
                   fill=args.fill, out_size=args.out_size)
-    build(cli.config(LibraryConfig, args), "segments", partial(segments, **params), params)
+    build(cli.config(LibraryConfig, args), "segments", partial(segments, **params), params,
+          cli.config(RebuildConfig, args), cli.command())
 
 
 if __name__ == "__main__":

@@ -30,10 +30,12 @@ import numpy as np
 
 from utils import cli, compat, store
 from utils.cli import flags
-from utils.data import TransformedImages, get_source, subset_indices, subset_key
+from utils.data import get_source, subset_indices, subset_key
 from utils.device import resolve_device
 from utils.extraction import ExtractConfig, extract_to_store
+from utils.feeds import GroupedImages
 from utils.text import CLIP, read_concepts
+from utils.validate import RebuildConfig
 
 
 def get_args_parser():
@@ -47,7 +49,8 @@ def get_args_parser():
     p.add_argument("--max_val", type=int, default=None, help="seeded subset of the val split")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets")
     p.add_argument("--out", required=True, help="folder for the text/, train/ and val/ store entries")
-    flags.add_loader_args(p)
+    flags.add_strict_arg(flags.add_loader_args(p))
+    flags.add_rebuild_args(p, reads="the images' bytes")
     return p
 
 
@@ -57,21 +60,24 @@ def main(args):
     clip = CLIP(args.clip_model, args.clip_pretrained, str(device))
     text_key = {"schema": 1, "clip": clip.key, "concepts": hashlib.sha256("\n".join(concepts).encode()).hexdigest()}
     text_out = os.path.join(args.out, "text")
-    if store.is_current(text_out, text_key):
+    rebuild, command = cli.config(RebuildConfig, args), cli.command()
+    if not rebuild.force and store.is_current(text_out, text_key):     # the key holds the concepts' text itself
         print(f"{text_out} is up to date")
     else:
         feats = clip.encode_text(concepts)
-        store.write(text_out, {"features": feats}, text_key, {"concepts": concepts, "source": args.concepts})
+        store.write(text_out, {"features": feats}, text_key, {"concepts": concepts, "source": args.concepts,
+                                                              "command": command})
         print(f"{len(concepts)} concepts x {feats.shape[1]} -> {text_out}")
     for split, n in (("train", args.max_train), ("val", args.max_val)):
         source = get_source(args.dataset, split, args.data_root)
         idx = subset_indices(len(source), n, args.seed)
         data_key = subset_key(source, idx)
-        extract_to_store(clip.image_encoder, clip.key, TransformedImages(source, idx, clip.preprocess), data_key,
+        extract_to_store(clip.image_encoder, clip.key, GroupedImages(source, idx, [clip.preprocess]), data_key,
                          os.path.join(args.out, split), {"classes": source.classes, "dataset": source.name,
-                                                         "split": split}, cli.config(ExtractConfig, args),
-                         desc=f"CLIP {split} images",
-                         extra_arrays={"indices": np.asarray(idx, np.int64)})
+                                                         "split": split, "command": command},
+                         cli.config(ExtractConfig, args), desc=f"CLIP {split} images",
+                         extra_arrays={"indices": np.asarray(idx, np.int64)}, content=source.content_digest,
+                         rebuild=rebuild, strict=args.strict)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from utils.cli import flags
 from utils.data import ElementImages
 from utils.extraction import ExtractConfig, extract_to_store
 from utils.fileio import file_digest
-from utils.library import read_index
+from utils.library import elements_digest, read_index
+from utils.validate import RebuildConfig
 
 
 def get_args_parser():
@@ -27,6 +28,7 @@ def get_args_parser():
                    help="an element library folder (holds index.json) made by segment_extractor or patch_extractor")
     p.add_argument("--out", required=True, help="store entry folder to write")
     flags.add_loader_args(p)
+    flags.add_rebuild_args(p, reads="the element images' bytes")
     return p
 
 
@@ -36,7 +38,9 @@ def main(args):
     data = ElementImages(args.elements, index["elements"], bb.preprocess.element_transform())
     extract_to_store(bb.extractor, bb.key(), data, {"elements": file_digest(index_path)}, args.out,
                      {"elements_index": os.path.abspath(index_path), "classes": index["classes"],
-                      "backbone": asdict(bb.spec)}, cli.config(ExtractConfig, args), desc="element embeddings")
+                      "backbone": asdict(bb.spec), "command": cli.command()}, cli.config(ExtractConfig, args),
+                     desc="element embeddings", content=lambda: elements_digest(args.elements, index),
+                     rebuild=cli.config(RebuildConfig, args))
 
 
 if __name__ == "__main__":

@@ -229,10 +229,10 @@ def bad_huffman_table(blob):
 
 
 @pytest.mark.parametrize("bad", ["garbage", "truncated", "bad Huffman table"])
-def test_a_corrupt_file_stops_the_run_naming_it_as_the_pil_path_stops(tmp_path, device_on_cpu, monkeypatch, capsys,
-                                                                      bad):
+def test_a_corrupt_file_is_skipped_or_named_as_the_pil_path_does(tmp_path, device_on_cpu, monkeypatch, capsys, bad):
     """Garbage and a truncated file go to PIL in the worker (not a JPEG the device takes), the bad table to the device
-    decoder, which refuses it, then to PIL in this process: each stops the run with one line naming the file."""
+    decoder, which refuses it, then to PIL in this process. Either way the file is skipped and listed as the PIL path
+    skips it (the same rows, labels and indices); with --strict it stops the run with one line naming it."""
     folder = mixed_folder(tmp_path / "mixed")
     good = (tmp_path / "mixed" / "val" / "a" / "0.jpg").read_bytes()
     (tmp_path / "mixed" / "val" / "b" / "bad.jpg").write_bytes(
@@ -240,18 +240,26 @@ def test_a_corrupt_file_stops_the_run_naming_it_as_the_pil_path_stops(tmp_path, 
          "bad Huffman table": bad_huffman_table(good)}[bad])
     common = ["--model_config", small_model(tmp_path), "--weights", "none", "--dataset", folder, "--split", "val",
               "--device", "cpu", *LOADER]
-    with pytest.raises(Exception):                      # the PIL path stops too (its message is PIL's own)
-        extract(*common, "--out", str(tmp_path / "pil"))
-    monkeypatch.setattr("sys.argv", ["dataset_feature_extractor.py", *common, "--out", str(tmp_path / "gpu"),
-                                     "--decode", "gpu"])
+    extract(*common, "--out", str(tmp_path / "pil"))
+    extract(*common, "--out", str(tmp_path / "gpu"), "--decode", "gpu")
+    (a, ma), (b, mb) = store.read(str(tmp_path / "pil")), store.read(str(tmp_path / "gpu"))
+    np.testing.assert_array_equal(a["indices"], np.arange(7))       # bad.jpg is row 7 of 8
+    np.testing.assert_array_equal(a["indices"], b["indices"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert ma["info"]["skipped"] == mb["info"]["skipped"] == {
+        "count": 1, "files": [{"file": "b/bad.jpg", "row": 7, "error": "OSError"}]}
+    assert mb["info"]["decode"]["rows"] == 7
+    capsys.readouterr()
+    monkeypatch.setattr("sys.argv", ["dataset_feature_extractor.py", *common, "--out", str(tmp_path / "strict"),
+                                     "--decode", "gpu", "--strict"])
     with pytest.raises(SystemExit) as stop:
         cli.run(dfe.main, dfe.get_args_parser())
     err = capsys.readouterr().err
     lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("error")]   # the rest: the bar
     assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("error: cannot read image 7 of ") and "(b/bad.jpg): OSError" in lines[0], lines
-    assert lines[0].endswith("replace or remove the file")
-    assert not os.path.exists(tmp_path / "gpu") and not os.path.exists(tmp_path / "pil")
+    assert lines[0].startswith("error: image 7 of ") and "(b/bad.jpg) is unreadable (OSError" in lines[0], lines
+    assert "replace or remove the file" in lines[0]
+    assert not os.path.exists(tmp_path / "strict")
 
 
 def test_a_gpu_entry_is_never_taken_for_a_pil_one(tmp_path, device_on_cpu, capsys):

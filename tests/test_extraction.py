@@ -1,5 +1,6 @@
 """Extraction: several backbones and layers in one pass write the same bytes as separate runs; a non-finite feature
 stops the run naming its image; the decoded-copy fast path is exact for its own preprocessing and close for others."""
+import json
 import os
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from utils import store
 from utils.backbones import LayerTaps, Preprocess
 from utils.errors import UserError
 from utils.data import ImageSource, TransformedImages, get_source
-from utils.extraction import (CachePlan, CacheTransform, DecodeImages, ExtractConfig, extract_to_store,
-                              plan_cache)
+from utils.extraction import ExtractConfig, extract_to_store
+from utils.feeds import CachePlan, CacheTransform, DecodeImages, plan_cache
 from utils.specs import model_tag
 
 LOADER = ["--workers", "0", "--device", "cpu", "--batch_size", "3", "--chunk_size", "4"]
@@ -29,7 +30,14 @@ def extract(*argv):
 
 
 def entry_bytes(path):
-    return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))}
+    """Every file's bytes; meta.json's without ``info.command`` (the command that built the entry, which differs
+    between a pass over several backbones and a run of one)."""
+    out = {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))}
+    if "meta.json" in out:
+        meta = json.loads(out["meta.json"])
+        meta["info"].pop("command", None)
+        out["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+    return out
 
 
 @pytest.fixture

@@ -307,8 +307,9 @@ def test_comparison_table_known_answer(tmp_path):
     for (arm, lam, seed), (top1, iis) in vals.items():
         d = tmp_path / f"{arm}{lam}_{seed}"
         d.mkdir()
-        (d / "iis.json").write_text(json.dumps({"iis": iis, "standard_accuracy": top1, "ratios": [0.0, 0.1, 0.9],
-                                                "accuracies": [top1, top1 - 1, top1 - 10]}))
+        (d / "iis.json").write_text(json.dumps({"schema": "iis.scored/1", "iis": iis, "standard_accuracy": top1,
+                                                "ratios": [0.0, 0.1, 0.9], "accuracies": [top1, top1 - 1, top1 - 10],
+                                                "metric": "top1", "meta": {}, "results": str(d / "results.json")}))
         rows.append("\t".join([arm, lam, str(seed), str(d)]))
     (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
     table = write_comparison(str(tmp_path / "m.tsv"), str(tmp_path / "report"))

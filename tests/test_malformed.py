@@ -229,20 +229,125 @@ def test_a_checkpoint_of_the_wrong_kind_is_one_line(script, tmp_path, make, name
     assert not os.path.exists(tmp_path / "f")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "bomb"])
-def test_an_unreadable_dataset_image_is_one_line_from_a_loader_worker(script, tmp_path, damage):
-    from conftest import make_image_folder
-    folder = make_image_folder(str(tmp_path / "shapes"), n_train=1, n_val=3, size=24)
-    bad = os.path.join(folder, "val", "green", "001.png")
+def damage_image(folder, damage, name="001.png"):
+    bad = os.path.join(folder, "val", "green", name)
     if damage == "bomb":
         bomb_png(bad)
     else:
         with open(bad, "r+b") as f:
             f.truncate(60)
-    r = script(*EXTRACT, "--weights", "none", "--dataset", folder, "--workers", "2", "--out", str(tmp_path / "f"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bomb"])
+def test_an_unreadable_dataset_image_under_strict_is_one_line_from_a_loader_worker(script, tmp_path, damage):
+    from conftest import make_image_folder
+    folder = make_image_folder(str(tmp_path / "shapes"), n_train=1, n_val=3, size=24)
+    damage_image(folder, damage)
+    r = script(*EXTRACT, "--weights", "none", "--dataset", folder, "--workers", "2", "--out", str(tmp_path / "f"),
+               "--strict")
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error")]
     assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "DataLoader worker" not in r.stderr, r.stderr[-3000:]
     assert "green/001.png) is unreadable (" + ("DecompressionBombError" if damage == "bomb" else "OSError") in errors[0]
     print(errors[0])
     assert not os.path.exists(tmp_path / "f")
+
+
+@pytest.mark.parametrize("workers,decode", [(0, "pil"), (2, "pil"), (2, "gpu"), (0, "cache")])
+def test_an_unreadable_dataset_image_is_skipped_counted_and_listed(script, tmp_path, workers, decode):
+    """Two unreadable images of nine (a truncated PNG and a decompression bomb) are left out of every array, so the
+    other seven rows are exactly what the folder without them gives (features, labels: no shift); the entry's info
+    and the summary line name them, and the run's n_val is the seven rows present. --decode gpu on CPU takes the
+    PIL path, cache the decoded copy (its rows keep a black image labelled -1)."""
+    from conftest import make_image_folder
+    from utils import store
+    folder = make_image_folder(str(tmp_path / "shapes"), n_train=1, n_val=3, size=24)
+    clean = make_image_folder(str(tmp_path / "clean"), n_train=1, n_val=3, size=24)
+    damage_image(folder, "truncated", "001.png")
+    damage_image(folder, "bomb", "002.png")
+    for name in ("001.png", "002.png"):
+        os.remove(os.path.join(clean, "val", "green", name))
+    flags = ["--weights", "none", "--workers", str(workers), "--chunk_size", "4", "--decode", decode,
+             "--decode_cache", str(tmp_path / "decoded")]
+    r = script(*EXTRACT, *flags, "--dataset", folder, "--out", str(tmp_path / "f"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert ("(2 unreadable images skipped: green/001.png (OSError), green/002.png (DecompressionBombError); "
+            "listed in its meta.json info; --strict stops on them instead)") in r.stdout, r.stdout
+    ref = script(*EXTRACT, *flags, "--dataset", clean, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got, meta = store.read(str(tmp_path / "f"))
+    want, _ = store.read(str(tmp_path / "ref"))
+    # classes sorted: blue 0-2, green 3-5, red 6-8; rows 4 and 5 (green/001, green/002) are gone
+    assert list(got["labels"]) == [0, 0, 0, 1, 2, 2, 2] == list(want["labels"])
+    assert list(got["indices"]) == [0, 1, 2, 3, 6, 7, 8]
+    # equal up to float rounding (a batch of other shape), and each row nearest its own counterpart: aligned
+    import numpy as np
+    gf, wf = np.asarray(got["features"]), np.asarray(want["features"])
+    assert np.allclose(gf, wf, rtol=1e-4, atol=1e-5), np.abs(gf - wf).max()
+    dist = ((gf[:, None] - wf[None]) ** 2).sum(-1)
+    assert list(dist.argmin(1)) == list(range(7)), dist
+    assert meta["info"]["rows"] == 7
+    assert meta["info"]["skipped"] == {"count": 2, "files": [
+        {"file": "green/001.png", "row": 4, "error": "OSError"},
+        {"file": "green/002.png", "row": 5, "error": "DecompressionBombError"}]}
+    again = script(*EXTRACT, *flags, "--dataset", folder, "--out", str(tmp_path / "f"))
+    assert again.returncode == 0 and "is up to date" in again.stdout, again.stdout + again.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# iis.json, read back (utils/results.read_scored: the fine-tune comparison's reader)
+# ---------------------------------------------------------------------------------------------------------------------
+GOOD_SCORED = {"schema": "iis.scored/1", "iis": 0.8, "standard_accuracy": 85.0, "ratios": [0.0, 0.1, 0.9],
+               "accuracies": [85.0, 84.0, 75.0], "metric": "top1", "meta": {}, "results": "r/results.json"}
+SCORED_DAMAGE = {
+    "field_missing": (lambda s: s.pop("iis"), "'iis' is missing, expected a number"),
+    "field_wrong_type": (lambda s: s.update(ratios="0.1 0.9"), "'ratios' is str, expected a list"),
+    "lengths_differ": (lambda s: s.update(accuracies=[85.0]), "'ratios' and 'accuracies' are not two number lists"),
+    "schema_unknown": (lambda s: s.update(schema="iis.scored/99"), "has schema 'iis.scored/99' (written by another "
+                                                                    "version); this version reads schema 'iis.scored/1'"),
+    "schema_missing": (lambda s: s.pop("schema"), "has schema None (written by a version before iis.json had one)"),
+    "not_json": (None, "is damaged (not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCORED_DAMAGE))
+def test_a_malformed_iis_json_is_one_line_naming_it(script, tmp_path, case):
+    change, fragment = SCORED_DAMAGE[case]
+    run = tmp_path / "run"
+    run.mkdir()
+    s = json.loads(json.dumps(GOOD_SCORED))
+    if change is None:
+        (run / "iis.json").write_text(json.dumps(s)[:40])
+    else:
+        change(s)
+        (run / "iis.json").write_text(json.dumps(s))
+    (tmp_path / "m.tsv").write_text(f"plain\t0\t0\t{run}\n")
+    before = snapshot(tmp_path)
+    r = script("-m", "IP_training.IP_finetune_compare", str(tmp_path / "m.tsv"), "--out", str(tmp_path / "report"))
+    one_error_line(r, str(run / "iis.json"), fragment, f"rerun iis_computing.py on the run to write it again: python iis_computing.py {run}")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_good_iis_json_is_read(script, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "iis.json").write_text(json.dumps(GOOD_SCORED))
+    (tmp_path / "m.tsv").write_text(f"plain\t0\t0\t{run}\n")
+    r = script("-m", "IP_training.IP_finetune_compare", str(tmp_path / "m.tsv"), "--out", str(tmp_path / "report"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| plain | 0 | 0 | 85.00 | 0.8000 | 84.00 | 75.00 |" in (tmp_path / "report" / "finetune_compare.md").read_text()
+
+
+def test_a_run_on_features_that_skipped_images_says_so_and_records_it(capsys):
+    from types import SimpleNamespace
+    from utils import sweep
+    backbone = {"name": "m", "arch": "a", "weights": "none", "layer": "pre_logits", "pooling": "auto"}
+    def meta(count):
+        return {"key": {"data": {"n": 9}}, "info": {"backbone": backbone, "classes": ["a", "b"],
+                                                    "skipped": {"count": count, "files": []}}}
+    cfg = SimpleNamespace(protocol="iis", select_on="holdout", seeds=[0])
+    m = sweep.run_meta(cfg, meta(0), meta(2), n_train=9, n_val=7)
+    assert m["skipped_images"] == {"train": 0, "val": 2} and (m["n_train"], m["n_val"]) == (9, 7)
+    assert "note: the features skip unreadable images (train 0, val 2" in capsys.readouterr().out
+    assert "skipped_images" not in sweep.run_meta(cfg, meta(0), meta(0))

@@ -25,8 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from PIL import Image
 
+from .data import UNREADABLE
 from .errors import UserError
+from .validate import one_line
 
 DECODE_PATHS = ("pil", "cache", "gpu")     # --decode's choices (utils/cli/flags.add_decode_args)
 DEVICE_TYPES = ("cuda",)     # devices whose JPEG decoding --decode gpu uses (the tests add "cpu": libjpeg-turbo)
@@ -195,8 +198,8 @@ class RawImages:
             return blob, None, label, None, None
         try:
             img = self.source.image(j)
-        except (OSError, ValueError, SyntaxError) as e:   # what PIL raises for corrupt / truncated files
-            return None, None, label, why, f"{type(e).__name__}: {e}"
+        except UNREADABLE as e:   # returned, not raised: the main process skips the row (or names it, strict)
+            return None, None, label, why, f"{type(e).__name__}: {one_line(e)}"
         return None, tuple(t(img) for t in self.transforms), label, why, None
 
 
@@ -245,7 +248,7 @@ class GpuFeed:
         self.device = torch.device(device)
         check_interpolations(self.groups, "--decode gpu")
         self.key = {"decode": "gpu", "device": self.device.type, "progressive_on_device": progressive}
-        self.counts, self.rows = Counter(), 0
+        self.counts, self.rows, self.unreadable = Counter(), 0, {}
 
     def __len__(self):
         return len(self.indices)
@@ -278,34 +281,44 @@ class GpuFeed:
         """One loader batch decoded: ({row: uint8 image on the device}, rows made by PIL, their tensors per group,
         labels); counts each image by how it was decoded."""
         flat, sizes, pil_rows, pil, labels, why, errors = raw
-        if errors:
-            k, err = errors[0]
-            raise UserError(f"cannot read {self.describe(rows[k])}: {err}; replace or remove the file")
+        bad = dict(errors)                     # rows no one could read: no bytes and no PIL tensors
         on_pil = set(pil_rows)
-        dev_rows = [k for k in range(len(rows)) if k not in on_pil]
+        dev_rows = [k for k in range(len(rows)) if k not in on_pil and k not in bad]
         ends = np.cumsum([0] + sizes)
         decoded = decode_jpegs([flat[a:b] for a, b in zip(ends[:-1], ends[1:])], device)
         images = {k: img for k, img in zip(dev_rows, decoded) if img is not None}
         refused = [k for k in dev_rows if k not in images]
+        for k in refused:
+            why[k] = "refused by the device's JPEG decoder"
         ready_rows, parts = list(pil_rows), [pil] if pil_rows else []
-        if refused:          # PIL in this process for what the device's decoder would not take
-            ready_rows += refused
-            parts.append([torch.stack(col) for col in zip(*(self._pil(rows[k]) for k in refused))])
-            for k in refused:
-                why[k] = "refused by the device's JPEG decoder"
-        self.rows += len(rows)
+        if refused or bad:    # PIL in this process for what the device's decoder would not take; a blank per bad row
+            late = refused + sorted(bad)
+            ready_rows += late
+            parts.append([torch.stack(col) for col in zip(*(self._pil(rows[k], k, bad) for k in late))])
+        for k, err in bad.items():
+            labels[k], why[k] = -1, None        # label -1: skipped (or named, strict) by the extraction
+            self.unreadable[rows[k]] = err
+        self.rows += len(rows) - len(bad)
         self.counts["device"] += len(images)
         self.counts.update(w for w in why if w is not None)
         return images, ready_rows, [torch.cat(per_group) for per_group in zip(*parts)] if parts else None, labels
 
-    def _pil(self, row):
-        j = int(self.indices[row])
-        try:
-            img = self.source.image(j)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise UserError(f"cannot read {self.describe(row)}: {type(e).__name__}: {e}; replace or remove the "
-                            f"file") from None
-        return tuple(t(img) for t in self.dataset.transforms)
+    def _pil(self, row, k, bad):
+        """The PIL path's tensors of ``row`` (batch position ``k``); an unreadable one is entered in ``bad``
+        and gets a blank image's tensors in its place."""
+        if k not in bad:
+            try:
+                return tuple(t(self.source.image(int(self.indices[row]))) for t in self.dataset.transforms)
+            except UNREADABLE as e:
+                bad[k] = f"{type(e).__name__}: {one_line(e)}"
+        return tuple(t(Image.new("RGB", (8, 8))) for t in self.dataset.transforms)
+
+    def why_unreadable(self, row):
+        """What reading row ``row``'s file said (the extraction's skip list and --strict message)."""
+        return self.unreadable.get(row, "it could not be read")
+
+    def source_file(self, row):
+        return self.source.ident(int(self.indices[row]))
 
     def report(self):
         """Print the decoding summary of this run's rows; return it for the entry's info."""

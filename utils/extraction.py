@@ -1,44 +1,32 @@
 """Extraction: images -> batches -> one forward per backbone (any number of layers each) -> keyed store entries.
 
 One pass over a split feeds any number of *passes* (one forward of one model per batch), each giving one or more
-*outputs* (one store entry each: a backbone at one layer). Every image is decoded once per pass over the data:
-
-* ``ImageFeed`` (the default, "pil"): DataLoader workers decode each image with PIL and apply every distinct
-  preprocessing among the backbones once (torchvision Resize -> CenterCrop -> ToTensor -> Normalize: exactly the
-  weights' evaluation transform).
-* ``CacheFeed`` ("cache", the fast path): a one-time uint8 copy of the split, decoded, resized and centre-cropped once
-  by PIL at the largest size any backbone of the pass needs (:func:`plan_cache`; a keyed, memory-mapped store entry).
-  Threads only copy contiguous rows out of it; the device crops, resizes and normalises each preprocessing group in
-  batches. A group whose resize and interpolation are the cache's reads exactly the pixels the PIL path would give it
-  (bit-identical features on CPU); the others are resampled twice (see docs/scale.md, "Where a GPU waits: decoding").
-* ``utils.decode.GpuFeed`` ("gpu"): workers only read file bytes; JPEGs are decoded in batches on the device and
-  preprocessed there (PIL for what the device does not decode, counted: ``report()``, stored in the entries' info).
+*outputs* (one store entry each: a backbone at one layer). Every image is decoded once per pass over the data,
+by one of three feeds (utils/feeds.py: ``ImageFeed``, PIL in loader workers, the default; ``CacheFeed``, a decoded uint8
+copy; utils/decode.py: ``GpuFeed``, JPEGs decoded on the device).
 
 Rows are written in chunks (``--chunk_size``), each atomically, so a killed run resumes at its first unfinished chunk;
 under torchrun rank r extracts chunks r, r + world, ... and rank 0 merges them. Every batch of features is checked
 before it is written: a non-finite value stops the run with one error naming the image, and no entry is finished.
+An image PIL refuses is skipped and counted (its rows are left out of every array, so features, labels and indices
+stay aligned; the entry's info lists it), or with ``strict`` stops the run with one error naming it.
 """
-import os
 import shutil
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from math import ceil
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
-from PIL import Image
 from tqdm import tqdm
 
-from . import store, validate
+from . import store
 from .backbones import Backbone
-from .data import UNREADABLE
-from .decode import Normalise, check_interpolations
 from .device import resolve_device
 from .errors import UserError
+from .feeds import ImageFeed, barrier, distributed
+from .validate import RebuildConfig
 
 
 @dataclass(frozen=True)
@@ -51,23 +39,6 @@ class ExtractConfig:
     amp: bool
     dtype: str
     chunk_size: int
-
-
-def distributed():
-    """(rank, world size) under torchrun (the process group is set up on first call), else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
-
-
-def _barrier(world):
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -121,246 +92,6 @@ def backbone_passes(targets):
                            preprocess=bb.preprocess))
     return passes, assign_groups(passes)
 
-
-class GroupedImages:
-    """Map-style dataset: image ``indices[i]`` of ``source`` decoded once and returned through each of ``transforms``
-    (a tuple of tensors, one per preprocessing group) with its label."""
-
-    def __init__(self, source, indices, transforms):
-        self.source, self.indices, self.transforms = source, np.asarray(indices), list(transforms)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        j = int(self.indices[i])
-        try:
-            img = self.source.image(j)
-        except UNREADABLE:     # label -1 marks it; the main process names the file (a worker's error cannot)
-            return tuple(t(Image.new("RGB", (8, 8))) for t in self.transforms), -1
-        return tuple(t(img) for t in self.transforms), int(self.source.targets[j])
-
-    def why_unreadable(self, i):
-        """What PIL says about row ``i``'s file (re-opened in the calling process)."""
-        try:
-            self.source.image(int(self.indices[i]))
-        except UNREADABLE as e:
-            return f"{type(e).__name__}: {validate.one_line(e)}"
-        return "it could not be read in a loader worker"
-
-
-def describe_row(dataset, row):
-    """Where row ``row`` of an extraction came from, for messages."""
-    if hasattr(dataset, "ident"):
-        return dataset.ident(row)
-    source, indices = getattr(dataset, "source", None), getattr(dataset, "indices", None)
-    if source is not None and indices is not None:
-        j = int(indices[row])
-        return f"image {j} of {source.name} {source.split} ({source.ident(j)})"
-    return f"row {row}"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Feeds: where batches come from
-# ---------------------------------------------------------------------------------------------------------------------
-class ImageFeed:
-    """Batches from a map-style dataset of (input or tuple of inputs per group, label), made by DataLoader workers."""
-    key = None
-
-    def __init__(self, dataset, workers=2):
-        self.dataset, self.workers = dataset, workers
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def describe(self, row):
-        return describe_row(self.dataset, row)
-
-    def batches(self, batches, device):
-        """Yield (inputs per group on ``device``, labels int64 ndarray) for each list of rows in ``batches``."""
-        groups = len(getattr(self.dataset, "transforms", [None]))    # batches in flight hold every group's input
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
-                            pin_memory=device.type == "cuda", persistent_workers=False,
-                            prefetch_factor=max(1, 4 // max(1, groups)) if self.workers else None)
-        for rows, (x, y) in zip(batches, loader):
-            bad = np.flatnonzero(y.numpy() < 0)
-            if len(bad) and hasattr(self.dataset, "why_unreadable"):
-                r = rows[int(bad[0])]
-                raise UserError(f"{self.describe(r)} is unreadable ({self.dataset.why_unreadable(r)}); replace or "
-                                f"remove the file, then rerun the same command (finished chunks are kept)")
-            xs = x if isinstance(x, (list, tuple)) else [x]
-            # channels-last lets conv kernels (oneDNN on CPU, cuDNN on GPU) skip layout conversions
-            yield ([t.to(device, non_blocking=True).to(memory_format=torch.channels_last) for t in xs],
-                   y.numpy().astype(np.int64))
-
-
-@dataclass(frozen=True)
-class CachePlan:
-    """The decoded copy: every image resized (short side) to ``resize`` with ``interpolation``, centre-cropped to
-    ``crop`` x ``crop``, stored as uint8 RGB."""
-    resize: int
-    crop: int
-    interpolation: str
-
-
-
-
-def plan_cache(preprocesses):
-    """The smallest decoded copy every preprocessing in ``preprocesses`` (one per backbone: the most common one sets
-    the interpolation) can be cut from without upsampling: the largest resize, and a crop that covers the widest
-    field of view (crop / resize) of any of them. A preprocessing with the cache's resize and interpolation is then a
-    plain centre crop of it (the crop is widened so those offsets round exactly as torchvision's CenterCrop does)."""
-    check_interpolations(preprocesses, "--decode cache")
-    resize = max(p.resize for p in preprocesses)
-    at_max = [p.interpolation for p in preprocesses if p.resize == resize]
-    interp = max(dict.fromkeys(at_max), key=at_max.count)            # most common; ties: first seen
-    crop = ceil(resize * max(p.crop / p.resize for p in preprocesses) - 1e-9)
-    exact = [p.crop for p in preprocesses if p.resize == resize and p.interpolation == interp]
-    if exact:
-        crop += (exact[0] - crop) % 4      # (crop - exact crop) / 2 even: nested centre crops round like one crop
-    return CachePlan(resize, crop, interp)
-
-
-class DecodeImages:
-    """Map-style dataset for building the decoded copy: (uint8 HWC tensor, label) per image, resized and centre-cropped
-    by PIL exactly as torchvision's Resize + CenterCrop do."""
-
-    def __init__(self, source, indices, plan):
-        from torchvision import transforms as T
-        self.source, self.indices = source, np.asarray(indices)
-        self.transform = T.Compose([T.Resize(plan.resize, T.InterpolationMode(plan.interpolation), antialias=True),
-                                    T.CenterCrop(plan.crop)])
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        j = int(self.indices[i])
-        return torch.from_numpy(np.array(self.transform(self.source.image(j)), np.uint8)), int(self.source.targets[j])
-
-
-def cache_key(data_key, plan):
-    return {"schema": 1, "kind": "decoded uint8 RGB", "data": data_key, "plan": asdict(plan)}
-
-
-def build_decoded_cache(path, source, indices, data_key, plan, workers=2):
-    """Write the decoded copy of ``source`` rows ``indices`` to the store entry ``path`` unless it is current:
-    ``images`` (N, crop, crop, 3) uint8, ``labels`` (N,) int64. Chunked, resumable and torchrun-sharded like features.
-    Returns (images, labels), memory-mapped."""
-    key = cache_key(data_key, plan)
-    if store.is_current(path, key):
-        print(f"{path} is up to date")
-    else:
-        rank, world = distributed()
-        n = len(indices)
-        rows = max(1, (128 << 20) // (plan.crop * plan.crop * 3))     # about 128 MiB per chunk
-        n_chunks = -(-n // rows)
-        partial = store.partial_dir(path, dict(key, chunk_rows=rows))
-        todo = [c for c in range(rank, n_chunks, world) if not store.chunk_done(partial, c)]
-        batches = [list(range(i, min(i + 32, (c + 1) * rows, n))) for c in todo
-                   for i in range(c * rows, min((c + 1) * rows, n), 32)]
-        if todo:
-            loader = DataLoader(DecodeImages(source, indices, plan), batch_sampler=batches, num_workers=workers,
-                                prefetch_factor=4 if workers else None)
-            bar = tqdm(total=sum(len(b) for b in batches), unit="img", dynamic_ncols=True, position=rank,
-                       desc=f"decoding to {plan.resize}/{plan.crop} {plan.interpolation}"
-                            + (f" [rank {rank}/{world}]" if world > 1 else ""))
-            stream = iter(loader)
-            with bar:          # closed before any error is printed, so the error has a line of its own
-                for c in todo:
-                    want, imgs, labels = min(rows, n - c * rows), [], []
-                    while sum(len(y) for y in labels) < want:
-                        x, y = next(stream)
-                        imgs.append(x.numpy())
-                        labels.append(y.numpy().astype(np.int64))
-                        bar.update(len(y))
-                    store.write_chunk(partial, c, {"images": np.concatenate(imgs), "labels": np.concatenate(labels)})
-        _barrier(world)
-        if rank == 0:
-            store.merge_chunks(partial, path, n_chunks, key, {"dataset": source.name, "split": source.split,
-                                                              "plan": asdict(plan)})
-            print(f"{n} images decoded to {plan.crop} x {plan.crop} uint8 -> {path}")
-        _barrier(world)
-    arrays, _ = store.read(path)
-    return arrays["images"], arrays["labels"]
-
-
-class CacheTransform:
-    """On the device: one preprocessing group's model input from a batch of the decoded copy (N, C, C, 3) uint8.
-
-    Exact group (the cache's resize and interpolation): a centre crop, then ToTensor's and Normalize's arithmetic.
-    Other groups: the centre square covering the group's field of view, resized on the device (antialiased, the
-    group's interpolation), clamped and rounded to the uint8 grid as PIL's output is, then the same arithmetic.
-    """
-
-    def __init__(self, plan, preprocess, device):
-        p, c = preprocess, plan.crop
-        self.exact = p.resize == plan.resize and p.interpolation == plan.interpolation and (c - p.crop) % 4 == 0
-        side = p.crop if self.exact else min(c, max(1, round(p.crop * plan.resize / p.resize)))
-        self.offset = int(round((c - side) / 2.0))
-        self.side, self.size, self.mode = side, p.crop, p.interpolation
-        self.normalise = Normalise(p.mean, p.std, device)
-
-    def __call__(self, u8):
-        o, s = self.offset, self.side
-        x = u8.permute(0, 3, 1, 2)[:, :, o:o + s, o:o + s].float()
-        if not self.exact:
-            if self.mode == "nearest":
-                x = nn.functional.interpolate(x, size=(self.size, self.size), mode="nearest")
-            else:
-                x = nn.functional.interpolate(x, size=(self.size, self.size), mode=self.mode, antialias=True,
-                                              align_corners=False)
-            x = x.clamp_(0, 255).round_()
-        return self.normalise(x).contiguous(memory_format=torch.channels_last)
-
-
-class _GroupInputs:
-    """A batch's model inputs per preprocessing group, computed on first use."""
-
-    def __init__(self, u8, transforms):
-        self.u8, self.transforms, self.done = u8, transforms, {}
-
-    def __getitem__(self, g):
-        if g not in self.done:
-            self.done[g] = self.transforms[g](self.u8)
-        return self.done[g]
-
-
-class CacheFeed:
-    """Batches sliced from the decoded copy (memory-mapped) by ``threads`` background threads, one copy each into
-    (pinned, on CUDA) memory; the device makes every group's input (:class:`CacheTransform`)."""
-
-    def __init__(self, images, labels, plan, groups, describe=None, threads=2):
-        self.images, self.labels, self.plan, self.groups = images, labels, plan, list(groups)
-        self.threads, self._describe = max(1, threads), describe
-        self.key = {"decode": "uint8 cache", **asdict(plan)}
-
-    def __len__(self):
-        return len(self.images)
-
-    def describe(self, row):
-        return self._describe(row) if self._describe else f"row {row}"
-
-    def _load(self, rows, pin):
-        a = rows[0]
-        sel = slice(a, a + len(rows)) if list(rows) == list(range(a, a + len(rows))) else np.asarray(rows)
-        src = self.images[sel]
-        t = torch.empty(src.shape, dtype=torch.uint8, pin_memory=pin)
-        np.copyto(t.numpy(), src)               # the one copy out of the memory map
-        return t, np.asarray(self.labels[sel], np.int64)
-
-    def batches(self, batches, device):
-        transforms = [CacheTransform(self.plan, p, device) for p in self.groups]
-        pin, depth = device.type == "cuda", self.threads + 2
-        with ThreadPoolExecutor(self.threads) as pool:
-            queue = deque(pool.submit(self._load, rows, pin) for rows in batches[:depth])
-            nxt = len(queue)
-            while queue:
-                t, y = queue.popleft().result()
-                if nxt < len(batches):
-                    queue.append(pool.submit(self._load, batches[nxt], pin))
-                    nxt += 1
-                yield _GroupInputs(t.to(device, non_blocking=True), transforms), y
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -453,12 +184,15 @@ class _Todo:
     missing: set = field(default_factory=set)       # chunks this rank writes
 
 
-def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content=None, verify=False, force=False):
+def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content=None, verify=False, force=False,
+                   strict=False):
     """Fill the store entry of every output of ``passes`` in one pass over ``feed``, skipping entries whose key is
     current and, on a resumed run, chunks already written. ``cfg`` (an :class:`ExtractConfig`) supplies batch_size,
     chunk_size, dtype, device, amp. ``content`` (optional) returns the inputs' content digest: recorded in each
     entry written, and with ``verify`` compared with the one a current entry recorded. ``force`` re-extracts every
-    entry from scratch (what a message about a damaged entry advises). Returns the entry paths."""
+    entry from scratch (what a message about a damaged entry advises). A row the feed marks unreadable (label -1)
+    is left out of every array (``extra_arrays`` are per feed row, and lose the same rows) and listed in the entry's
+    info (``skipped``); with ``strict`` it stops the run with one error naming the file. Returns the entry paths."""
     todo, digest = [], {}
 
     def content_once():
@@ -514,38 +248,78 @@ def extract_passes(passes, feed, data_key, cfg, desc, extra_arrays=None, content
             for (rows, c, _), out, y in _stream(feed, work, modules, device, cfg.amp):
                 if c != current:
                     active = [t for t in todo if c in t.missing]
-                    feats, labels, got, current = [[] for _ in active], [], 0, c
+                    feats, labels, skipped, got, current = [[] for _ in active], [], [], 0, c
+                keep = y >= 0
+                if not keep.all():
+                    bad = [r for r, k in zip(rows, keep) if not k]
+                    if strict:
+                        raise UserError(f"{feed.describe(bad[0])} is unreadable ({feed.why_unreadable(bad[0])}); "
+                                        f"replace or remove the file, then rerun the same command (finished chunks "
+                                        f"are kept), or rerun it without --strict to skip unreadable images")
+                    skipped += bad
+                kept = [r for r, k in zip(rows, keep) if k]
                 for t, acc in zip(active, feats):
-                    f32 = out[t.pass_id][t.index]
+                    f32 = out[t.pass_id][t.index][keep]
                     stored = f32.astype(cfg.dtype)
-                    _check_finite(f32, stored, rows, feed, t.output, cfg.dtype)
+                    _check_finite(f32, stored, kept, feed, t.output, cfg.dtype)
                     acc.append(stored)
-                labels.append(y)
+                labels.append(y[keep])
                 got += len(rows)
                 bar.update(len(rows))
                 if got == min(size, n - c * size):
                     writer.submit(_write_chunks, store, c, [(t.partial, np.concatenate(acc))
-                                                            for t, acc in zip(active, feats)], np.concatenate(labels))
+                                                            for t, acc in zip(active, feats)], np.concatenate(labels),
+                                  np.asarray(skipped, np.int64))
         finally:
             bar.close()       # first: a chunk write's error, raised by close(), then starts on its own line
             writer.close()
         if hasattr(feed, "report"):          # --decode gpu: how many images were decoded with PIL, and why
             decode_info = feed.report()
-    _barrier(world)
+    barrier(world)
     if rank == 0:
         for t in todo:
-            store.merge_chunks(t.partial, t.output.out, n_chunks, t.key, {**t.output.info, **decode_info},
-                               extra_arrays)
+            skipped = sorted(int(r) for c in range(n_chunks) for r in store.chunk_array(t.partial, c, "skipped"))
+            info = {**t.output.info, **decode_info, **skip_info(feed, skipped, n)}
+            keep = np.ones(n, bool)
+            keep[skipped] = False
+            extra = {k: np.asarray(a)[keep] for k, a in (extra_arrays or {}).items()}
+            store.merge_chunks(t.partial, t.output.out, n_chunks, t.key, info, extra, side=("skipped",))
             arrays, _ = store.read(t.output.out, verify=False)   # its digest was just computed
             print(f"{arrays['features'].shape[0]} x {arrays['features'].shape[1]} {cfg.dtype} features "
-                  f"-> {t.output.out}")
-    _barrier(world)
+                  f"-> {t.output.out}" + skip_note(info))
+    barrier(world)
     return paths
 
 
-def _write_chunks(store, c, batch, labels):
+def _write_chunks(store, c, batch, labels, skipped):
     for partial, features in batch:
-        store.write_chunk(partial, c, {"features": features, "labels": labels})
+        store.write_chunk(partial, c, {"features": features, "labels": labels, "skipped": skipped})
+
+
+SKIP_LISTED = 1000       # files named in an entry's info; the count is always whole
+
+
+def skip_info(feed, skipped, n):
+    """The entry info of an extraction of ``n`` feed rows that skipped rows ``skipped`` (unreadable images): how many
+    rows the entry holds, and the skipped files (relative paths) with the error class each raised."""
+    if not skipped:
+        return {"rows": n - len(skipped), "skipped": {"count": 0, "files": []}}
+    files = []
+    for r in skipped[:SKIP_LISTED]:
+        why = feed.why_unreadable(r)
+        files.append({"file": feed.source_file(r), "row": r, "error": why.split(":")[0]})
+    return {"rows": n - len(skipped), "skipped": {"count": len(skipped), "files": files}}
+
+
+def skip_note(info):
+    """The summary line's note on skipped images ('' when none was)."""
+    sk = info.get("skipped") or {}
+    if not sk.get("count"):
+        return ""
+    named = ", ".join(f"{f['file']} ({f['error']})" for f in sk["files"][:3])
+    more = f" and {sk['count'] - 3} more" if sk["count"] > 3 else ""
+    return (f" ({sk['count']} unreadable image{'s' if sk['count'] > 1 else ''} skipped: {named}{more}; listed in its "
+            f"meta.json info; --strict stops on them instead)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -560,15 +334,18 @@ class _AsList(nn.Module):
         return [self.module(x)]
 
 
-def extract_to_store(make_extractor, model_key, dataset, data_key, out, info, cfg, desc, extra_arrays=None):
+def extract_to_store(make_extractor, model_key, dataset, data_key, out, info, cfg, desc, extra_arrays=None,
+                     content=None, rebuild=RebuildConfig(), strict=False):
     """Extract ``dataset`` (map-style, (input tensor, label)) features with ``make_extractor()`` (a module returning
     (N, D)) into the store entry ``out`` unless an entry with the same key is there.
 
     The key is ``model_key`` (a backbone's: architecture, weights content, layer, pooling, preprocessing; or CLIP's),
-    the stored dtype and ``data_key``. Chunked, resumable, torchrun-sharded and checked as :func:`extract_passes`.
+    the stored dtype and ``data_key``. Chunked, resumable, torchrun-sharded and checked as :func:`extract_passes`;
+    ``content``, ``rebuild`` (--force, --verify) and ``strict`` mean what they do there.
     """
     p = Pass(make=lambda: _AsList(make_extractor()), outputs=[Output(out, model_key, info, desc)])
-    extract_passes([p], ImageFeed(dataset, cfg.workers), data_key, cfg, desc, extra_arrays)
+    extract_passes([p], ImageFeed(dataset, cfg.workers), data_key, cfg, desc, extra_arrays, content=content,
+                   verify=rebuild.verifying, force=rebuild.force, strict=strict)
     return out
 
 

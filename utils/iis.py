@@ -14,6 +14,7 @@ import numpy as np
 
 from . import stats
 from .errors import UserError
+from .results import SCORED_SCHEMA
 
 SCHEMA_2 = "iis.results/2"
 
@@ -169,8 +170,8 @@ def score_with_stats(results, predictions=None, metric="top1", n_boot=stats.N_BO
     ``samples`` holds the bootstrap arrays and correctness matrix for paired comparisons (None without them).
     """
     s = score(results, metric)
-    s.update(iis_chance_corrected=None, chance=None, chance_level=None, interval=None, note=None, beats_standard=None,
-             warnings=[])
+    s.update(schema=SCORED_SCHEMA, iis_chance_corrected=None, chance=None, chance_level=None, interval=None,
+             note=None, beats_standard=None, warnings=[])
     if predictions is None:
         s["note"] = NO_PREDICTIONS
         return s, None

@@ -14,6 +14,7 @@ processes, byte-for-byte the same for any number of them), resumable class by cl
 Each class folder is built under a temp name and renamed when complete, so a killed run resumes class by class. The
 cutting itself (SLIC segments, grid patches) is utils/elements.py.
 """
+import hashlib
 import multiprocessing
 import os
 import shutil
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from .data import UNREADABLE, class_folder_source, get_source, per_class_indices, safe_name
 from .errors import UserError
 from .fileio import atomic_write_json, key_hash, read_json, remove_strays, replace_dir, tmp_name
-from .validate import LIBRARY_SCHEMA, check_element_index
+from .validate import LIBRARY_SCHEMA, RebuildConfig, check_element_index
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,14 @@ class LibraryConfig:
     out_dir: str
 
 
-def build(cfg, method, cut, params):
+def build(cfg, method, cut, params, rebuild=RebuildConfig(), command=None):
     """Build (or find up to date) the ``method`` library of ``cfg``'s images with ``cut`` (see :func:`build_library`).
     Returns the index path."""
     if cfg.images_per_class < 1 or cfg.workers < 1:
         raise UserError("--images_per_class and --workers must be at least 1")
     source = class_folder_source(cfg.images) if cfg.images else get_source(cfg.dataset, "train", cfg.data_root)
     return build_library(source, method, cut, params, cfg.out_dir, cfg.images_per_class, cfg.seed, cfg.image_size,
-                         cfg.workers, cfg.min_side)
+                         cfg.workers, cfg.min_side, rebuild, command)
 
 
 def read_index(folder):
@@ -61,6 +62,35 @@ def read_index(folder):
         raise UserError(f"no element library at {folder} (no index.json): run concept_extractor.segment_extractor or "
                         f"patch_extractor first")
     return index_path, check_element_index(index_path)
+
+
+def elements_digest(folder, index):
+    """sha256 over the bytes of every element image ``index`` (a parsed index.json of the library ``folder``) lists,
+    in order: what --verify compares for element embeddings (reads every element file)."""
+    h = hashlib.sha256()
+    for e in index["elements"]:
+        with open(os.path.join(folder, e["file"]), "rb") as f:
+            h.update(f.read())
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def chosen_digest(source, chosen):
+    """sha256 over the bytes of the images a library is cut from (``chosen``: class -> indices), in order: what its
+    --verify compares (reads those files only; a dataset held in memory: its raw files)."""
+    encoded, whole = getattr(source, "encoded", None), getattr(source, "content_digest", None)
+    h = hashlib.sha256()
+    for c in sorted(chosen):
+        for i in chosen[c]:
+            try:
+                blob = encoded(int(i)) if encoded else None
+            except OSError:             # unreadable: skipped by the build, and so by the digest
+                blob = b""
+            if blob is None:
+                return whole() if whole else None
+            h.update(blob)
+            h.update(b"\0")
+    return "sha256:" + h.hexdigest()
 
 
 def _key_hash_of(path):
@@ -115,12 +145,14 @@ def _cut_image(task):
 
 
 def build_library(source, method, cut, params, out_dir, images_per_class=10, seed=0, image_size=224, workers=1,
-                  min_side=8):
+                  min_side=8, rebuild=RebuildConfig(), command=None):
     """Cut elements from ``images_per_class`` seeded images of each class of ``source`` into ``out_dir/method``.
 
     ``cut`` maps an RGB uint8 array (image_size x image_size) to a list of :class:`Element`; it must be picklable
     when ``workers`` > 1. Unreadable images and images whose short side is below ``min_side`` pixels are skipped and
-    counted. The result does not depend on ``workers``. Returns the index path.
+    counted. The result does not depend on ``workers``. ``rebuild.force`` rebuilds a finished library (any key);
+    ``rebuild.verifying`` also compares the source images' bytes with the digest the library recorded and rebuilds it
+    on a mismatch. ``command`` (utils/cli.command) is recorded, for advice to rebuild it. Returns the index path.
     """
     root = os.path.join(out_dir, method)
     index_path, manifest_path = os.path.join(root, "index.json"), os.path.join(root, "manifest.json")
@@ -129,28 +161,41 @@ def build_library(source, method, cut, params, out_dir, images_per_class=10, see
     h = key_hash(key)
     for p in (index_path, manifest_path):
         remove_strays(p)                  # temp files of a killed run
-    old = _key_hash_of(index_path)
+    chosen = per_class_indices(source.targets, images_per_class, seed)
+    old, restart = _key_hash_of(index_path), rebuild.force
     if old == h:
         try:
-            check_element_index(index_path)
-            print(f"{index_path} is up to date")
-            return index_path
+            index = check_element_index(index_path)
+            if rebuild.force:
+                print(f"{index_path}: --force: rebuilding the library")
+            elif rebuild.verifying and index.get("content_digest") not in (None, chosen_digest(source, chosen)):
+                print(f"{root}: its source images' bytes changed since it was built (same names, sizes and "
+                      f"modification times; found by --verify): rebuilding it")
+                restart = True
+            else:
+                print(f"{index_path} is up to date")
+                return index_path
         except UserError as e:
             print(f"{e}: rebuilding it")
     elif os.path.exists(index_path) and old is None:
         print(f"{index_path} is damaged (not a JSON object with a key_hash): rebuilding the library")
+    elif os.path.exists(index_path) and rebuild.force:
+        print(f"{root}: --force: replacing the finished library cut with other settings")
     elif os.path.exists(index_path):  # finished with another key: runs may point at it, so it is never rebuilt in place
         raise UserError(f"{root} holds a finished library cut from other images or with other settings; give another "
-                        f"--out_dir (the runners key it by dataset, images per class and seed), or delete it")
+                        f"--out_dir (the runners key it by dataset, images per class and seed), or rerun with "
+                        f"--force to replace it")
     if os.path.exists(index_path):     # the commit point goes first: a kill from here on leaves no library
         os.remove(index_path)
+    if restart and os.path.isdir(root):       # --force / a failed --verify: no class folder is resumed
+        shutil.rmtree(root)
     if os.path.exists(manifest_path) and _key_hash_of(manifest_path) != h:
         print(f"{root} is an unfinished library with other settings: starting it again")
         shutil.rmtree(root)
-    atomic_write_json(manifest_path, {"key": key, "key_hash": h})
+    os.makedirs(root, exist_ok=True)
+    atomic_write_json(manifest_path, {"key": key, "key_hash": h, "command": command})
 
     folders = class_folders(source.classes)
-    chosen = per_class_indices(source.targets, images_per_class, seed)
     done, tmp, tasks, resumed = {}, {}, [], 0
     for c, idxs in chosen.items():
         remove_strays(os.path.join(root, folders[c]))       # a killed run's temp class folders
@@ -200,7 +245,8 @@ def build_library(source, method, cut, params, out_dir, images_per_class=10, see
                "skipped_files": [f"{w}: {m}" for w, m in skipped][:1000], "classes_resumed": resumed,
                **{f"skipped_{w.replace(' ', '_')}": n for w, n in counts.items()}}
     atomic_write_json(index_path, {"schema": LIBRARY_SCHEMA, "key": key, "key_hash": h, "classes": source.classes,
-                                   "elements": rows, "summary": summary})   # the library's commit point
+                                   "elements": rows, "summary": summary, "content_digest": chosen_digest(source, chosen),
+                                   "command": command})   # the library's commit point
     print(f"{len(rows)} elements from {n_images - len(skipped)} images "
           f"({counts['unreadable']} unreadable and {counts['too small']} too small skipped; "
           f"{resumed} classes resumed) -> {index_path}")

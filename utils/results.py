@@ -7,11 +7,17 @@ seen as unfinished, never read as one run.
 """
 import json
 import os
+import shlex
 
 from .errors import UserError
 from .fileio import check_manifest, check_schema, read_json
+from .validate import forced
 
 SCHEMAS = ("iis.results/1", "iis.results/2")
+SCORED_SCHEMA = "iis.scored/1"          # iis.json (iis_computing.py), checked by read_scored
+# iis.json's fields a reader relies on, and their JSON types (None: null allowed)
+SCORED_FIELDS = {"iis": (float, int), "standard_accuracy": (float, int), "ratios": list, "accuracies": list,
+                 "metric": str, "meta": dict, "results": str}
 RETRAIN = "rerun the training command that wrote it (an unfinished or damaged run is retrained, not reused)"
 NOT_RESULTS = "give run folders or their results.json"
 
@@ -31,14 +37,22 @@ def _problem(f, need_manifest):
     try:
         check_schema(f, res, SCHEMAS)
     except UserError as e:
-        return None, str(e), RETRAIN
+        return None, str(e), retrain(res)
     if not isinstance(res.get("runs"), list) or not isinstance(res.get("meta", {}), dict):
-        return None, f"{f} is not a results file (no 'runs' list or no 'meta' object)", RETRAIN
+        return None, f"{f} is not a results file (no 'runs' list or no 'meta' object)", retrain(res)
     if "files" in res or need_manifest:
         why = check_manifest(os.path.dirname(f), res.get("files"))
         if why:
-            return None, f"{os.path.dirname(f) or '.'} is an unfinished run ({why})", RETRAIN
+            return None, f"{os.path.dirname(f) or '.'} is an unfinished run ({why})", retrain(res)
     return res, None, None
+
+
+def retrain(res):
+    """How to retrain a run whose results.json holds ``res``: the training command its meta records (the trainer
+    retrains an unfinished or damaged run by itself), or, when it records none, :data:`RETRAIN`."""
+    meta = res.get("meta") if isinstance(res, dict) else None
+    cmd = forced(meta.get("command"), force=False) if isinstance(meta, dict) else None
+    return f"retrain it: {cmd}" if cmd else RETRAIN
 
 
 def read(path, need_manifest=False):
@@ -69,3 +83,39 @@ def finished(out, key_hash):
         print(f"{why}: retraining it")
         return False
     return True
+
+
+def read_scored(path):
+    """The scored run iis.json at ``path`` (the file, or the run folder holding it), checked: valid JSON, the schema
+    this code writes, and each field readers use present with its type (ratios and accuracies numbers of one
+    length). Every failure is one :class:`UserError` naming the file and what to do (score the run again)."""
+    f = os.path.join(path, "iis.json") if os.path.isdir(path) else path
+    run = os.path.dirname(os.path.abspath(f))
+    todo = f"rerun iis_computing.py on the run to write it again: python iis_computing.py {shlex.quote(run)}"
+    if not os.path.isfile(f):
+        raise UserError(f"no iis.json at {path}: score the run first (iis_computing.py {path})")
+    try:
+        s = read_json(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is damaged (not valid JSON: {str(e).splitlines()[0][:80]}); {todo}") from None
+    if isinstance(s, dict) and s.get("schema") != SCORED_SCHEMA:
+        raise UserError(f"{f} has schema {s.get('schema')!r} (written by " +
+                        ("a version before iis.json had one" if "schema" not in s else "another version") +
+                        f"); this version reads schema {SCORED_SCHEMA!r}: {todo}")
+    if not isinstance(s, dict):
+        raise UserError(f"{f} is not a JSON object; {todo}")
+    for name, kind in SCORED_FIELDS.items():
+        v = s.get(name)
+        if name not in s or not isinstance(v, kind) or isinstance(v, bool):
+            what = "is missing" if name not in s else f"is {type(v).__name__}"
+            raise UserError(f"{f}: {name!r} {what}, expected {_kind(kind)}; {todo}")
+    if len(s["ratios"]) != len(s["accuracies"]) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in s["ratios"] + s["accuracies"]):
+        raise UserError(f"{f}: 'ratios' and 'accuracies' are not two number lists of one length; {todo}")
+    return s
+
+
+def _kind(kind):
+    names = {float: "a number", int: "a number", list: "a list", dict: "an object", str: "a string"}
+    return names[kind[0] if isinstance(kind, tuple) else kind]
+

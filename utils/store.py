@@ -66,8 +66,8 @@ def content_unchanged(out, content):
               f"names, sizes and modification times checked, bytes not")
         return True
     if recorded != content():
-        print(f"{out}: its images' bytes changed since it was extracted (same names, sizes and modification times; "
-              f"found by --verify): re-extracting it")
+        print(f"{out}: its images' bytes changed since it was extracted (its key did not change: found by "
+              f"--verify): re-extracting it")
         return False
     return True
 
@@ -163,6 +163,12 @@ def write_chunk(partial, c, arrays):
         raise
 
 
+def chunk_array(partial, c, name):
+    """Array ``name`` of chunk ``c`` (empty when the chunk does not hold it: a side array written after it was)."""
+    with np.load(os.path.join(partial, f"chunk_{c:06d}.npz")) as z:
+        return z[name] if name in z.files else np.zeros(0, np.int64)
+
+
 def _npy_header(dtype, shape):
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
@@ -170,15 +176,16 @@ def _npy_header(dtype, shape):
     return buf.getvalue()
 
 
-def merge_chunks(partial, path, n_chunks, key, info=None, extra=None):
+def merge_chunks(partial, path, n_chunks, key, info=None, extra=None, side=()):
     """Concatenate chunks 0..n_chunks-1 of ``partial`` into the entry ``path`` (streamed chunk by chunk, so the
-    result may exceed RAM), add ``extra`` arrays, write meta last, and remove the partial folder.
+    result may exceed RAM), add ``extra`` arrays, write meta last, and remove the partial folder. Arrays named in
+    ``side`` (the chunk's bookkeeping, e.g. its skipped rows) are not part of the entry.
 
     The free space is checked first and the arrays are written with plain file writes (a memory-mapped write to a
     full disk is a SIGBUS, not an error): a full disk is one error line naming the file and the bytes needed, and the
     half-built entry is removed (the chunks stay, so the rerun after freeing space only merges)."""
     first = np.load(os.path.join(partial, "chunk_000000.npz"))
-    names = list(first.files)
+    names = [n for n in first.files if n not in side]
     sizes = [len(np.load(os.path.join(partial, f"chunk_{c:06d}.npz"))[names[0]]) for c in range(n_chunks)]
     shapes = {n: (sum(sizes),) + first[n].shape[1:] for n in names}
     need = sum(int(np.prod(shapes[n])) * first[n].dtype.itemsize for n in names) + \

@@ -277,9 +277,23 @@ def save(out, key, meta, grid, runs, preds, val_labels, heads, probes, extra_ten
 
 
 def run_meta(cfg, train_meta, val_meta, **extra):
-    """results.json's meta: the backbone, the protocol and what identifies the val samples (for paired tests)."""
+    """results.json's meta: the backbone, the protocol and what identifies the val samples (for paired tests); with
+    ``skipped_images`` {train, val} when the extraction skipped unreadable images (n_train / n_val count the rows
+    present)."""
+    skipped = {split: _skipped(m) for split, m in (("train", train_meta), ("val", val_meta))}
+    if any(skipped.values()):
+        extra = dict(extra, skipped_images=skipped)
+        print(f"note: the features skip unreadable images (train {skipped['train']}, val {skipped['val']}: listed in "
+              f"their meta.json info); n_train and n_val count the rows present")
     return dict(backbone_meta(train_meta), **extra, protocol=cfg.protocol, select_on=cfg.select_on,
                 seeds=list(cfg.seeds), val_samples=key_hash(val_meta["key"].get("data", val_meta["key"])))
+
+
+def _skipped(meta):
+    """How many unreadable images the extraction of an entry skipped (its info.skipped.count; 0 when none)."""
+    sk = (meta.get("info") or {}).get("skipped") if isinstance(meta.get("info"), dict) else None
+    n = sk.get("count") if isinstance(sk, dict) else 0
+    return n if isinstance(n, int) and not isinstance(n, bool) else 0
 
 
 def backbone_meta(train_meta, entry="the train features"):

@@ -14,6 +14,8 @@ Every failure is one :class:`~utils.errors.UserError` whose message starts with 
 import hashlib
 import json
 import os
+import shlex
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.lib.format as npy_format
@@ -31,6 +33,19 @@ def verify_requested(flag=None):
     if flag is not None:
         return bool(flag)
     return os.environ.get("IIS_VERIFY", "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclass(frozen=True)
+class RebuildConfig:
+    """The --force / --verify flags of every extractor and builder (utils/cli/flags.add_rebuild_args): ``force``
+    rebuilds an output that looks finished (published whole, as any build); ``verify`` (None: IIS_VERIFY) also
+    compares its inputs' content digest with the one recorded at build time and rebuilds on a mismatch."""
+    force: bool = False
+    verify: object = None
+
+    @property
+    def verifying(self):
+        return verify_requested(self.verify)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -83,8 +98,40 @@ def array_specs(entry, meta):
     return specs
 
 
+def forced(recorded, force=True):
+    """The shell command that rebuilds an output from ``recorded`` (the {"command", "cwd"} an output records: see
+    utils/cli.command), with --force (``force``: a trainer has none, it retrains a damaged run by itself); None when
+    nothing usable is recorded."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("command"), str) or not recorded["command"]:
+        return None
+    cmd = recorded["command"]
+    try:
+        has_force = "--force" in shlex.split(cmd)
+    except ValueError:
+        return None
+    cmd = cmd if has_force or not force else f"{cmd} --force"
+    cwd = recorded.get("cwd")
+    return f"cd {shlex.quote(cwd)} && {cmd}" if isinstance(cwd, str) and cwd else cmd
+
+
+def recorded_command(entry):
+    """The command that built the store entry ``entry`` (its meta.json's ``info.command``), with --force, or None
+    when meta.json is unreadable or records none (an entry written before commands were recorded)."""
+    try:
+        with open(os.path.join(entry, "meta.json"), "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    info = meta.get("info") if isinstance(meta, dict) else None
+    return forced(info.get("command")) if isinstance(info, dict) else None
+
+
 def redo(entry):
-    """How to rebuild ``entry``: its extractor's command again, with --force (a damaged entry can look current)."""
+    """How to rebuild ``entry``: the command that made it (recorded in its meta.json) again, with --force (a damaged
+    entry can look current); the command's pattern when the entry records none."""
+    cmd = recorded_command(entry)
+    if cmd:
+        return f"re-extract it: {cmd}"
     return (f"re-extract it: rerun the command that made {entry} with --force (dataset features: python -m "
             f"concept_extractor.dataset_feature_extractor ... --out {entry} --force)")
 
@@ -101,7 +148,7 @@ def check_meta(entry, meta, schemas=(ENTRY_SCHEMA,)):
         raise UserError(f"{where} is not a JSON object; {damaged(entry)}")
     if meta.get("schema") not in schemas:
         raise UserError(f"{where} has schema {meta.get('schema')!r}; this version reads schema "
-                        f"{' or '.join(map(repr, schemas))}: rebuild the entry with this version")
+                        f"{' or '.join(map(repr, schemas))}: {redo(entry)}")
     for name, kind in (("key", dict), ("info", dict), ("key_hash", str)):
         if not isinstance(meta.get(name), kind):
             found = "missing" if name not in meta else f"a {type(meta[name]).__name__}"
@@ -307,6 +354,21 @@ def inside(root, rel):
     return os.path.realpath(os.path.join(root, rel)).startswith(real_root + os.sep)
 
 
+def rebuild_library(index_path):
+    """How to rebuild the element library of ``index_path``: the command recorded in its index.json (or, when that is
+    unreadable, in the manifest.json its build wrote first), with --force."""
+    for name in ("index.json", "manifest.json"):
+        try:
+            with open(os.path.join(os.path.dirname(index_path), name), "rb") as f:
+                d = json.loads(f.read().decode("utf-8"))
+        except (OSError, ValueError):
+            continue
+        cmd = forced(d.get("command")) if isinstance(d, dict) else None
+        if cmd:
+            return f"rebuild the element library: {cmd}"
+    return "rebuild the element library (rerun segment_extractor or patch_extractor with --force)"
+
+
 def check_element_index(index_path):
     """The parsed index.json of an element library, after checking that it is valid JSON with a class list and at
     least one element, and that every element's file exists and its label is in [0, n_classes)."""
@@ -314,15 +376,14 @@ def check_element_index(index_path):
         with open(index_path, "rb") as f:
             index = json.loads(f.read().decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{index_path} is not valid JSON ({one_line(e)}); rebuild the element "
-                        f"library (segment_extractor or patch_extractor)") from None
+        raise UserError(f"{index_path} is not valid JSON ({one_line(e)}); {rebuild_library(index_path)}") from None
     if isinstance(index, dict) and index.get("schema") not in (LIBRARY_SCHEMA,):
         raise UserError(f"{index_path} has schema {index.get('schema')!r}; this version reads schema "
-                        f"{LIBRARY_SCHEMA!r}: rebuild the element library with this version")
+                        f"{LIBRARY_SCHEMA!r}: {rebuild_library(index_path)}")
     classes = index.get("classes") if isinstance(index, dict) else None
     elements = index.get("elements") if isinstance(index, dict) else None
     if not isinstance(classes, list) or not classes or not isinstance(elements, list):
-        raise UserError(f"{index_path} has no class list or no element list; rebuild the element library")
+        raise UserError(f"{index_path} has no class list or no element list; {rebuild_library(index_path)}")
     if not elements:
         raise UserError(f"{index_path} lists no elements")
     root, n = os.path.dirname(index_path), len(classes)
@@ -332,7 +393,7 @@ def check_element_index(index_path):
             raise UserError(f"{index_path}: element {i} has label {label!r}, outside [0, {n}) ({n} classes)")
         if not isinstance(file, str) or not inside(root, file):
             raise UserError(f"{index_path}: element {i}: its path {file!r} is not a normalised relative path inside "
-                            f"the library; refusing it (rebuild the element library)")
+                            f"the library; refusing it: {rebuild_library(index_path)}")
         if not os.path.isfile(os.path.join(root, file)):
-            raise UserError(f"{index_path}: element {i}: its image {file!r} is missing; rebuild the element library")
+            raise UserError(f"{index_path}: element {i}: its image {file!r} is missing; {rebuild_library(index_path)}")
     return index

@@ -3,6 +3,8 @@ from parsed flags (:func:`config`, :func:`backbone_spec`). The shared flags them
 utils/cli/flags.py. Only scripts import this package; below it, nothing sees argparse or a parsed Namespace.
 """
 import dataclasses
+import os
+import shlex
 import sys
 
 from ..errors import UserError
@@ -19,6 +21,7 @@ def run(main, parser, dialect=None):
     if dialect is not None:
         parser.epilog = parser.epilog or dialect.help
     translation = None
+    _COMMAND.update(argv=list(sys.argv), main=getattr(sys.modules.get("__main__"), "__spec__", None))
     try:
         argv = sys.argv[1:]
         if dialect is not None:
@@ -34,6 +37,22 @@ def run(main, parser, dialect=None):
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept, the unfinished one left nothing behind", file=sys.stderr)
         sys.exit(130)
+    finally:
+        _COMMAND.clear()
+
+
+_COMMAND = {}        # the command line :func:`run` was started with
+
+
+def command():
+    """The command line this script was run with (by :func:`run`), to record in what it builds so that advice to
+    rebuild it can quote it: {"command": shell-quoted (the interpreter, then ``-m`` and the module for a script run
+    as one), "cwd": where it ran (its relative paths are relative to it)}; None when ``main`` was called from Python."""
+    if "argv" not in _COMMAND:
+        return None
+    argv, spec = _COMMAND["argv"], _COMMAND["main"]
+    head = [sys.executable, "-m", spec.name] if spec is not None and spec.name else [sys.executable, argv[0]]
+    return {"command": shlex.join(head + argv[1:]), "cwd": os.getcwd()}
 
 
 def config(cls, args):

@@ -114,6 +114,7 @@ def add_element_args(parser):
     add_workers_arg(g)
     g.add_argument("--out_dir", default="concept_library/prototype",
                    help="the library root; elements go to <out_dir>/<segments|patches>/<class>/")
+    add_rebuild_args(parser, reads="the source images' bytes")
     return g
 
 
@@ -178,3 +179,23 @@ def add_floor_args(parser):
                    help="iso: isotropic Gaussian directions in feature space (the same floor for every concept set); "
                         "matched: Gaussian with the element embeddings' mean and covariance")
     return g
+
+
+def add_rebuild_args(parser, reads="the input images' bytes"):
+    """--force and --verify, one meaning on every extractor and builder (utils.validate.RebuildConfig): ``reads``
+    says what --verify re-reads for this script's output."""
+    g = parser.add_argument_group("rebuilding")
+    g.add_argument("--force", action="store_true",
+                   help="rebuild this script's outputs from scratch even when they look finished, each published "
+                        "whole (what a message about a damaged output asks for)")
+    g.add_argument("--verify", action="store_true", default=None,
+                   help=f"also compare {reads} with the content digest recorded when the output was built, and "
+                        f"rebuild it on a mismatch with one line saying why (reads every file; default: IIS_VERIFY=1, "
+                        f"else names, sizes and modification times only: docs/files.md)")
+    return g
+
+
+def add_strict_arg(group):
+    group.add_argument("--strict", action="store_true",
+                       help="stop at the first unreadable image with one error naming it (default: skip it, count it "
+                            "in the summary line and list it in the entry's meta.json info)")

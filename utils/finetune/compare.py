@@ -7,7 +7,8 @@ import os
 import numpy as np
 
 from ..errors import UserError
-from ..fileio import atomic_write_bytes, read_json
+from ..fileio import atomic_write_bytes
+from ..results import read_scored
 
 
 def _mean_std(v):
@@ -33,7 +34,7 @@ def comparison(manifest_rows):
     """
     runs = []
     for arm, lam, seed, path in manifest_rows:
-        s = read_json(os.path.join(path, "iis.json"))
+        s = read_scored(path)
         acc = dict(zip([round(r, 6) for r in s["ratios"]], s["accuracies"]))
         runs.append(dict(arm=arm, lam=float(lam) if lam not in ("", "-") else None, seed=seed,
                          top1=float(s["standard_accuracy"]), iis=float(s["iis"]), s01=acc.get(0.1, float("nan")),
