@@ -1,5 +1,6 @@
 """Reading a training run's results.json (schema in docs/files.md) the one way every reader does: the trainers'
-up-to-date check (:func:`finished`), iis_computing.py and explain.py (:func:`read`).
+up-to-date check (:func:`finished`), iis_computing.py and explain.py (:func:`read`); and the score iis_computing.py
+wrote for the run with given settings (:func:`read_score`).
 
 results.json is written last and names the digest of every other file of the run (``files``: heads.pt,
 predictions.npz), so a folder whose files come from two trainings (a retrain killed between its replacements) is
@@ -10,6 +11,7 @@ import os
 
 from .errors import UserError
 from .fileio import check_manifest, check_schema, read_json
+from .layout import SCORE_DEFAULTS, score_names, score_settings
 
 SCHEMAS = ("iis.results/1", "iis.results/2")
 RETRAIN = "rerun the training command that wrote it (an unfinished or damaged run is retrained, not reused)"
@@ -69,3 +71,20 @@ def finished(out, key_hash):
         print(f"{why}: retraining it")
         return False
     return True
+
+
+def read_score(run, **settings):
+    """The score (iis.json's content) that ``iis_computing.py RUN`` wrote for the run folder ``run`` with
+    ``settings`` (metric, bootstrap, bootstrap_seed; the defaults: ``iis.json``), from the file those settings name
+    (utils/layout.score_names); a keyed file whose recorded settings are not those asked for is refused."""
+    name, _ = score_names(**settings)
+    f = os.path.join(run, name)
+    flags = "".join(f" --{k} {v}" for k, v in score_settings(**settings).items())
+    if not os.path.isfile(f):
+        raise UserError(f"no score {name} in {run}: score it with python iis_computing.py {run}{flags}")
+    s = read_json(f)
+    recorded = (s.get("score_settings") or {}) if isinstance(s, dict) else {}
+    if score_settings(**{k: v for k, v in recorded.items() if k in SCORE_DEFAULTS}) != score_settings(**settings):
+        raise UserError(f"{f} holds a score with other settings ({recorded or 'the defaults'}); score the run again "
+                        f"with python iis_computing.py {run}{flags}")
+    return s
