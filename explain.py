@@ -184,7 +184,8 @@ def explain_one(run, h, x, img, label, name, args, out, val=None):
              "weight</b> is a positive contribution from <b>absence</b>: the image does <i>not</i> look like a concept "
              "whose presence counts against this class. 'responds to' lists the classes of the 10 val images that "
              f"activate the concept most; 'cut from' is the class of the image its element came from. "
-             f"<b style='color:#b00'>{BACKGROUND}</b>: the element is mostly padding, one constant region or near-black.</small>"
+             f"<b style='color:#b00'>{BACKGROUND}</b>: the element is mostly padding, one constant region or "
+             "near-black.</small>"
              "</p>")
     page.add("<table><tr><th>rank</th><th>concept</th><th>activation</th><th>weight</th><th>contribution</th>"
              "<th>evidence</th></tr>")

@@ -13,8 +13,9 @@ experiments share a folder only when they are the same experiment (docs/files.md
 <data> is the dataset's name (fashion_mnist) or an ImageFolder's folder name with a hash of its absolute path;
 <subset> is n<train>-<val> ("all" for a whole split); <lib> is <method>_ipc<N>_seed<S>; <model> is the backbone's
 tag (utils/specs.model_tag) with +<weights> when --weights overrides the config's, a local checkpoint as
-+ft-<sha256 prefix of its bytes>; the run's training settings, when any differs from the defaults, add _t<hash>; a score's settings (iis_computing.py's
---metric, --bootstrap, --bootstrap_seed), when any differs from the defaults, add _<hash> to iis.json and iis_curve.png.
++ft-<sha256 prefix of its bytes>; the run's training settings, when any differs from the defaults, add _t<hash>; a
+score's settings (iis_computing.py's --metric, --bootstrap, --bootstrap_seed), when any differs from the defaults, add
+_<hash> to iis.json and iis_curve.png.
 Contents at a path are further guarded by the keys inside each entry (a library built from other images refuses to be
 rebuilt in place). The runners ask scripts/layout.py for these paths; nothing in bash repeats the rule.
 """
