@@ -184,7 +184,8 @@ def explain_one(run, h, x, img, label, name, args, out, val=None):
              "weight</b> is a positive contribution from <b>absence</b>: the image does <i>not</i> look like a concept "
              "whose presence counts against this class. 'responds to' lists the classes of the 10 val images that "
              f"activate the concept most; 'cut from' is the class of the image its element came from. "
-             f"<b style='color:#b00'>{BACKGROUND}</b>: the element is mostly padding or one constant region.</small>"
+             f"<b style='color:#b00'>{BACKGROUND}</b>: the element is mostly padding, one constant region or "
+             "near-black.</small>"
              "</p>")
     page.add("<table><tr><th>rank</th><th>concept</th><th>activation</th><th>weight</th><th>contribution</th>"
              "<th>evidence</th></tr>")
@@ -209,8 +210,9 @@ def gallery(run, h, args, out, data):
     page = Page(out, f"Concept gallery: {run.meta['concept_type']} concepts, {run.meta['backbone']} @ "
                      f"{run.meta['layer']}, head s={run.grid[h][0]:g}")
     page.add(f"<p>The {len(concepts)} concepts the head weighs most, each with the {m} val images that activate it "
-             f"most (activation under each). {n_bg} of them are <b style='color:#b00'>{BACKGROUND}</b> (padding or one "
-             f"constant region; IP_Prototype_training --exclude_background leaves such elements out).</p>")
+             f"most (activation under each). {n_bg} of them are <b style='color:#b00'>{BACKGROUND}</b> (padding, one "
+             f"constant region or mostly near-black; IP_Prototype_training --exclude_background leaves such elements "
+             f"out).</p>")
     page.add("<table><tr><th>concept</th><th>val images that activate it most</th></tr>")
     for r, k in enumerate(concepts):
         path = run.element_path(h, k)

@@ -10,6 +10,9 @@ it the chance-corrected IIS (every accuracy taken above the majority-class rate 
 standard top-1 is not above chance by its own interval is flagged chance-level: its IIS measures noise.
 When the trainer also trained the random-concept floor (--floor_draws), each run gets a line with its floor IIS and
 its concept lift = IIS - floor with a paired 95 % interval (iis.json "floor"; what it means: docs/validity.md).
+A score is keyed by the flags that change it (--metric, --bootstrap, --bootstrap_seed): with the defaults it is the
+run's iis.json and iis_curve.png; with any other it is written beside them as iis_<hash>.json and iis_curve_<hash>.png
+(the settings recorded inside, utils/layout.score_names), so rescoring a run another way never overwrites a score.
 
 Is A more interpretable than B? A paired bootstrap on the same val samples, with a p-value and a verdict:
 
@@ -31,11 +34,10 @@ import os
 
 import numpy as np
 
-from utils import cli, compat, floor, results, stats
+from utils import cli, compat, floor, layout, results, stats
 from utils.errors import UserError
 from utils.fileio import atomic_write_json, publish_dir
 from utils.iis import data_flags, load_predictions, score_with_stats
-from utils.layout import weights_tag
 from utils.report import correlation_summary, corr_line, plot_curves, plot_scatter, table_rows, write_table
 
 
@@ -83,7 +85,7 @@ def weights_label(meta):
     w = meta.get("weights") or ""
     if not os.path.isabs(w):
         return w
-    tag = weights_tag(w) if os.path.isfile(w) else ""
+    tag = layout.weights_tag(w) if os.path.isfile(w) else ""
     return f"ft:{tag[3:11]}" if tag.startswith("ft-") else f"ft:{os.path.basename(os.path.dirname(w))}"
 
 
@@ -95,8 +97,14 @@ def label_of(meta):
            f"{meta.get('concept_type')}"
 
 
+def score_settings(args):
+    """The flags that change a score's content (utils/layout.SCORE_DEFAULTS): they name the file it is written to."""
+    return {"metric": args.metric, "bootstrap": args.bootstrap, "bootstrap_seed": args.bootstrap_seed}
+
+
 def score_path(path, args):
-    """Score one results file or folder: (label, scored dict as written to iis.json, results, paired material)."""
+    """Score one results file or folder: (label, scored dict as written to iis.json, results, paired material). A
+    score with other than the default settings records them (``score_settings``); the default one is as it was."""
     f = results.results_path(path)
     res = results.read(f)
     preds = load_predictions(res, os.path.dirname(f))
@@ -107,6 +115,8 @@ def score_path(path, args):
         "protocol", "val_samples")})
     s["meta"].update(classes=len(res["meta"].get("classes") or []) or None, weights_label=weights_label(res["meta"]))
     s["flags"] = [{"code": c, "line": line} for c, line in data_flags(res, s)]
+    if layout.score_settings(**score_settings(args)):
+        s["score_settings"] = score_settings(args)
     return label_of(res["meta"]), s, paired
 
 
@@ -240,13 +250,14 @@ def main(args):
         if reason:
             raise UserError(f"cannot compare: {reason}")
     scored = [(lbl, s) for lbl, s, _ in entries]
+    score_name, curve_name = layout.score_names(**score_settings(args))   # other settings: other files, beside
     for lbl, s in scored:
         out_dir = os.path.dirname(s["results"])
-        atomic_write_json(os.path.join(out_dir, "iis.json"), s)
+        atomic_write_json(os.path.join(out_dir, score_name), s)
         if len(scored) > 1:
-            plot_curves([(lbl, s)], os.path.join(out_dir, "iis_curve.png"))
+            plot_curves([(lbl, s)], os.path.join(out_dir, curve_name))
     # outputs go only where asked: beside a single run, or to --plot / --report (never a folder common to many)
-    plot = args.plot or (os.path.join(os.path.dirname(scored[0][1]["results"]), "iis_curve.png")
+    plot = args.plot or (os.path.join(os.path.dirname(scored[0][1]["results"]), curve_name)
                          if len(scored) == 1 else None)
     caveat = mixed_val_sets(scored)
     if plot:
@@ -264,7 +275,7 @@ def main(args):
     if plot:
         print(f"curve: {plot}")
     elif not args.report:
-        print("curves: each run's iis_curve.png; give --plot PNG or --report DIR for one plot of all")
+        print(f"curves: each run's {curve_name}; give --plot PNG or --report DIR for one plot of all")
     if args.compare:
         c = paired(*entries)
         print(f"A = {scored[0][0]}\nB = {scored[1][0]}")

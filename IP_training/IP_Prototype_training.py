@@ -28,7 +28,7 @@ from utils.cli import flags
 from utils.concepts import SELECTIONS, background_rows, cluster_centres, select_prototypes
 from utils.device import resolve_device
 from utils.errors import UserError
-from utils.fileio import read_json
+from utils.fileio import key_hash, read_json
 from utils.heads import End2EndConceptHeads, SparseConceptHeads
 
 CONCEPT_TYPES = ("prototype", "cluster", "end2end")
@@ -137,11 +137,11 @@ def main(args):
     if floor.key_of(fcfg) is not None:
         key.update(floor=floor.key_of(fcfg))
     emb, emb_labels, pool = np.asarray(emb), np.asarray(emb_labels), np.arange(len(emb))
-    if args.exclude_background:   # the rows kept depend only on the library, whose digest the concepts' key holds
+    if args.exclude_background:   # the rows kept: the library's (its digest is in the concepts' key) and the rule's
         pool = np.flatnonzero(~background_rows(element_index(mco)))
         print(f"--exclude_background: {len(emb) - len(pool)} of {len(emb)} elements are mostly background, left out")
         emb, emb_labels = emb[pool], emb_labels[pool]
-        key.update(exclude_background=True)
+        key.update(exclude_background=True, kept_rows=key_hash({"rows": pool.tolist()}))
     if sweep.is_done(args.out, key):
         return
     device = resolve_device(args.device)

@@ -35,6 +35,7 @@ import torch
 
 from bench import validity
 from utils.probe import ConvergedProbes, fit_converged_probe, standardiser
+from utils.results import read_score
 
 REPO = validity.REPO
 WORKLOADS = ("separable", "offset", "bench", "demo", "demo_standardised", "planted")
@@ -175,8 +176,7 @@ def scored(run, n_boot):
                        env=validity._env(), capture_output=True, text=True)
     if r.returncode != 0:
         raise validity.SuiteError(f"iis_computing.py {run}: {r.stderr.strip()[-500:]}")
-    with open(os.path.join(run, "iis.json")) as f:
-        return json.load(f)
+    return read_score(run, bootstrap=n_boot)
 
 
 def adam_probe(x, y, xv, yv, split, lrs, epochs, batch_size):

@@ -34,7 +34,7 @@ done
 ask_layout() {  # ask_layout MODEL LAYER: sets L_<name> from scripts/layout.py (flags not given: its defaults)
   local k v f lay given=()
   for f in weights train_size val_size images_per_class library n_concepts epochs lrs seeds protocol select_on \
-      clip_cutoff interpretability_cutoff clip_model clip_pretrained exclude_background; do
+      clip_cutoff interpretability_cutoff clip_model clip_pretrained exclude_background floor_draws; do
     v=$(flag "$f"); if [ -n "$v" ]; then given+=("--$f" "$v"); fi
   done
   lay=$("$PY" scripts/layout.py --out "$out" \

@@ -12,6 +12,7 @@ from conftest import REPO
 from utils import store
 from utils.elements import FILL
 from utils.errors import UserError
+from utils.fileio import key_hash
 from utils.concepts import cluster_centres, select_prototypes
 from utils.heads import End2EndConceptHeads
 
@@ -100,6 +101,8 @@ def test_exclude_background_leaves_background_elements_out_of_the_concepts(tmp_p
         return r, torch.load(os.path.join(out, "heads.pt"), weights_only=True)["concept_rows"].tolist()
     r, kept = train(tmp_path / "nobg", "--exclude_background")
     assert sorted(kept) == [1, 3, 5] and "3 of 6 elements are mostly background, left out" in r.stdout
-    assert json.load(open(tmp_path / "nobg" / "results.json"))["key"]["exclude_background"] is True
+    key = json.load(open(tmp_path / "nobg" / "results.json"))["key"]
+    # the rows kept are in the key: a background rule that keeps other rows retrains the run
+    assert key["exclude_background"] is True and key["kept_rows"] == key_hash({"rows": [1, 3, 5]})
     _, every = train(tmp_path / "all")
     assert sorted(every) != [1, 3, 5] and len(every) == 3

@@ -521,3 +521,15 @@ def test_layout_check_catches_a_missing_and_a_stale_module(tmp_path):
     assert layout_problems(good.replace("  b.py  B\n", ""), str(tmp_path)) == ["utils/b.py is missing from the layout"]
     assert layout_problems(good.replace("c.py", "d.py"), str(tmp_path)) == \
         ["utils/pkg/d.py does not exist", "utils/pkg/c.py is missing from the layout"]
+
+
+def test_the_background_rule_is_described_with_the_code_thresholds():
+    """docs/reports.md states is_background's thresholds as utils/elements.py has them."""
+    from utils import elements as el
+    text = " ".join(read(os.path.join(DOCS, "reports.md")).split("**Mostly-background concepts.**")[1]
+                    .split("\n\n")[0].split())
+    for phrase in (f"at least {el.BACKGROUND_FILL_SHARE * 100:g} % of its pixels are the fill",
+                   f"at least {el.BACKGROUND_CONSTANT * 100:g} % of its own pixels lie within {el.CONSTANT_TOLERANCE} "
+                   f"grey levels", f"at least {el.BACKGROUND_DARK * 100:g} % of its own pixels are near-black, at or "
+                   f"below grey {el.DARK_LEVEL}"):
+        assert phrase in text, phrase

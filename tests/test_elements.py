@@ -182,8 +182,42 @@ def test_mostly_background_elements_are_detected():
     black[10:12, 10:12] = 200                                           # a few garment pixels: 4 of 900
     texture = rng.integers(0, 255, (40, 40, 3)).astype(np.uint8)        # a real part of an object
     assert background_measure(padded)[0] == pytest.approx(1 - 9 / 1600)
-    assert background_measure(black) == pytest.approx((700 / 1600, 896 / 900))
+    assert background_measure(black) == pytest.approx((700 / 1600, 896 / 900, 896 / 900))
     assert is_background(padded) and is_background(black) and not is_background(texture)
     half = texture.copy()
     half[:, :20] = FILL                                                 # half fill, half texture: kept
     assert not is_background(half) and not is_background(Image.fromarray(texture).convert("L"))
+
+
+def test_mostly_dark_elements_with_a_little_foreground_are_detected():
+    """A black surround cut with a bit of garment is one flat level for less than 80 % of its pixels, so only the
+    near-black share (at least half of its own pixels at or below grey 30) tells it is background."""
+    from utils.elements import FILL, background_measure, is_background
+    # by hand: 1000 fill pixels, 540 dark ones spread over grey 0..29 (18 each), a 60-pixel bright blob
+    el = np.full((40 * 40,), FILL, np.uint8)
+    el[:540] = np.repeat(np.arange(30), 18)
+    el[540:600] = 200
+    el = el.reshape(40, 40)
+    assert background_measure(el) == pytest.approx((1000 / 1600, 60 / 600, 540 / 600))   # commonest level: the blob
+    assert is_background(el)
+    dark_fabric = el.copy().ravel()                                     # a dark, textured garment: 30 % near-black
+    dark_fabric[:600] = np.r_[np.repeat(np.arange(30), 6), np.resize(np.arange(121, 250, 3), 420)]
+    assert background_measure(dark_fabric.reshape(40, 40))[2] == pytest.approx(180 / 600)
+    assert not is_background(dark_fabric.reshape(40, 40))
+    # through the library's own cut (mask on a fill, cropped, resized bicubic to 224): a Fashion-MNIST-like image,
+    # black around a textured garment; a mask 70 % on the surround and 30 % on the garment is background, one 30 % on
+    # the surround or all inside the garment is not
+    from utils.elements import crop_masked
+    rng = np.random.default_rng(0)
+    img = np.zeros((224, 224, 3), np.uint8)
+    img[:, 100:] = rng.integers(100, 230, (224, 124, 1))                # the garment: columns 100..223
+    def cut(left, right):
+        mask = np.zeros((224, 224), bool)
+        mask[50:150, left:right] = True
+        return Image.fromarray(crop_masked(img, mask)[0]).resize((224, 224), Image.BICUBIC)
+    surround, rim, garment = cut(30, 130), cut(70, 170), cut(120, 220)     # 70 %, 30 %, 0 % on the surround
+    fill, constant, dark = background_measure(surround)
+    assert fill < 0.9 and constant < 0.8 and 0.6 < dark < 0.8           # only the dark share flags it
+    assert is_background(surround)
+    assert 0.2 < background_measure(rim)[2] < 0.4 and not is_background(rim)
+    assert background_measure(garment)[2] == 0 and not is_background(garment)

@@ -2,6 +2,7 @@
 repeating it, and a second experiment leaves every file of the first byte-identical."""
 import hashlib
 import os
+import re
 import subprocess
 import sys
 
@@ -56,6 +57,15 @@ def test_the_runners_ask_the_rule(tmp_path):
     for name in ("run_pipeline.sh", "compare_backbones.sh", "finetune_compare.sh", "train_heads.sh"):
         text = open(os.path.join(REPO, "scripts", name)).read()
         assert "scripts/layout.py" in text and "basename \"$dataset\")\n" not in text and "model_tag.py" not in text
+
+
+def test_compare_backbones_names_runs_by_every_training_setting():
+    """compare_backbones.sh hands the flags it was given to scripts/layout.py to find the run folders run_pipeline.sh
+    trained: every training setting of the rule must be among them, or a run with it (--floor_draws 0) is looked for
+    in the untagged folder (seen in the Done-when sequence: 'no results.json at ...prototype_segments_ipc4_seed0')."""
+    text = open(os.path.join(REPO, "scripts", "compare_backbones.sh")).read()
+    handed = re.search(r"ask_layout\(\) \{.*?for f in (.*?); do", text, re.S).group(1).replace("\\\n", " ").split()
+    assert set(layout.TRAINING_DEFAULTS) <= set(handed), set(layout.TRAINING_DEFAULTS) - set(handed)
 
 
 def tree_digests(*roots):

@@ -296,7 +296,7 @@ def test_an_unreadable_dataset_image_is_skipped_counted_and_listed(script, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# iis.json, read back (utils/results.read_scored: the fine-tune comparison's reader)
+# iis.json, read back (utils/results.read_score: the fine-tune comparison's reader)
 # ---------------------------------------------------------------------------------------------------------------------
 GOOD_SCORED = {"schema": "iis.scored/1", "iis": 0.8, "standard_accuracy": 85.0, "ratios": [0.0, 0.1, 0.9],
                "accuracies": [85.0, 84.0, 75.0], "metric": "top1", "meta": {}, "results": "r/results.json"}

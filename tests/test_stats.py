@@ -13,9 +13,10 @@ import pytest
 
 from conftest import REPO
 from fixtures_results import GRID, balanced_labels, flip_concept_hits, planted_heads, random_heads, write_run
-from utils import stats
+from utils import layout, stats
 from utils.errors import UserError
 from utils.iis import iis, load_predictions, score, score_with_stats
+from utils.results import read_score
 
 CURVE = (80, 80, 78, 75, 70, 60, 50, 40)   # a plausible informative run: top-1 (%) at each ratio of GRID
 
@@ -313,7 +314,7 @@ def test_iis_json_and_report_carry_what_stats_computes(scored_runs):
     for path, heads, row in zip(scored_runs["paths"], scored_runs["heads"], rows):
         correct, sel = selection(heads)
         st, _ = stats.run_statistics(correct, sel, GRID, scored_runs["labels"], n_boot=400, seed=2)
-        s = json.load(open(os.path.join(path, "iis.json")))
+        s = read_score(path, bootstrap=400, bootstrap_seed=2)          # the file these settings name
         assert s["iis"] == pytest.approx(st["iis"]) and s["interval"]["iis"] == pytest.approx(st["iis_interval"])
         assert s["iis_chance_corrected"] == pytest.approx(st["iis_chance_corrected"])
         np.testing.assert_allclose(s["interval"]["normalised"], st["normalised_interval"])
@@ -371,7 +372,7 @@ def test_compare_refuses_runs_on_different_val_samples(tmp_path):
     b = write_run(str(tmp_path / "b"), heads, labels, val_samples="bbbbbbbbbbbbbbbb")
     r = cli(a, b, "--compare", "--bootstrap", 50)
     one_error_line(r, "cannot compare", "different val samples")
-    assert not os.path.exists(os.path.join(a, "iis.json"))              # refused before anything was written
+    assert not [f for f in os.listdir(a) if f.startswith("iis")]        # refused before anything was written
     old = write_run(str(tmp_path / "old"), heads, labels, schema=1)
     one_error_line(cli(a, old, "--compare"), "B has no per-sample")
     one_error_line(cli(a, "--compare"), "exactly two runs")
@@ -398,8 +399,8 @@ def test_three_classes_of_ten_images_are_flagged(tmp_path):
                     val_samples="fedcba9876543210", meta={"n_train": 2000})
     r = cli(folder, big, "--bootstrap", 200, "--report", tmp_path / "report")
     assert r.returncode == 0, r.stderr
-    codes = [f["code"] for f in json.load(open(os.path.join(folder, "iis.json")))["flags"]]
-    assert codes[:2] == ["few-dev", "few-val"] and json.load(open(os.path.join(big, "iis.json")))["flags"] == []
+    codes = [f["code"] for f in read_score(folder, bootstrap=200)["flags"]]
+    assert codes[:2] == ["few-dev", "few-val"] and read_score(big, bootstrap=200)["flags"] == []
     assert "flag (few-dev): planted@tiny prototype: epochs and lrs chosen on about 1 held-out train samples per " \
            "class" in r.stdout
     assert "flag (few-val): planted@tiny prototype: 30 val samples, 10 per class" in r.stdout
@@ -423,8 +424,9 @@ def test_several_runs_write_nothing_outside_their_folders(tmp_path):
     assert r.returncode == 0, r.stderr
     assert set(os.listdir(tmp_path)) | set(os.listdir(tmp_path / "runs")) == before     # no iis_compare.png
     assert "give --plot PNG or --report DIR for one plot of all" in r.stdout
-    assert all(os.path.isfile(os.path.join(d, "iis_curve.png")) for d in runs)
-    bad = cli(os.path.join(runs[0], "iis_curve.png"))                  # a glob that caught a plot: one line
+    curve = layout.score_names(bootstrap=0)[1]                         # iis_curve_<hash of bootstrap=0>.png
+    assert all(os.path.isfile(os.path.join(d, curve)) for d in runs)
+    bad = cli(os.path.join(runs[0], curve))                  # a glob that caught a plot: one line
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "is not a results file (not JSON)" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     assert re.search(r"^row 2 = planted@b prototype on synthetic \(n_train 100, n_val 300, chosen on val\): IIS = ",
@@ -443,3 +445,49 @@ def test_a_checkpoint_is_labelled_apart_from_the_pretrained_weights(tmp_path):
     assert r.returncode == 0 and f"planted@r ft:{digest} prototype" in r.stdout, r.stdout
     ckpt.unlink()                                                   # moved away: the folder's name instead
     assert "planted@r ft:interp1_seed0 prototype" in cli(run, "--bootstrap", 0).stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a score is keyed by its settings
+# ---------------------------------------------------------------------------------------------------------------------
+def test_a_score_with_other_settings_never_overwrites_another(tmp_path):
+    """Default settings, then others, then the defaults again: the default score (iis.json, iis_curve.png) is
+    byte-identical throughout and the other one lies beside it under the name its settings give, recording them."""
+    labels = balanced_labels(300)
+    run = write_run(str(tmp_path / "r"), planted_heads(labels, 85, CURVE, rng=np.random.default_rng(3)), labels)
+
+    def digests():
+        return {f: hashlib.sha256(open(os.path.join(run, f), "rb").read()).hexdigest()
+                for f in sorted(os.listdir(run)) if f.startswith("iis")}
+
+    assert cli(run).returncode == 0
+    first = digests()
+    assert sorted(first) == ["iis.json", "iis_curve.png"]
+    assert "score_settings" not in read_score(run)                    # the default score's content is as it was
+    other = dict(bootstrap=200, bootstrap_seed=3)
+    name, curve = layout.score_names(**other)
+    assert re.fullmatch(r"iis_[0-9a-f]{8}\.json", name) and curve == f"iis_curve_{name[4:12]}.png"
+    r = cli(run, "--bootstrap", 200, "--bootstrap_seed", 3)
+    assert r.returncode == 0, r.stderr
+    second = digests()
+    assert sorted(second) == sorted(["iis.json", "iis_curve.png", name, curve])
+    assert {f: second[f] for f in first} == first
+    s = read_score(run, **other)
+    assert s["score_settings"] == {"metric": "top1", "bootstrap": 200, "bootstrap_seed": 3}
+    assert s["interval"]["resamples"] == 200 and read_score(run)["interval"]["resamples"] == 1000
+    assert cli(run).returncode == 0
+    assert digests() == second                                        # the defaults again: nothing changed
+    # the defaults given explicitly are the default score; each other setting has its own name
+    assert layout.score_names(metric="top1", bootstrap=1000, bootstrap_seed=0) == ("iis.json", "iis_curve.png")
+    kinds = ({}, {"bootstrap": 200}, {"bootstrap_seed": 3}, {"metric": "top5"}, other)
+    assert len({layout.score_names(**k)[0] for k in kinds}) == len(kinds)
+    with pytest.raises(ValueError, match="not a score setting"):
+        layout.score_names(select_on="val")                           # a training setting names the run instead
+    # the reader: a score never written, and a file whose recorded settings are not those its name stands for
+    with pytest.raises(UserError, match=r"no score iis_[0-9a-f]{8}\.json in .*: score it with python "
+                                        r"iis_computing.py .* --bootstrap 50$"):
+        read_score(run, bootstrap=50)
+    with open(os.path.join(run, layout.score_names(bootstrap=50)[0]), "w") as f:
+        f.write(open(os.path.join(run, name)).read())
+    with pytest.raises(UserError, match="holds a score with other settings"):
+        read_score(run, bootstrap=50)

@@ -106,25 +106,30 @@ def patches(img, grids=(2, 3), out_size=224):
 BACKGROUND_FILL_SHARE = 0.9   # an element that is this much fill (the padding outside its mask) shows almost nothing
 BACKGROUND_CONSTANT = 0.8     # ... or whose own pixels are this much one grey level (+-10): one constant region
 CONSTANT_TOLERANCE = 10
+BACKGROUND_DARK = 0.5         # ... or whose own pixels are at least half near-black: a black surround cut together
+DARK_LEVEL = 30               # with a garment's bright rim is one flat level, but for less than BACKGROUND_CONSTANT
 
 
 def background_measure(image, fill=FILL):
     """(share of pixels equal to the fill, share of the other pixels within CONSTANT_TOLERANCE grey levels of their
-    commonest level) of an element image (RGB or grey array, or PIL image), measured on its grey levels; the second is
-    1 when every pixel is fill."""
+    commonest level, share of the other pixels at or below DARK_LEVEL) of an element image (RGB or grey array, or PIL
+    image), measured on its grey levels; the second and third are 1 when every pixel is fill."""
     arr = np.asarray(image)
     grey = (arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) if arr.ndim == 3 else
             arr.astype(np.float32)).round().astype(np.int16)
     is_fill = np.abs(grey - fill) <= 2                          # +-2: the bicubic resize's rounding
     rest = grey[~is_fill]
     if len(rest) == 0:
-        return 1.0, 1.0
+        return 1.0, 1.0, 1.0
     mode = np.bincount(rest.ravel()).argmax()
-    return float(is_fill.mean()), float((np.abs(rest - mode) <= CONSTANT_TOLERANCE).mean())
+    return (float(is_fill.mean()), float((np.abs(rest - mode) <= CONSTANT_TOLERANCE).mean()),
+            float((rest <= DARK_LEVEL).mean()))
 
 
 def is_background(image, fill=FILL):
     """True for an element that is mostly background: at least BACKGROUND_FILL_SHARE fill, or its own pixels at least
-    BACKGROUND_CONSTANT one grey level (Fashion-MNIST's black surround, a flat wall)."""
-    share, constant = background_measure(image, fill)
-    return share >= BACKGROUND_FILL_SHARE or constant >= BACKGROUND_CONSTANT
+    BACKGROUND_CONSTANT one grey level (Fashion-MNIST's black surround, a flat wall), or at least BACKGROUND_DARK
+    near-black (the black surround with a little foreground: a garment's rim, a strap). Near-black only, not any
+    level: a flat bright region with some texture is as often a plain garment's fabric as a wall."""
+    share, constant, dark = background_measure(image, fill)
+    return share >= BACKGROUND_FILL_SHARE or constant >= BACKGROUND_CONSTANT or dark >= BACKGROUND_DARK

@@ -6,13 +6,16 @@ experiments share a folder only when they are the same experiment (docs/files.md
     <out>/features/<data>/<model>/<subset>/elements_<lib>             element embeddings
     <out>/features/<data>/clip_<model>_<pretrained>/<subset>          CLIP text and image features
     <out>/runs/<data>/<subset>/<model>/<type>_<lib>[_t<hash>]         one run (results.json, heads.pt)
+    <run>/iis[_<hash>].json, <run>/iis_curve[_<hash>].png                 its scores (iis_computing.py)
     <out>/reports/<data>/<subset>/<report>                            comparison reports
     <out>/finetune/<data>/<subset>/<model>/ft_<hash>                  a fine-tuning comparison (finetune_compare.sh)
 
 <data> is the dataset's name (fashion_mnist) or an ImageFolder's folder name with a hash of its absolute path;
 <subset> is n<train>-<val> ("all" for a whole split); <lib> is <method>_ipc<N>_seed<S>; <model> is the backbone's
 tag (utils/specs.model_tag) with +<weights> when --weights overrides the config's, a local checkpoint as
-+ft-<sha256 prefix of its bytes>; the run's training settings, when any differs from the defaults, add _t<hash>.
++ft-<sha256 prefix of its bytes>; the run's training settings, when any differs from the defaults, add _t<hash>; a
+score's settings (iis_computing.py's --metric, --bootstrap, --bootstrap_seed), when any differs from the defaults, add
+_<hash> to iis.json and iis_curve.png.
 Contents at a path are further guarded by the keys inside each entry (a library built from other images refuses to be
 rebuilt in place). The runners ask scripts/layout.py for these paths; nothing in bash repeats the rule.
 """
@@ -22,6 +25,7 @@ import os
 from .data import BUILTIN
 from .fileio import file_digest, key_hash
 from .specs import is_local, model_tag
+from .stats import N_BOOT
 
 # The runners' training defaults (scripts/train_heads.sh): a run with exactly these gets no _t<hash> suffix.
 TRAINING_DEFAULTS = {"n_concepts": "200", "epochs": "30", "lrs": "", "seeds": "0", "protocol": "iis",
@@ -98,6 +102,28 @@ def run_name(concept_type, lib, **settings):
     """A run's folder name inside runs_dir: ``<type>_<lib>`` (text: ``text``), then the training tag."""
     base = "text" if concept_type == "text" else f"{concept_type}_{lib}"
     return base + training_tag(**settings)
+
+
+# iis_computing.py's defaults of every setting that changes a score (iis.json's content): a score with exactly these is
+# <run>/iis.json, as it always was; any other is written beside it, so rescoring a run another way never overwrites one.
+SCORE_DEFAULTS = {"metric": "top1", "bootstrap": str(N_BOOT), "bootstrap_seed": "0"}
+
+
+def score_settings(**settings):
+    """The score settings that differ from SCORE_DEFAULTS, as strings: what names a keyed score. An unknown setting is
+    a programming error (a new flag that changes the score must be added to SCORE_DEFAULTS)."""
+    unknown = set(settings) - set(SCORE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"not a score setting: {sorted(unknown)}")
+    return {k: str(v) for k, v in sorted(settings.items()) if str(v) != SCORE_DEFAULTS[k]}
+
+
+def score_names(**settings):
+    """(score file, curve file) of a run scored with ``settings``: ``iis.json`` and ``iis_curve.png`` for the
+    defaults, else ``iis_<8 hex>.json`` and ``iis_curve_<8 hex>.png`` of the settings that differ."""
+    given = score_settings(**settings)
+    tag = f"_{key_hash(given)[:8]}" if given else ""
+    return f"iis{tag}.json", f"iis_curve{tag}.png"
 
 
 def report_dir(out, dataset, train_size, val_size, name=""):

@@ -1,5 +1,6 @@
 """Reading a training run's results.json (schema in docs/files.md) the one way every reader does: the trainers'
-up-to-date check (:func:`finished`), iis_computing.py and explain.py (:func:`read`).
+up-to-date check (:func:`finished`), iis_computing.py and explain.py (:func:`read`); and the score iis_computing.py
+wrote for the run with given settings (:func:`read_score`).
 
 results.json is written last and names the digest of every other file of the run (``files``: heads.pt,
 predictions.npz), so a folder whose files come from two trainings (a retrain killed between its replacements) is
@@ -11,10 +12,11 @@ import shlex
 
 from .errors import UserError
 from .fileio import check_manifest, check_schema, read_json
+from .layout import SCORE_DEFAULTS, score_names, score_settings
 from .validate import forced
 
 SCHEMAS = ("iis.results/1", "iis.results/2")
-SCORED_SCHEMA = "iis.scored/1"          # iis.json (iis_computing.py), checked by read_scored
+SCORED_SCHEMA = "iis.scored/1"          # iis.json (iis_computing.py), checked by read_score
 # iis.json's fields a reader relies on, and their JSON types (None: null allowed)
 SCORED_FIELDS = {"iis": (float, int), "standard_accuracy": (float, int), "ratios": list, "accuracies": list,
                  "metric": str, "meta": dict, "results": str}
@@ -85,15 +87,19 @@ def finished(out, key_hash):
     return True
 
 
-def read_scored(path):
-    """The scored run iis.json at ``path`` (the file, or the run folder holding it), checked: valid JSON, the schema
-    this code writes, and each field readers use present with its type (ratios and accuracies numbers of one
-    length). Every failure is one :class:`UserError` naming the file and what to do (score the run again)."""
-    f = os.path.join(path, "iis.json") if os.path.isdir(path) else path
+def read_score(path, **settings):
+    """The score (iis.json's content) that ``iis_computing.py RUN`` wrote with ``settings`` (metric, bootstrap,
+    bootstrap_seed; the defaults: ``iis.json``), from the file those settings name (utils/layout.score_names) in the
+    run folder ``path`` (or the score file itself), checked: valid JSON, the schema this code writes, each field
+    readers use present with its type (ratios and accuracies numbers of one length), and the recorded settings those
+    asked for. Every failure is one :class:`UserError` naming the file and what to do (score the run again)."""
+    name, _ = score_names(**settings)
+    f = os.path.join(path, name) if os.path.isdir(path) else path
     run = os.path.dirname(os.path.abspath(f))
-    todo = f"rerun iis_computing.py on the run to write it again: python iis_computing.py {shlex.quote(run)}"
+    flags = "".join(f" --{k} {v}" for k, v in score_settings(**settings).items())
+    todo = f"rerun iis_computing.py on the run to write it again: python iis_computing.py {shlex.quote(run)}{flags}"
     if not os.path.isfile(f):
-        raise UserError(f"no iis.json at {path}: score the run first (iis_computing.py {path})")
+        raise UserError(f"no score {name} in {path}: score it with python iis_computing.py {shlex.quote(path)}{flags}")
     try:
         s = read_json(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -104,18 +110,23 @@ def read_scored(path):
                         f"); this version reads schema {SCORED_SCHEMA!r}: {todo}")
     if not isinstance(s, dict):
         raise UserError(f"{f} is not a JSON object; {todo}")
-    for name, kind in SCORED_FIELDS.items():
-        v = s.get(name)
-        if name not in s or not isinstance(v, kind) or isinstance(v, bool):
-            what = "is missing" if name not in s else f"is {type(v).__name__}"
-            raise UserError(f"{f}: {name!r} {what}, expected {_kind(kind)}; {todo}")
+    for field, kind in SCORED_FIELDS.items():
+        v = s.get(field)
+        if field not in s or not isinstance(v, kind) or isinstance(v, bool):
+            what = "is missing" if field not in s else f"is {type(v).__name__}"
+            raise UserError(f"{f}: {field!r} {what}, expected {_kind(kind)}; {todo}")
     if len(s["ratios"]) != len(s["accuracies"]) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in s["ratios"] + s["accuracies"]):
         raise UserError(f"{f}: 'ratios' and 'accuracies' are not two number lists of one length; {todo}")
+    recorded = s.get("score_settings") or {}
+    if not isinstance(recorded, dict):
+        raise UserError(f"{f}: 'score_settings' is {type(recorded).__name__}, expected an object; {todo}")
+    if score_settings(**{k: v for k, v in recorded.items() if k in SCORE_DEFAULTS}) != score_settings(**settings):
+        raise UserError(f"{f} holds a score with other settings ({recorded or 'the defaults'}); score the run again "
+                        f"with python iis_computing.py {shlex.quote(run)}{flags}")
     return s
 
 
 def _kind(kind):
     names = {float: "a number", int: "a number", list: "a list", dict: "an object", str: "a string"}
     return names[kind[0] if isinstance(kind, tuple) else kind]
-

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..fileio import atomic_write_bytes
-from ..results import read_scored
+from ..results import read_score
 
 
 def _mean_std(v):
@@ -28,13 +28,13 @@ def comparison(manifest_rows):
     """Rows (arm, lambda, seed, run dir) -> table rows, one per (arm, lambda): pretrained, plain, interp at each
     lambda, then any other arm name (e.g. a refresh-policy variant).
 
-    Each run dir holds iis.json (iis_computing.py). Values: mean ± sample std over seeds of standard top-1, IIS,
+    Each run dir holds its default score, iis.json (iis_computing.py, as scripts/finetune_compare.sh runs it). Values: mean ± sample std over seeds of standard top-1, IIS,
     top-1 at s = 0.1 and 0.9; for every arm but pretrained and plain also the paired difference to the plain arm at
     the same seed, and in how many seeds it beats plain.
     """
     runs = []
     for arm, lam, seed, path in manifest_rows:
-        s = read_scored(path)
+        s = read_score(path)
         acc = dict(zip([round(r, 6) for r in s["ratios"]], s["accuracies"]))
         runs.append(dict(arm=arm, lam=float(lam) if lam not in ("", "-") else None, seed=seed,
                          top1=float(s["standard_accuracy"]), iis=float(s["iis"]), s01=acc.get(0.1, float("nan")),
