@@ -9,7 +9,7 @@ Objective: CE of a linear classifier on the pooled feature + lambda x CE of a sp
 (the sweep's head: LayerNorm(feature . unit concepts), each sample keeps its top round((1 - ratio) K) activations by
 absolute value, linear). Concepts are the element library's embeddings through the current backbone (--refresh:
 recomputed at every step with gradient into the backbone, the default; every epoch; or frozen at the pretrained
-backbone — docs/finetune.md: what each measured). Both terms train the chosen layers; lambda = 0 is plain fine-tuning (the concept head then only watches). Light augmentation (random
+backbone — docs/finetune.md: what each measured). Both terms train the chosen layers; lambda = 0 is plain fine-tuning (the concept pass is then skipped: no element is embedded). Light augmentation (random
 resized crop of 50-100 % of the area, aspect 3/4-4/3, horizontal flip), identical in both arms; the backbone runs in
 eval mode (BatchNorm statistics stay as pretrained). With --train_layers N or module names, the input of the first
 trained module is computed once per image view and cached (--cache_views views per train image, default one per
@@ -67,6 +67,9 @@ def get_args_parser():
                    help="decoupled weight decay of the trained backbone weights (not of biases or norm parameters)")
     g.add_argument("--batch_size", type=int, default=64, help="training batch size")
     g.add_argument("--seed", type=int, default=0, help="seed of the heads' initialisation and the batch order")
+    g.add_argument("--subset_seed", type=int, default=0,
+                   help="seed of the --train_size / --val_size subsets (0 = the rows the pipeline's extractors pick "
+                        "by default; another seed is part of the run's key)")
     g.add_argument("--aug_seed", type=int, default=0,
                    help="seed of the augmentation draws (kept apart from --seed so that arms and seeds can share "
                         "one activation cache)")

@@ -336,7 +336,7 @@ def test_comparison_table_known_answer(tmp_path):
                                                 "accuracies": [top1, top1 - 1, top1 - 10]}))
         rows.append("\t".join([arm, lam, str(seed), str(d)]))
     (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
-    table = write_comparison(str(tmp_path / "m.tsv"), str(tmp_path / "report"))
+    table = write_comparison(str(tmp_path / "m.tsv"), str(tmp_path / "report"))["train"]
     by = {r["arm"]: r for r in table}
     assert [r["arm"] for r in table] == ["pretrained", "plain", "interp"]
     assert by["plain"]["top1"] == pytest.approx((86.0, np.sqrt(2.0)))
@@ -347,7 +347,7 @@ def test_comparison_table_known_answer(tmp_path):
     md = (tmp_path / "report" / "finetune_compare.md").read_text()
     assert "| interp | 1 | 2 | 86.00 ± 0.00 | 0.8450 ± 0.0212 |" in md
     csv = (tmp_path / "report" / "finetune_compare.csv").read_text().splitlines()
-    assert csv[0].startswith("arm,lambda,n_seeds,top1_mean") and len(csv) == 4
+    assert csv[0].startswith("concepts,arm,lambda,n_seeds,top1_mean") and len(csv) == 4
     # the script scripts/finetune_compare.sh calls writes the same table; a malformed manifest is one error line
     r = subprocess.run([sys.executable, "-m", "IP_training.IP_finetune_compare", str(tmp_path / "m.tsv"), "--out",
                         str(tmp_path / "again")], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -356,5 +356,5 @@ def test_comparison_table_known_answer(tmp_path):
     (tmp_path / "bad.tsv").write_text("plain\t0\n")
     r = subprocess.run([sys.executable, "-m", "IP_training.IP_finetune_compare", str(tmp_path / "bad.tsv"), "--out",
                         str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=120)
-    one_line_error(r, "bad.tsv: line 1 has 2 tab-separated fields")
+    one_line_error(r, "bad.tsv: line 1 has 2 tab-separated fields, expected 4 or 5")
     assert not (tmp_path / "bad").exists()
