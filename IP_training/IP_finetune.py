@@ -9,15 +9,17 @@ Objective: CE of a linear classifier on the pooled feature + lambda x CE of a sp
 (the sweep's head: LayerNorm(feature . unit concepts), each sample keeps its top round((1 - ratio) K) activations by
 absolute value, linear). Concepts are the element library's embeddings through the current backbone (--refresh:
 recomputed at every step with gradient into the backbone, the default; every epoch; or frozen at the pretrained
-backbone — docs/finetune.md: what each measured). Both terms train the chosen layers; lambda = 0 is plain fine-tuning (the concept pass is then skipped: no element is embedded). Light augmentation (random
-resized crop of 50-100 % of the area, aspect 3/4-4/3, horizontal flip), identical in both arms; the backbone runs in
+backbone — docs/finetune.md: what each measured). Both terms train the chosen layers; lambda = 0 is plain
+fine-tuning (the concept pass is then skipped: no element is embedded). Light augmentation (random resized crop of
+50-100 % of the area, aspect 3/4-4/3, horizontal flip), identical in both arms; the backbone runs in
 eval mode (BatchNorm statistics stay as pretrained). With --train_layers N or module names, the input of the first
 trained module is computed once per image view and cached (--cache_views views per train image, default one per
 epoch, so caching changes nothing but the time).
 
 Output in --out: backbone.safetensors (the whole model's weights: score it with any stage's --weights PATH, e.g.
 scripts/run_pipeline.sh --weights OUT/backbone.safetensors), finetune.json (settings, trained modules, per-epoch train
-loss of both terms and val top-1 of both heads, reload check). After each epoch, state.pt (model, optimiser, heads,
+loss of both terms and val top-1 of both heads, reload check; written last, with the sha256 of every checkpoint it
+covers, so a reader tells a finished run from a half-replaced one: utils/finetune/record.py). After each epoch, state.pt (model, optimiser, heads,
 RNG) is written atomically: a killed run started again with the same flags resumes after its last finished epoch.
 With --save_epochs 1 2 3, the checkpoint after each listed epoch is also kept (backbone_epoch<E>.safetensors).
 """

@@ -271,6 +271,49 @@ def test_save_epochs_writes_each_listed_epoch_and_the_last_is_the_final_checkpoi
     assert ft.reload_check(spec, str(out / ft.CHECKPOINT), ext, images, torch.device("cpu")) > 1e-6
 
 
+@pytest.mark.parametrize("damage,words", [
+    (lambda f, d: f.write_text(f.read_text()[:40]), ["is damaged (not valid JSON"]),
+    (lambda f, d: f.write_text(json.dumps(dict(d, schema="iis.finetune/9"))), ["schema 'iis.finetune/9'"]),
+    (lambda f, d: f.write_text(json.dumps(dict(d, finished=False))), ["unfinished fine-tuning run"]),
+    (lambda f, d: f.write_text(json.dumps(dict(d, epochs={}))), ["malformed: 'epochs' is not a JSON list"]),
+    (lambda f, d: f.write_text(json.dumps(dict(d, files={}))), ["does not cover backbone.safetensors"]),
+    (lambda f, d: (f.parent / ft.CHECKPOINT).write_bytes(b"x" + (f.parent / ft.CHECKPOINT).read_bytes()[1:]),
+     ["unfinished fine-tuning run", "backbone.safetensors is not the one its manifest records"]),
+])
+def test_finetune_json_is_the_commit_point_and_a_damaged_one_is_one_line_then_retrained(world, runs, damage, words,
+                                                                                        tmp_path, capsys):
+    import shutil
+    from utils.errors import UserError
+    from utils.finetune import record
+    src = world["tmp"] / "plain"
+    info = record.read(str(src))                          # the finished run reads, and names its checkpoint's digest
+    assert info["files"] == {ft.CHECKPOINT: "sha256:" + ft.file_digest(str(src / ft.CHECKPOINT))}
+    assert record.finished(str(src), info["key_hash"]) and not record.finished(str(src), "another key")
+    copy = tmp_path / "run"
+    shutil.copytree(src, copy)
+    damage(copy / "finetune.json", info)
+    with pytest.raises(UserError) as e:
+        record.read(str(copy))
+    msg = str(e.value)
+    assert "\n" not in msg and str(copy) in msg and "rerun the IP_finetune command" in msg, msg
+    for w in words:
+        assert w in msg, msg
+    capsys.readouterr()
+    assert not record.finished(str(copy), info["key_hash"])
+    assert "fine-tuning it again" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_whose_checkpoint_was_replaced_is_fine_tuned_again_to_the_same_bytes(world, runs, tmp_path):
+    import shutil
+    src = world["tmp"] / "plain"
+    shutil.copytree(src, world["tmp"] / "plain_again")
+    ck = world["tmp"] / "plain_again" / ft.CHECKPOINT
+    ck.write_bytes(b"y" + ck.read_bytes()[1:])
+    again = ft.run(config_for(world, "plain_again", "--lambda_interp", "0"))
+    assert ck.read_bytes() == (src / ft.CHECKPOINT).read_bytes() and again.info["finished"]
+
+
 def one_line_error(r, *words):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2, r.stderr

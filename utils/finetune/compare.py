@@ -137,8 +137,9 @@ def set_section(name, table, runs, paired):
         vals = [*r["top1"], *r["iis"], *r["s01"], *r["s09"], *d1, *di]
         csv.append(",".join([name, r["arm"], lam, str(r["n"])] + ["" if math.isnan(v) else f"{v:.6g}" for v in vals]))
     if paired:
-        md += ["", "Paired, interp − plain at the same seed on the same val samples (95 % paired bootstrap interval, "
-               "p); then over seeds: mean ± sd [95 % t interval over seeds], and how many seeds differ detectably:", "",
+        md += ["", "Paired, interp − plain at the same seed on the same val samples (95 % paired bootstrap "
+               "interval, p); then over seeds: mean ± sd [95 % t interval over seeds], and how many seeds differ "
+               "detectably:", "",
                "| arm | λ | seed | Δ IIS [interval] p | Δ top-1 (points) [interval] p |", "|---|---|---|---|---|"]
         for p in paired:
             md.append(f"| {p['arm']} | {p['lam']:g} | {p['seed']} | {_cmp(p['iis'], 4)} | {_cmp(p['top1'], 2)} |")

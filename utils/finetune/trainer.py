@@ -42,16 +42,18 @@ from ..concepts import cluster_centres, select_prototypes
 from ..data import ElementImages, get_source, subset_indices, subset_key
 from ..device import resolve_device
 from ..errors import UserError
-from ..fileio import atomic_torch_save, atomic_write_bytes, atomic_write_json, file_digest, key_hash, read_json
+from ..fileio import (atomic_torch_save, atomic_write_bytes, atomic_write_json, file_digest, key_hash, manifest,
+                      read_json)
 from ..heads import LinearProbes
 from ..masks import n_keep
 from ..library import read_index
 from ..specs import load_spec, weights_id
+from . import record
 from .augment import AUG_RATIO, AUG_SCALE, AugmentedImages, batches, eval_images, loader
 from .objective import LiveConceptHead, cosine, grad_scale
 from .surgery import ActivationCache, TopForward, resolve_trained
 
-SCHEMA = "iis.finetune/1"
+SCHEMA = record.SCHEMAS[0]     # finetune.json (utils/finetune/record.py reads it)
 REFRESH = ("step", "epoch", "frozen")
 CONCEPT_TYPES = ("prototype", "cluster")
 CHECKPOINT = "backbone.safetensors"
@@ -502,10 +504,9 @@ def run(cfg, on_step=None):
     out, key = cfg.out, p.key
     info_path, ckpt, state_path = (os.path.join(out, f) for f in ("finetune.json", CHECKPOINT, STATE))
     saved = {int(e): epoch_checkpoint(e) for e in sorted(set(cfg.save_epochs))}
-    if os.path.isfile(info_path) and os.path.isfile(ckpt):
+    if record.finished(out, key_hash(key)):
         done = read_json(info_path)
-        if done.get("finished") and done.get("key_hash") == key_hash(key) and \
-                all(os.path.isfile(os.path.join(out, f)) for f in saved.values()):
+        if set(saved.values()) <= set(done["files"]):
             print(f"{info_path} is up to date")
             return Finetuned(done, p.extractor, p.preprocess)
     os.makedirs(out, exist_ok=True)
@@ -532,6 +533,7 @@ def run(cfg, on_step=None):
                           n_concepts=int(tuner.head.weight.shape[1]),
                           n_active=n_keep(cfg.ratio, int(tuner.head.weight.shape[1]))),
                 device=str(p.device), epochs=history, cache_seconds=round(tuner.cache_seconds, 1))
+    atomic_write_json(info_path, dict(info, epochs=history))    # the commit point goes first: no longer finished
     stream = tuner.train_stream(start)
     try:
         for epoch in range(start, cfg.epochs):
@@ -553,8 +555,9 @@ def run(cfg, on_step=None):
     save_checkpoint(ckpt, tuner.model)
     probe = torch.stack([eval_images(p.val_src, p.val_idx, p.preprocess)[i][0] for i in range(min(8, len(p.val_idx)))])
     diff = reload_check(p.spec, ckpt, p.extractor, probe, p.device)
-    info.update(finished=True, epochs=history, reload_check=dict(images=len(probe), max_abs_diff=diff))
-    atomic_write_json(info_path, info)
+    info.update(finished=True, epochs=history, reload_check=dict(images=len(probe), max_abs_diff=diff),
+                files=manifest(out, [CHECKPOINT, *saved.values()]))
+    atomic_write_json(info_path, info)          # written last: the commit point (utils/finetune/record.py)
     if os.path.exists(state_path):
         os.remove(state_path)
     print(f"checkpoint -> {ckpt} (reloads through --weights with max feature difference {diff:.2e}); "
