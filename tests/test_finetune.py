@@ -401,3 +401,33 @@ def test_comparison_table_known_answer(tmp_path):
                         str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=120)
     one_line_error(r, "bad.tsv: line 1 has 2 tab-separated fields, expected 4 or 5")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_runner_scores_every_arm_on_training_and_unseen_concepts_from_disjoint_images(tmp_path):
+    """scripts/finetune_compare.sh end to end, tiny: the unseen library shares no image with the training library nor
+    with the fine-tuning subset, and the table has both concept sets with paired interp - plain rows."""
+    from utils.data import get_source, subset_indices
+    from utils.finetune.unseen import shared_sources
+    folder = make_image_folder(str(tmp_path / "shapes"), n_train=12, n_val=4)
+    cmd = ["bash", "scripts/finetune_compare.sh", *TINY, "--dataset", folder, "--elements", "patches",
+           "--images_per_class", "1", "--train_size", "9", "--seeds", "0", "--lambdas", "1", "--train_layers", "2",
+           "--epochs", "1", "--batch_size", "8", "--n_concepts", "5", "--score_epochs", "1", "--score_lrs", "0.01",
+           "--unseen_types", "prototype", "--floor_draws", "0", "--workers", "0", "--library", str(tmp_path / "lib"),
+           "--out", str(tmp_path / "out")]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seed = int(r.stdout.split("(unseen concepts: elements of seed ")[1].split(")")[0])
+    libs = sorted(str(p) for p in (tmp_path / "lib").glob("*/ipc1_seed*/patches"))
+    assert [os.path.basename(os.path.dirname(p)) for p in libs] == sorted(["ipc1_seed0", f"ipc1_seed{seed}"])
+    assert shared_sources(*libs) == []
+    src = get_source(folder, "train")
+    unseen = {e["source"] for e in json.load(open(os.path.join(libs[1 if seed else 0], "index.json")))["elements"]}
+    assert unseen and not unseen & {src.ident(int(i)) for i in subset_indices(len(src), 9, 0)}
+    manifest = next((tmp_path / "out").glob("finetune/*/*/*/ft_*/manifest.tsv")).read_text().splitlines()
+    assert len(manifest) == 6 and {ln.split("\t")[3] for ln in manifest} == {"train:prototype", "unseen:prototype"}
+    md = next((tmp_path / "out").glob("reports/*/*/finetune_*/finetune_compare.md")).read_text()
+    for needle in ("### Concepts: train:prototype", "### Concepts: unseen:prototype",
+                   "**Headline (unseen:prototype concepts), interp λ = 1 − plain over 1 seeds:**", "| interp | 1 | 0 | "):
+        assert needle in md, md
+    assert md.count("| interp | 1 | 0 | ") == 4      # a paired row and a per-run row in each concept set
