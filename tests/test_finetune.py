@@ -431,3 +431,20 @@ def test_runner_scores_every_arm_on_training_and_unseen_concepts_from_disjoint_i
                    "**Headline (unseen:prototype concepts), interp λ = 1 − plain over 1 seeds:**", "| interp | 1 | 0 | "):
         assert needle in md, md
     assert md.count("| interp | 1 | 0 | ") == 4      # a paired row and a per-run row in each concept set
+
+
+def test_unseen_seed_is_the_first_whose_images_avoid_the_training_library_and_the_subset(tmp_path):
+    from utils.data import get_source, subset_indices
+    from utils.finetune.unseen import disjoint_seed, library_images
+    folder = make_image_folder(str(tmp_path / "s"), n_train=12, n_val=1)
+    targets = get_source(folder, "train").targets
+    used = library_images(targets, 1, 0) | set(subset_indices(36, 9, 0).tolist())
+    assert len(library_images(targets, 1, 0)) == 3 and len(used) > 9              # one image per class; some apart
+    seed, partial = disjoint_seed(folder, "data", 1, 0, 9, 0)
+    assert partial and not library_images(targets, 1, seed) & used
+    assert all(library_images(targets, 1, s) & used for s in range(1, seed))      # the first such seed
+    other, _ = disjoint_seed(folder, "data", 1, 0, 9, 3)                           # another subset: checked against it
+    assert not library_images(targets, 1, other) & (library_images(targets, 1, 0) | set(subset_indices(36, 9, 3)))
+    whole, partial = disjoint_seed(folder, "data", 1, 0, 0, 0)                    # the whole split: the library only
+    assert not partial and whole == next(s for s in range(1, 99) if not library_images(targets, 1, s)
+                                         & library_images(targets, 1, 0))

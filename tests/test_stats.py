@@ -443,3 +443,12 @@ def test_a_checkpoint_is_labelled_apart_from_the_pretrained_weights(tmp_path):
     assert r.returncode == 0 and f"planted@r ft:{digest} prototype" in r.stdout, r.stdout
     ckpt.unlink()                                                   # moved away: the folder's name instead
     assert "planted@r ft:interp1_seed0 prototype" in cli(run, "--bootstrap", 0).stdout
+
+
+def test_seed_interval_is_the_t_interval_over_seeds():
+    m, sd, (lo, hi) = stats.seed_interval([1.0, 2.0, 3.0])
+    assert (m, sd) == (2.0, 1.0)
+    assert (lo, hi) == pytest.approx((2.0 - 4.303 / np.sqrt(3), 2.0 + 4.303 / np.sqrt(3)))
+    assert stats.seed_interval([0.5]) == (0.5, None, None) and stats.seed_interval([]) == (None, None, None)
+    t = pytest.importorskip("scipy.stats").t
+    assert stats.T975 == pytest.approx([t.ppf(0.975, df) for df in range(1, 31)], abs=6e-4)
