@@ -36,6 +36,8 @@ def problem(f):
         return None, str(e)
     if info.get("finished") is not True:
         return info, f"{os.path.dirname(f) or '.'} is an unfinished fine-tuning run (finished is not true)"
+    if "files" not in info:
+        return None, f"{f} records no digests of its checkpoints (written before they were)"
     for field, types in TYPES.items():
         if not isinstance(info.get(field), types) or isinstance(info.get(field), bool) != (bool in types):
             return None, f"{f} is malformed: {field!r} is not a JSON {types[0].__name__.replace('dict', 'object')}"
