@@ -177,6 +177,20 @@ def test_lambda_zero_is_plain_finetuning(world, runs):
 
 
 @pytest.mark.slow
+def test_lambda_zero_pays_for_no_concept_pass(world, runs, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the concept pass ran at lambda 0")
+    monkeypatch.setattr(ft.FineTuner, "_element_embeddings", refuse)
+    monkeypatch.setattr(objective.LiveConceptHead, "forward", refuse)
+    skipped = ft.run(config_for(world, "plain_skip", "--lambda_interp", "0", "--concept_type", "cluster",
+                                "--n_concepts", "5", "--refresh", "frozen", "--cache_dir", str(world["tmp"] / "c0")))
+    assert same_tensors(checkpoint(world, "plain_skip"), checkpoint(world, "plain"))       # the same plain run
+    assert [r["train_loss_concept"] for r in skipped.info["epochs"]] == [None, None]
+    assert [r["val_top1_concept"] for r in skipped.info["epochs"]] == [None, None]
+    assert not [f for f in os.listdir(world["tmp"] / "c0") if f.startswith("elements")]  # no element cached
+
+
+@pytest.mark.slow
 def test_checkpoint_reloads_through_weights_with_the_same_features(world, runs):
     from utils.extraction import extract
     from utils.data import TransformedImages, get_source, subset_indices
@@ -416,7 +430,7 @@ def test_runner_scores_every_arm_on_training_and_unseen_concepts_from_disjoint_i
            "--epochs", "1", "--batch_size", "8", "--n_concepts", "5", "--score_epochs", "1", "--score_lrs", "0.01",
            "--unseen_types", "prototype", "--floor_draws", "0", "--workers", "0", "--library", str(tmp_path / "lib"),
            "--out", str(tmp_path / "out")]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000)
     assert r.returncode == 0, r.stderr[-3000:]
     seed = int(r.stdout.split("(unseen concepts: elements of seed ")[1].split(")")[0])
     libs = sorted(str(p) for p in (tmp_path / "lib").glob("*/ipc1_seed*/patches"))
