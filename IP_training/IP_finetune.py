@@ -9,16 +9,19 @@ Objective: CE of a linear classifier on the pooled feature + lambda x CE of a sp
 (the sweep's head: LayerNorm(feature . unit concepts), each sample keeps its top round((1 - ratio) K) activations by
 absolute value, linear). Concepts are the element library's embeddings through the current backbone (--refresh:
 recomputed at every step with gradient into the backbone, the default; every epoch; or frozen at the pretrained
-backbone — docs/finetune.md: what each measured). Both terms train the chosen layers; lambda = 0 is plain fine-tuning (the concept head then only watches). Light augmentation (random
-resized crop of 50-100 % of the area, aspect 3/4-4/3, horizontal flip), identical in both arms; the backbone runs in
+backbone — docs/finetune.md: what each measured). Both terms train the chosen layers; lambda = 0 is plain
+fine-tuning (the concept pass is then skipped: no element is embedded). Light augmentation (random resized crop of
+50-100 % of the area, aspect 3/4-4/3, horizontal flip), identical in both arms; the backbone runs in
 eval mode (BatchNorm statistics stay as pretrained). With --train_layers N or module names, the input of the first
 trained module is computed once per image view and cached (--cache_views views per train image, default one per
 epoch, so caching changes nothing but the time).
 
 Output in --out: backbone.safetensors (the whole model's weights: score it with any stage's --weights PATH, e.g.
 scripts/run_pipeline.sh --weights OUT/backbone.safetensors), finetune.json (settings, trained modules, per-epoch train
-loss of both terms and val top-1 of both heads, reload check). After each epoch, state.pt (model, optimiser, heads,
+loss of both terms and val top-1 of both heads, reload check; written last, with the sha256 of every checkpoint it
+covers, so a reader tells a finished run from a half-replaced one: utils/finetune/record.py). After each epoch, state.pt (model, optimiser, heads,
 RNG) is written atomically: a killed run started again with the same flags resumes after its last finished epoch.
+With --save_epochs 1 2 3, the checkpoint after each listed epoch is also kept (backbone_epoch<E>.safetensors).
 """
 import argparse
 
@@ -57,12 +60,18 @@ def get_args_parser():
                    help="all; N = the last N blocks plus what runs after them up to the feature layer; or module "
                         "names from model.named_modules() (e.g. blocks.6 conv_head bn2)")
     g.add_argument("--epochs", type=int, default=4, help="epochs (cosine learning-rate decay over them)")
+    g.add_argument("--save_epochs", nargs="*", type=int, default=[],
+                   help="also write the checkpoint after each of these epochs (1-based) as "
+                        "OUT/backbone_epoch<E>.safetensors, loadable through --weights like the final one")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the trained backbone layers")
     g.add_argument("--head_lr", type=float, default=1e-3, help="AdamW learning rate of the two heads")
     g.add_argument("--weight_decay", type=float, default=0.01,
                    help="decoupled weight decay of the trained backbone weights (not of biases or norm parameters)")
     g.add_argument("--batch_size", type=int, default=64, help="training batch size")
     g.add_argument("--seed", type=int, default=0, help="seed of the heads' initialisation and the batch order")
+    g.add_argument("--subset_seed", type=int, default=0,
+                   help="seed of the --train_size / --val_size subsets (0 = the rows the pipeline's extractors pick "
+                        "by default; another seed is part of the run's key)")
     g.add_argument("--aug_seed", type=int, default=0,
                    help="seed of the augmentation draws (kept apart from --seed so that arms and seeds can share "
                         "one activation cache)")

@@ -177,6 +177,20 @@ def test_lambda_zero_is_plain_finetuning(world, runs):
 
 
 @pytest.mark.slow
+def test_lambda_zero_pays_for_no_concept_pass(world, runs, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the concept pass ran at lambda 0")
+    monkeypatch.setattr(ft.FineTuner, "_element_embeddings", refuse)
+    monkeypatch.setattr(objective.LiveConceptHead, "forward", refuse)
+    skipped = ft.run(config_for(world, "plain_skip", "--lambda_interp", "0", "--concept_type", "cluster",
+                                "--n_concepts", "5", "--refresh", "frozen", "--cache_dir", str(world["tmp"] / "c0")))
+    assert same_tensors(checkpoint(world, "plain_skip"), checkpoint(world, "plain"))       # the same plain run
+    assert [r["train_loss_concept"] for r in skipped.info["epochs"]] == [None, None]
+    assert [r["val_top1_concept"] for r in skipped.info["epochs"]] == [None, None]
+    assert not [f for f in os.listdir(world["tmp"] / "c0") if f.startswith("elements")]  # no element cached
+
+
+@pytest.mark.slow
 def test_checkpoint_reloads_through_weights_with_the_same_features(world, runs):
     from utils.extraction import extract
     from utils.data import TransformedImages, get_source, subset_indices
@@ -247,6 +261,74 @@ def test_uncached_partial_run_matches_the_cached_one_and_all_layers_train(world,
     assert torch.equal(ckpt["classifier.weight"], fresh["classifier.weight"])          # past the feature: untouched
 
 
+@pytest.mark.slow
+def test_save_epochs_writes_each_listed_epoch_and_the_last_is_the_final_checkpoint(world):
+    from utils.data import get_source, subset_indices
+    run = ft.run(config_for(world, "epochs", "--lambda_interp", "0", "--save_epochs", "2", "1"))
+    out = world["tmp"] / "epochs"
+    final = (out / ft.CHECKPOINT).read_bytes()
+    assert (out / ft.epoch_checkpoint(2)).read_bytes() == final             # after the last epoch: the final weights
+    first = out / ft.epoch_checkpoint(1)
+    assert first.read_bytes() != final                                      # epoch 1 is its own checkpoint ...
+    assert run.info["epoch_checkpoints"] == {"1": "backbone_epoch1.safetensors", "2": "backbone_epoch2.safetensors"}
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    # ... and it loads through --weights: the reload check against a model holding those weights
+    spec = load_spec("efficientnet_lite0", "timm:test_efficientnet", "none")
+    model = build_model(spec).eval()
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(str(first)))
+    src = get_source(world["folder"], "val")
+    images = torch.stack([augment.eval_images(src, subset_indices(len(src), None), run.preprocess)[i][0]
+                          for i in range(4)])
+    ext = FeatureExtractor(model, spec.layer, spec.pooling, spec.layout)
+    assert ft.reload_check(spec, str(first), ext, images, torch.device("cpu")) == 0.0
+    assert ft.reload_check(spec, str(out / ft.CHECKPOINT), ext, images, torch.device("cpu")) > 1e-6
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda f, d: f.write_text(f.read_text()[:40]), ["is damaged (not valid JSON"]),
+    (lambda f, d: f.write_text(json.dumps(dict(d, schema="iis.finetune/9"))), ["schema 'iis.finetune/9'"]),
+    (lambda f, d: f.write_text(json.dumps(dict(d, finished=False))), ["unfinished fine-tuning run"]),
+    (lambda f, d: f.write_text(json.dumps(dict(d, epochs={}))), ["malformed: 'epochs' is not a JSON list"]),
+    (lambda f, d: f.write_text(json.dumps(dict(d, files={}))), ["does not cover backbone.safetensors"]),
+    (lambda f, d: f.write_text(json.dumps({k: v for k, v in d.items() if k != "files"})), ["records no digests"]),
+    (lambda f, d: (f.parent / ft.CHECKPOINT).write_bytes(b"x" + (f.parent / ft.CHECKPOINT).read_bytes()[1:]),
+     ["unfinished fine-tuning run", "backbone.safetensors is not the one its manifest records"]),
+])
+def test_finetune_json_is_the_commit_point_and_a_damaged_one_is_one_line_then_retrained(world, runs, damage, words,
+                                                                                        tmp_path, capsys):
+    import shutil
+    from utils.errors import UserError
+    from utils.finetune import record
+    src = world["tmp"] / "plain"
+    info = record.read(str(src))                          # the finished run reads, and names its checkpoint's digest
+    assert info["files"] == {ft.CHECKPOINT: "sha256:" + ft.file_digest(str(src / ft.CHECKPOINT))}
+    assert record.finished(str(src), info["key_hash"]) and not record.finished(str(src), "another key")
+    copy = tmp_path / "run"
+    shutil.copytree(src, copy)
+    damage(copy / "finetune.json", info)
+    with pytest.raises(UserError) as e:
+        record.read(str(copy))
+    msg = str(e.value)
+    assert "\n" not in msg and str(copy) in msg and "rerun the IP_finetune command" in msg, msg
+    for w in words:
+        assert w in msg, msg
+    capsys.readouterr()
+    assert not record.finished(str(copy), info["key_hash"])
+    assert "fine-tuning it again" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_run_whose_checkpoint_was_replaced_is_fine_tuned_again_to_the_same_bytes(world, runs, tmp_path):
+    import shutil
+    src = world["tmp"] / "plain"
+    shutil.copytree(src, world["tmp"] / "plain_again")
+    ck = world["tmp"] / "plain_again" / ft.CHECKPOINT
+    ck.write_bytes(b"y" + ck.read_bytes()[1:])
+    again = ft.run(config_for(world, "plain_again", "--lambda_interp", "0"))
+    assert ck.read_bytes() == (src / ft.CHECKPOINT).read_bytes() and again.info["finished"]
+
+
 def one_line_error(r, *words):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2, r.stderr
@@ -261,6 +343,7 @@ def one_line_error(r, *words):
     (["--lambda_interp", "-0.5"], ["--lambda_interp", "-0.5"]),
     (["--ratio", "1"], ["--ratio must be in [0, 1)"]),
     (["--ratio", "-0.1"], ["--ratio must be in [0, 1)"]),
+    (["--save_epochs", "2", "5"], ["--save_epochs", "(4)", "got 5"]),
 ])
 def test_bad_flags_one_error_line_and_nothing_written(world, flags, words):
     out = world["tmp"] / "bad"
@@ -312,7 +395,7 @@ def test_comparison_table_known_answer(tmp_path):
                                                 "metric": "top1", "meta": {}, "results": str(d / "results.json")}))
         rows.append("\t".join([arm, lam, str(seed), str(d)]))
     (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
-    table = write_comparison(str(tmp_path / "m.tsv"), str(tmp_path / "report"))
+    table = write_comparison(str(tmp_path / "m.tsv"), str(tmp_path / "report"))["train"]
     by = {r["arm"]: r for r in table}
     assert [r["arm"] for r in table] == ["pretrained", "plain", "interp"]
     assert by["plain"]["top1"] == pytest.approx((86.0, np.sqrt(2.0)))
@@ -323,7 +406,7 @@ def test_comparison_table_known_answer(tmp_path):
     md = (tmp_path / "report" / "finetune_compare.md").read_text()
     assert "| interp | 1 | 2 | 86.00 ± 0.00 | 0.8450 ± 0.0212 |" in md
     csv = (tmp_path / "report" / "finetune_compare.csv").read_text().splitlines()
-    assert csv[0].startswith("arm,lambda,n_seeds,top1_mean") and len(csv) == 4
+    assert csv[0].startswith("concepts,arm,lambda,n_seeds,top1_mean") and len(csv) == 4
     # the script scripts/finetune_compare.sh calls writes the same table; a malformed manifest is one error line
     r = subprocess.run([sys.executable, "-m", "IP_training.IP_finetune_compare", str(tmp_path / "m.tsv"), "--out",
                         str(tmp_path / "again")], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -332,5 +415,52 @@ def test_comparison_table_known_answer(tmp_path):
     (tmp_path / "bad.tsv").write_text("plain\t0\n")
     r = subprocess.run([sys.executable, "-m", "IP_training.IP_finetune_compare", str(tmp_path / "bad.tsv"), "--out",
                         str(tmp_path / "bad")], cwd=REPO, capture_output=True, text=True, timeout=120)
-    one_line_error(r, "bad.tsv: line 1 has 2 tab-separated fields")
+    one_line_error(r, "bad.tsv: line 1 has 2 tab-separated fields, expected 4 or 5")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_runner_scores_every_arm_on_training_and_unseen_concepts_from_disjoint_images(tmp_path):
+    """scripts/finetune_compare.sh end to end, tiny: the unseen library shares no image with the training library nor
+    with the fine-tuning subset, and the table has both concept sets with paired interp - plain rows."""
+    from utils.data import get_source, subset_indices
+    from utils.finetune.unseen import shared_sources
+    folder = make_image_folder(str(tmp_path / "shapes"), n_train=12, n_val=4)
+    cmd = ["bash", "scripts/finetune_compare.sh", *TINY, "--dataset", folder, "--elements", "patches",
+           "--images_per_class", "1", "--train_size", "9", "--seeds", "0", "--lambdas", "1", "--train_layers", "2",
+           "--epochs", "1", "--batch_size", "8", "--n_concepts", "5", "--score_epochs", "1", "--score_lrs", "0.01",
+           "--unseen_types", "prototype", "--floor_draws", "0", "--workers", "0", "--library", str(tmp_path / "lib"),
+           "--out", str(tmp_path / "out")]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3000)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seed = int(r.stdout.split("(unseen concepts: elements of seed ")[1].split(")")[0])
+    libs = sorted(str(p) for p in (tmp_path / "lib").glob("*/ipc1_seed*/patches"))
+    assert [os.path.basename(os.path.dirname(p)) for p in libs] == sorted(["ipc1_seed0", f"ipc1_seed{seed}"])
+    assert shared_sources(*libs) == []
+    src = get_source(folder, "train")
+    unseen = {e["source"] for e in json.load(open(os.path.join(libs[1 if seed else 0], "index.json")))["elements"]}
+    assert unseen and not unseen & {src.ident(int(i)) for i in subset_indices(len(src), 9, 0)}
+    manifest = next((tmp_path / "out").glob("finetune/*/*/*/ft_*/manifest.tsv")).read_text().splitlines()
+    assert len(manifest) == 6 and {ln.split("\t")[3] for ln in manifest} == {"train:prototype", "unseen:prototype"}
+    md = next((tmp_path / "out").glob("reports/*/*/finetune_*/finetune_compare.md")).read_text()
+    for needle in ("### Concepts: train:prototype", "### Concepts: unseen:prototype",
+                   "**Headline (unseen:prototype concepts), interp λ = 1 − plain over 1 seeds:**", "| interp | 1 | 0 | "):
+        assert needle in md, md
+    assert md.count("| interp | 1 | 0 | ") == 4      # a paired row and a per-run row in each concept set
+
+
+def test_unseen_seed_is_the_first_whose_images_avoid_the_training_library_and_the_subset(tmp_path):
+    from utils.data import get_source, subset_indices
+    from utils.finetune.unseen import disjoint_seed, library_images
+    folder = make_image_folder(str(tmp_path / "s"), n_train=12, n_val=1)
+    targets = get_source(folder, "train").targets
+    used = library_images(targets, 1, 0) | set(subset_indices(36, 9, 0).tolist())
+    assert len(library_images(targets, 1, 0)) == 3 and len(used) > 9              # one image per class; some apart
+    seed, partial = disjoint_seed(folder, "data", 1, 0, 9, 0)
+    assert partial and not library_images(targets, 1, seed) & used
+    assert all(library_images(targets, 1, s) & used for s in range(1, seed))      # the first such seed
+    other, _ = disjoint_seed(folder, "data", 1, 0, 9, 3)                           # another subset: checked against it
+    assert not library_images(targets, 1, other) & (library_images(targets, 1, 0) | set(subset_indices(36, 9, 3)))
+    whole, partial = disjoint_seed(folder, "data", 1, 0, 0, 0)                    # the whole split: the library only
+    assert not partial and whole == next(s for s in range(1, 99) if not library_images(targets, 1, s)
+                                         & library_images(targets, 1, 0))

@@ -491,3 +491,12 @@ def test_a_score_with_other_settings_never_overwrites_another(tmp_path):
         f.write(open(os.path.join(run, name)).read())
     with pytest.raises(UserError, match="holds a score with other settings"):
         read_score(run, bootstrap=50)
+
+
+def test_seed_interval_is_the_t_interval_over_seeds():
+    m, sd, (lo, hi) = stats.seed_interval([1.0, 2.0, 3.0])
+    assert (m, sd) == (2.0, 1.0)
+    assert (lo, hi) == pytest.approx((2.0 - 4.303 / np.sqrt(3), 2.0 + 4.303 / np.sqrt(3)))
+    assert stats.seed_interval([0.5]) == (0.5, None, None) and stats.seed_interval([]) == (None, None, None)
+    t = pytest.importorskip("scipy.stats").t
+    assert stats.T975 == pytest.approx([t.ppf(0.975, df) for df in range(1, 31)], abs=6e-4)

@@ -10,8 +10,10 @@ Its concepts are the pooled features of element images through the *current* bac
 gradient; every epoch, without; or frozen at the pretrained backbone's). Both terms back-propagate into the trained
 part of the backbone; ``lambda`` scales the concept term's gradient into the backbone only, so the concept head itself
 learns at the same rate in every arm (Adam makes a constant loss scale irrelevant to a head's own updates anyway). At
-lambda = 0 no gradient of the concept term reaches the backbone at all: the run is plain fine-tuning, and the concept
-head is a probe of the features being fine-tuned.
+lambda = 0 the concept term could not reach the backbone, so the run skips it entirely (no element image is read,
+cached or embedded, the concept head never runs): it is plain fine-tuning, with the weights the concept pass would
+have left (nothing in that pass draws from a random stream the backbone's training uses: the heads and the
+augmentation have their own seeded generators).
 
 The whole backbone runs in eval mode: BatchNorm keeps its pretrained statistics (its scale and shift train), dropout
 is off, so a batch's features do not depend on what else is in the batch, and the features trained on are the ones the
@@ -40,20 +42,27 @@ from ..concepts import cluster_centres, select_prototypes
 from ..data import ElementImages, get_source, subset_indices, subset_key
 from ..device import resolve_device
 from ..errors import UserError
-from ..fileio import atomic_torch_save, atomic_write_bytes, atomic_write_json, file_digest, key_hash, read_json
+from ..fileio import (atomic_torch_save, atomic_write_bytes, atomic_write_json, file_digest, key_hash, manifest,
+                      read_json)
 from ..heads import LinearProbes
 from ..masks import n_keep
 from ..library import read_index
 from ..specs import load_spec, weights_id
+from . import record
 from .augment import AUG_RATIO, AUG_SCALE, AugmentedImages, batches, eval_images, loader
 from .objective import LiveConceptHead, cosine, grad_scale
 from .surgery import ActivationCache, TopForward, resolve_trained
 
-SCHEMA = "iis.finetune/1"
+SCHEMA = record.SCHEMAS[0]     # finetune.json (utils/finetune/record.py reads it)
 REFRESH = ("step", "epoch", "frozen")
 CONCEPT_TYPES = ("prototype", "cluster")
 CHECKPOINT = "backbone.safetensors"
 STATE = "state.pt"
+
+
+def epoch_checkpoint(epoch):
+    """The file name of the checkpoint ``--save_epochs`` writes after ``epoch`` (1-based), next to CHECKPOINT."""
+    return f"backbone_epoch{int(epoch)}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -77,11 +86,13 @@ class FinetuneConfig:
     ratio: float
     train_layers: list
     epochs: int
+    save_epochs: list
     lr: float
     head_lr: float
     weight_decay: float
     batch_size: int
     seed: int
+    subset_seed: int
     aug_seed: int
     cache: str
     cache_views: int
@@ -101,6 +112,9 @@ def check(cfg):
     for flag in ("n_concepts", "epochs", "batch_size"):
         if getattr(cfg, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(cfg, flag)}")
+    bad = [e for e in cfg.save_epochs if not 1 <= e <= cfg.epochs]
+    if bad:
+        raise UserError(f"--save_epochs takes epochs from 1 to --epochs ({cfg.epochs}), got {bad[0]}")
     for flag in ("lr", "head_lr"):
         if not getattr(cfg, flag) > 0:
             raise UserError(f"--{flag} must be positive, got {getattr(cfg, flag)}")
@@ -153,8 +167,8 @@ def plan(cfg):
     train_src, val_src = get_source(cfg.dataset, "train", cfg.data_root), get_source(cfg.dataset, "val", cfg.data_root)
     if train_src.classes != val_src.classes:
         raise UserError("train and val splits have different class lists")
-    train_idx = subset_indices(len(train_src), cfg.train_size or None, 0)
-    val_idx = subset_indices(len(val_src), cfg.val_size or None, 0)
+    train_idx = subset_indices(len(train_src), cfg.train_size or None, cfg.subset_seed)
+    val_idx = subset_indices(len(val_src), cfg.val_size or None, cfg.subset_seed)
     rows = index["elements"]
     concept_rows = None
     if cfg.concept_type == "prototype":
@@ -177,6 +191,8 @@ def plan(cfg):
                concept_type=cfg.concept_type, concept_seed=cfg.concept_seed, refresh=cfg.refresh, epochs=cfg.epochs,
                lr=cfg.lr, head_lr=cfg.head_lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
                seed=cfg.seed, aug_seed=cfg.aug_seed, aug_scale=AUG_SCALE, aug_ratio=AUG_RATIO, views=views)
+    if cfg.subset_seed:                 # seed 0 keeps the keys of runs made before the flag existed
+        key["subset_seed"] = cfg.subset_seed
     return Plan(cfg=cfg, spec=spec, model=model, extractor=ext, preprocess=pre, trained=trained, index_path=index_path,
                 elements=ElementImages(cfg.elements, [rows[i] for i in element_rows], pre.element_transform()),
                 example_shape=tuple(example.shape), device=device, train_src=train_src, val_src=val_src,
@@ -198,6 +214,7 @@ class FineTuner:
         self.plan, self.cfg, self.device, self.on_step = p, cfg, dev, on_step
         self.model, self.ext, self.pre = p.model, p.extractor, p.preprocess
         self.lam = float(cfg.lambda_interp)
+        self.concepts_on = self.lam > 0      # lambda = 0: the concept pass is skipped (module docstring)
         self.amp = dev.type == "cuda" and cfg.amp
         self.n_train = len(p.train_idx)
 
@@ -233,8 +250,9 @@ class FineTuner:
         self.el_images = self.train_act = self.train_lab = self.val_act = self.val_lab = self.el_act = None
         self.val_loader = None
         if self.cache is None:          # every layer trains: only the element images are kept (as tensors)
-            els = loader(p.elements, batches(len(p.elements), cfg.batch_size), cfg.workers, dev)
-            self.el_images = torch.cat([x for x, _ in els]).to(dev)
+            if self.concepts_on:
+                els = loader(p.elements, batches(len(p.elements), cfg.batch_size), cfg.workers, dev)
+                self.el_images = torch.cat([x for x, _ in els]).to(dev)
             val = eval_images(p.val_src, p.val_idx, self.pre)
             self.val_loader = loader(val, batches(len(val), cfg.batch_size), cfg.workers, dev, persistent=True)
         else:
@@ -243,13 +261,14 @@ class FineTuner:
 
         # cluster membership (KMeans of the pretrained element embeddings) and the frozen concepts, if asked
         self.membership = None
+        need = self.concepts_on and (cfg.concept_type == "cluster" or cfg.refresh == "frozen")
         with torch.no_grad():
-            e = self._element_embeddings(False) if (cfg.concept_type == "cluster" or cfg.refresh == "frozen") else None
-        if cfg.concept_type == "cluster":
+            e = self._element_embeddings(False) if need else None
+        if need and cfg.concept_type == "cluster":
             centres, _ = cluster_centres(e.cpu().numpy(), cfg.n_concepts, cfg.concept_seed)
             d = torch.cdist(e.cpu().double(), torch.from_numpy(centres).double())
             self.membership = d.argmin(1)
-        self.frozen = self._reduce(e).detach() if cfg.refresh == "frozen" else None
+        self.frozen = self._reduce(e).detach() if need and cfg.refresh == "frozen" else None
 
     def _try_cache(self, cut):
         p, cfg = self.plan, self.cfg
@@ -281,6 +300,8 @@ class FineTuner:
         self.train_lab = lab[:self.n_train]
         self.val_act, self.val_lab = self.cache.get("val", eval_images(p.val_src, p.val_idx, self.pre), dk["val"],
                                                     "trunk: val")
+        if not self.concepts_on:
+            return
         self.el_act, _ = self.cache.get("elements", p.elements,
                                         dict(elements=dk["elements"], rows=[int(r) for r in p.element_rows]),
                                         "trunk: elements")
@@ -381,9 +402,10 @@ class FineTuner:
         cfg, lam = self.cfg, self.lam
         t_concepts = 0.0
         concepts = None
-        if cfg.refresh == "frozen":
+        on = self.concepts_on
+        if on and cfg.refresh == "frozen":
             concepts = self.frozen
-        elif cfg.refresh == "epoch":
+        elif on and cfg.refresh == "epoch":
             t = time.time()
             with torch.no_grad():
                 concepts = self.concept_vectors(False)
@@ -396,31 +418,36 @@ class FineTuner:
             for g, base in zip(self.opt.param_groups, self.base_lrs):
                 g["lr"] = cosine(base, step, total_steps)
             f = self.features_of(x, cached)
-            if cfg.refresh == "step":
-                t = time.time()
-                c = self.concept_vectors(grad=lam > 0)
-                t_concepts += time.time() - t
-                concepts = grad_scale(c, lam)
-            self.head.set_concepts(concepts)
             loss_lin = F.cross_entropy(self.linear(f)[0], y)
-            loss_con = F.cross_entropy(self.head(grad_scale(f, lam))[0], y)
+            loss, loss_con = loss_lin, None
+            if on:
+                if cfg.refresh == "step":
+                    t = time.time()
+                    concepts = grad_scale(self.concept_vectors(grad=True), lam)
+                    t_concepts += time.time() - t
+                self.head.set_concepts(concepts)
+                loss_con = F.cross_entropy(self.head(grad_scale(f, lam))[0], y)
+                loss = loss_lin + loss_con
             self.opt.zero_grad(set_to_none=True)
-            (loss_lin + loss_con).backward()
+            loss.backward()
             self.opt.step()
-            sums += torch.tensor([loss_lin.item(), loss_con.item()], dtype=torch.float64) * len(y)
-            bar.set_postfix(ce=f"{loss_lin.item():.3f}", ce_concepts=f"{loss_con.item():.3f}", refresh=False)
+            sums += torch.tensor([loss_lin.item(), loss_con.item() if on else 0.0], dtype=torch.float64) * len(y)
+            bar.set_postfix(ce=f"{loss_lin.item():.3f}", refresh=False)
             if self.on_step is not None:
                 self.on_step(epoch, i)
         bar.close()
-        if cfg.refresh == "step":
+        if on and cfg.refresh == "step":
             with torch.no_grad():
                 concepts = self.concept_vectors(False)
         top1 = self.evaluate(concepts)
-        return dict(train_loss_linear=float(sums[0] / self.n_train), train_loss_concept=float(sums[1] / self.n_train),
+        return dict(train_loss_linear=float(sums[0] / self.n_train),
+                    train_loss_concept=float(sums[1] / self.n_train) if on else None,
                     val_top1_linear=top1[0], val_top1_concept=top1[1], concept_seconds=round(t_concepts, 2))
 
     @torch.no_grad()
     def evaluate(self, concepts):
+        """Val top-1 (%) of the linear head and of the concept head (None when the concept pass is off)."""
+        on = self.concepts_on
         self.head.set_concepts(concepts)
         hits = torch.zeros(2, dtype=torch.int64)
         if self.cache is not None:
@@ -432,8 +459,10 @@ class FineTuner:
             f = self.features_of(x, cached)
             y = y.to(self.device)
             hits[0] += int((self.linear(f)[0].argmax(1) == y).sum())
-            hits[1] += int((self.head(f)[0].argmax(1) == y).sum())
-        return [round(100.0 * int(h) / len(self.plan.val_idx), 4) for h in hits]
+            if on:
+                hits[1] += int((self.head(f)[0].argmax(1) == y).sum())
+        top1 = [round(100.0 * int(h) / len(self.plan.val_idx), 4) for h in hits]
+        return top1 if on else [top1[0], None]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -474,9 +503,10 @@ def run(cfg, on_step=None):
     p = plan(cfg)
     out, key = cfg.out, p.key
     info_path, ckpt, state_path = (os.path.join(out, f) for f in ("finetune.json", CHECKPOINT, STATE))
-    if os.path.isfile(info_path) and os.path.isfile(ckpt):
+    saved = {int(e): epoch_checkpoint(e) for e in sorted(set(cfg.save_epochs))}
+    if record.finished(out, key_hash(key)):
         done = read_json(info_path)
-        if done.get("finished") and done.get("key_hash") == key_hash(key):
+        if set(saved.values()) <= set(done["files"]):
             print(f"{info_path} is up to date")
             return Finetuned(done, p.extractor, p.preprocess)
     os.makedirs(out, exist_ok=True)
@@ -494,7 +524,7 @@ def run(cfg, on_step=None):
     tr = p.trained
     info = dict(schema=SCHEMA, key=key, key_hash=key_hash(key), finished=False, settings=asdict(cfg),
                 backbone=dict(asdict(p.spec), weights_id=p.backbone_key["weights"]),
-                checkpoint=CHECKPOINT,
+                checkpoint=CHECKPOINT, epoch_checkpoints={str(e): f for e, f in saved.items()},
                 trained=dict(train_layers=list(cfg.train_layers), modules=tr["modules"], n_params=tuner.n_trained,
                              n_param_tensors=len(tr["params"]), cut=tr["cut"], cache=tuner.cache_note),
                 data=dict(dataset=p.train_src.name, classes=p.train_src.classes, n_train=n, n_val=len(p.val_idx),
@@ -503,6 +533,7 @@ def run(cfg, on_step=None):
                           n_concepts=int(tuner.head.weight.shape[1]),
                           n_active=n_keep(cfg.ratio, int(tuner.head.weight.shape[1]))),
                 device=str(p.device), epochs=history, cache_seconds=round(tuner.cache_seconds, 1))
+    atomic_write_json(info_path, dict(info, epochs=history))    # the commit point goes first: no longer finished
     stream = tuner.train_stream(start)
     try:
         for epoch in range(start, cfg.epochs):
@@ -510,9 +541,12 @@ def run(cfg, on_step=None):
             row = tuner.epoch(epoch, stream, steps, steps * cfg.epochs)
             row = dict(epoch=epoch + 1, **row, seconds=round(time.time() - t0, 2))
             history.append(row)
-            print(f"epoch {epoch + 1}: train CE {row['train_loss_linear']:.4f} (linear) "
-                  f"{row['train_loss_concept']:.4f} (concepts); val top-1 {row['val_top1_linear']:.2f}% (linear) "
-                  f"{row['val_top1_concept']:.2f}% (concept head, s={cfg.ratio:g}); {row['seconds']:.1f} s")
+            if epoch + 1 in saved:      # before state.pt: a run killed in between redoes this epoch and this file
+                save_checkpoint(os.path.join(out, saved[epoch + 1]), tuner.model)
+            con = "" if row["train_loss_concept"] is None else (
+                f", concept head CE {row['train_loss_concept']:.4f}, top-1 {row['val_top1_concept']:.2f}%")
+            print(f"epoch {epoch + 1}: train CE {row['train_loss_linear']:.4f}, val top-1 "
+                  f"{row['val_top1_linear']:.2f}% (linear){con}; {row['seconds']:.1f} s")
             atomic_torch_save(state_path, {"key_hash": key_hash(key), "state": tuner.state(epoch + 1, history)})
             atomic_write_json(info_path, dict(info, epochs=history))
     finally:
@@ -521,8 +555,9 @@ def run(cfg, on_step=None):
     save_checkpoint(ckpt, tuner.model)
     probe = torch.stack([eval_images(p.val_src, p.val_idx, p.preprocess)[i][0] for i in range(min(8, len(p.val_idx)))])
     diff = reload_check(p.spec, ckpt, p.extractor, probe, p.device)
-    info.update(finished=True, epochs=history, reload_check=dict(images=len(probe), max_abs_diff=diff))
-    atomic_write_json(info_path, info)
+    info.update(finished=True, epochs=history, reload_check=dict(images=len(probe), max_abs_diff=diff),
+                files=manifest(out, [CHECKPOINT, *saved.values()]))
+    atomic_write_json(info_path, info)          # written last: the commit point (utils/finetune/record.py)
     if os.path.exists(state_path):
         os.remove(state_path)
     print(f"checkpoint -> {ckpt} (reloads through --weights with max feature difference {diff:.2e}); "
