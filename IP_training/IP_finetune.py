@@ -19,6 +19,7 @@ Output in --out: backbone.safetensors (the whole model's weights: score it with 
 scripts/run_pipeline.sh --weights OUT/backbone.safetensors), finetune.json (settings, trained modules, per-epoch train
 loss of both terms and val top-1 of both heads, reload check). After each epoch, state.pt (model, optimiser, heads,
 RNG) is written atomically: a killed run started again with the same flags resumes after its last finished epoch.
+With --save_epochs 1 2 3, the checkpoint after each listed epoch is also kept (backbone_epoch<E>.safetensors).
 """
 import argparse
 
@@ -57,6 +58,9 @@ def get_args_parser():
                    help="all; N = the last N blocks plus what runs after them up to the feature layer; or module "
                         "names from model.named_modules() (e.g. blocks.6 conv_head bn2)")
     g.add_argument("--epochs", type=int, default=4, help="epochs (cosine learning-rate decay over them)")
+    g.add_argument("--save_epochs", nargs="*", type=int, default=[],
+                   help="also write the checkpoint after each of these epochs (1-based) as "
+                        "OUT/backbone_epoch<E>.safetensors, loadable through --weights like the final one")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the trained backbone layers")
     g.add_argument("--head_lr", type=float, default=1e-3, help="AdamW learning rate of the two heads")
     g.add_argument("--weight_decay", type=float, default=0.01,

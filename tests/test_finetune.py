@@ -247,6 +247,30 @@ def test_uncached_partial_run_matches_the_cached_one_and_all_layers_train(world,
     assert torch.equal(ckpt["classifier.weight"], fresh["classifier.weight"])          # past the feature: untouched
 
 
+@pytest.mark.slow
+def test_save_epochs_writes_each_listed_epoch_and_the_last_is_the_final_checkpoint(world):
+    from utils.data import get_source, subset_indices
+    run = ft.run(config_for(world, "epochs", "--lambda_interp", "0", "--save_epochs", "2", "1"))
+    out = world["tmp"] / "epochs"
+    final = (out / ft.CHECKPOINT).read_bytes()
+    assert (out / ft.epoch_checkpoint(2)).read_bytes() == final             # after the last epoch: the final weights
+    first = out / ft.epoch_checkpoint(1)
+    assert first.read_bytes() != final                                      # epoch 1 is its own checkpoint ...
+    assert run.info["epoch_checkpoints"] == {"1": "backbone_epoch1.safetensors", "2": "backbone_epoch2.safetensors"}
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+    # ... and it loads through --weights: the reload check against a model holding those weights
+    spec = load_spec("efficientnet_lite0", "timm:test_efficientnet", "none")
+    model = build_model(spec).eval()
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(str(first)))
+    src = get_source(world["folder"], "val")
+    images = torch.stack([augment.eval_images(src, subset_indices(len(src), None), run.preprocess)[i][0]
+                          for i in range(4)])
+    ext = FeatureExtractor(model, spec.layer, spec.pooling, spec.layout)
+    assert ft.reload_check(spec, str(first), ext, images, torch.device("cpu")) == 0.0
+    assert ft.reload_check(spec, str(out / ft.CHECKPOINT), ext, images, torch.device("cpu")) > 1e-6
+
+
 def one_line_error(r, *words):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2, r.stderr
@@ -261,6 +285,7 @@ def one_line_error(r, *words):
     (["--lambda_interp", "-0.5"], ["--lambda_interp", "-0.5"]),
     (["--ratio", "1"], ["--ratio must be in [0, 1)"]),
     (["--ratio", "-0.1"], ["--ratio must be in [0, 1)"]),
+    (["--save_epochs", "2", "5"], ["--save_epochs", "(4)", "got 5"]),
 ])
 def test_bad_flags_one_error_line_and_nothing_written(world, flags, words):
     out = world["tmp"] / "bad"

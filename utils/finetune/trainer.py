@@ -56,6 +56,11 @@ CHECKPOINT = "backbone.safetensors"
 STATE = "state.pt"
 
 
+def epoch_checkpoint(epoch):
+    """The file name of the checkpoint ``--save_epochs`` writes after ``epoch`` (1-based), next to CHECKPOINT."""
+    return f"backbone_epoch{int(epoch)}.safetensors"
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """One fine-tuning run, as IP_training/IP_finetune.py's flags of the same names give it (see its --help)."""
@@ -77,6 +82,7 @@ class FinetuneConfig:
     ratio: float
     train_layers: list
     epochs: int
+    save_epochs: list
     lr: float
     head_lr: float
     weight_decay: float
@@ -101,6 +107,9 @@ def check(cfg):
     for flag in ("n_concepts", "epochs", "batch_size"):
         if getattr(cfg, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(cfg, flag)}")
+    bad = [e for e in cfg.save_epochs if not 1 <= e <= cfg.epochs]
+    if bad:
+        raise UserError(f"--save_epochs takes epochs from 1 to --epochs ({cfg.epochs}), got {bad[0]}")
     for flag in ("lr", "head_lr"):
         if not getattr(cfg, flag) > 0:
             raise UserError(f"--{flag} must be positive, got {getattr(cfg, flag)}")
@@ -474,9 +483,11 @@ def run(cfg, on_step=None):
     p = plan(cfg)
     out, key = cfg.out, p.key
     info_path, ckpt, state_path = (os.path.join(out, f) for f in ("finetune.json", CHECKPOINT, STATE))
+    saved = {int(e): epoch_checkpoint(e) for e in sorted(set(cfg.save_epochs))}
     if os.path.isfile(info_path) and os.path.isfile(ckpt):
         done = read_json(info_path)
-        if done.get("finished") and done.get("key_hash") == key_hash(key):
+        if done.get("finished") and done.get("key_hash") == key_hash(key) and \
+                all(os.path.isfile(os.path.join(out, f)) for f in saved.values()):
             print(f"{info_path} is up to date")
             return Finetuned(done, p.extractor, p.preprocess)
     os.makedirs(out, exist_ok=True)
@@ -494,7 +505,7 @@ def run(cfg, on_step=None):
     tr = p.trained
     info = dict(schema=SCHEMA, key=key, key_hash=key_hash(key), finished=False, settings=asdict(cfg),
                 backbone=dict(asdict(p.spec), weights_id=p.backbone_key["weights"]),
-                checkpoint=CHECKPOINT,
+                checkpoint=CHECKPOINT, epoch_checkpoints={str(e): f for e, f in saved.items()},
                 trained=dict(train_layers=list(cfg.train_layers), modules=tr["modules"], n_params=tuner.n_trained,
                              n_param_tensors=len(tr["params"]), cut=tr["cut"], cache=tuner.cache_note),
                 data=dict(dataset=p.train_src.name, classes=p.train_src.classes, n_train=n, n_val=len(p.val_idx),
@@ -510,6 +521,8 @@ def run(cfg, on_step=None):
             row = tuner.epoch(epoch, stream, steps, steps * cfg.epochs)
             row = dict(epoch=epoch + 1, **row, seconds=round(time.time() - t0, 2))
             history.append(row)
+            if epoch + 1 in saved:      # before state.pt: a run killed in between redoes this epoch and this file
+                save_checkpoint(os.path.join(out, saved[epoch + 1]), tuner.model)
             print(f"epoch {epoch + 1}: train CE {row['train_loss_linear']:.4f} (linear) "
                   f"{row['train_loss_concept']:.4f} (concepts); val top-1 {row['val_top1_linear']:.2f}% (linear) "
                   f"{row['val_top1_concept']:.2f}% (concept head, s={cfg.ratio:g}); {row['seconds']:.1f} s")
