@@ -13,7 +13,8 @@
 #                layer (pooled as the config says) [blocks.2 blocks.3 blocks.4 blocks.5 blocks.6 pre_logits]
 #   checkpoints  weights files of --model_config, e.g. the per-epoch checkpoints IP_finetune --save_epochs writes
 #                (no default: name them)
-#   models       model_configs/ names [efficientnet_lite0 efficientnet_lite1 efficientnet_lite2]
+#   models       model_configs/ names, each optionally with :LAYER as in compare_backbones.sh
+#                [efficientnet_lite0 efficientnet_lite1 efficientnet_lite2]
 #
 # Flags (defaults in brackets):
 #   --series layers|checkpoints|models   [layers]
@@ -72,7 +73,8 @@ point() {
   case "$series" in
     layers) P_model=$model_config; P_layer=${points[$1]}; P_weights="" ;;
     checkpoints) P_model=$model_config; P_layer=""; P_weights=${points[$1]} ;;
-    models) P_model=${points[$1]}; P_layer=""; P_weights="" ;;
+    models) P_model=${points[$1]%%:*}; P_layer=""; P_weights=""
+      if [ "$P_model" != "${points[$1]}" ]; then P_layer=${points[$1]#*:}; fi ;;
   esac
 }
 training=(--n_concepts "$n_concepts" --epochs "$epochs" --lrs "$lrs" --seeds "$seeds" --floor_draws "$floor_draws")

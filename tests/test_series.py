@@ -1,37 +1,37 @@
 """scripts/classifiability_series.sh on a tiny planted ImageFolder with a random-weight timm test_efficientnet read at
-three layers: one pipeline per point, one report with one row per point, and the correlation line printed from the
-report's own rows (over runs and over the paired val resamples)."""
+two layers: one pipeline per point (each with its own layer's element embeddings), one report with one row per point
+and the correlation line, which with two points says why there is none (the correlation's arithmetic and its
+intervals: tests/test_report.py). Bad flags: one error line, exit 2, before anything runs."""
 import csv
 import os
 import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from conftest import REPO, make_image_folder
-from utils import layout, stats
+from utils import layout
 
-LAYERS = ["blocks.1", "blocks.3", "pre_logits"]
-TRAINING = dict(n_concepts=8, epochs=8, lrs="0.1", floor_draws=1)
+LAYERS = ["blocks.3", "pre_logits"]
+TRAINING = dict(n_concepts=8, epochs=5, lrs="0.1", floor_draws=1)
 
 
 def series(tmp, *extra):
     cmd = ["bash", "scripts/classifiability_series.sh", *extra]
     env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable))
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
 
 
 @pytest.fixture(scope="module")
 def layers_series(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("series")
-    folder = make_image_folder(str(tmp / "shapes"), n_train=8, n_val=10)
+    folder = make_image_folder(str(tmp / "shapes"))
     config = tmp / "tiny.yaml"
     config.write_text("name: tiny\nsource: timm\narch: test_efficientnet\nweights: none\nlayer: pre_logits\n")
     r = series(tmp, "--series", "layers", "--model_config", str(config), "--values", " ".join(LAYERS),
                "--dataset", folder, "--images_per_class", "2", "--elements", "patches",
-               "--n_concepts", "8", "--epochs", "8", "--lrs", "0.1", "--floor_draws", "1", "--workers", "0",
+               "--n_concepts", "8", "--epochs", "5", "--lrs", "0.1", "--floor_draws", "1", "--workers", "0",
                "--batch_size", "16", "--library", str(tmp / "lib"), "--out", str(tmp / "out"),
                "--report", str(tmp / "report"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -55,17 +55,13 @@ def test_one_row_per_point_from_its_own_layer(layers_series):
 
 
 @pytest.mark.slow
-def test_the_correlation_line_is_that_of_the_rows(layers_series):
+def test_the_correlation_line_says_why_there_is_none_over_two_points(layers_series):
     rows = list(csv.DictReader(open(layers_series["tmp"] / "report" / "prototype" / "report.csv")))
     line = re.search(r"IIS vs standard top-1: (.*)", layers_series["out"]).group(1)
-    kept = [r for r in rows if r["chance_level"] != "yes"]
-    if len({r["standard_top1"] for r in kept}) < 3:
-        assert line.startswith("no correlation: "), line
-        return
-    expected = stats.correlations([float(r["standard_top1"]) for r in kept], [float(r["iis"]) for r in kept])
-    printed = re.search(r"Pearson (-?[\d.]+).*Spearman (-?[\d.]+)", line).groups()
-    np.testing.assert_allclose([float(v) for v in printed], expected, atol=1e-3)
-    assert "over val samples: Pearson [" in line and "paired bootstrap resamples" in line
+    assert len(rows) == 2
+    distinct = len({r["standard_top1"] for r in rows if r["chance_level"] != "yes"})
+    assert line.startswith(f"no correlation: {distinct} distinct standard top-1 value"), line
+    assert "a correlation needs at least 3" in line
 
 
 @pytest.mark.parametrize("args,message", [
