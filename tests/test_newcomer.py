@@ -187,7 +187,8 @@ def test_this_projects_runners_never_pass_through_the_dialect(tmp_path):
     """run_pipeline.sh and the other runners of this project export IIS_COMPAT=off: the stage scripts they call then
     read their command lines as this project's flags only (an original flag is an unknown one); the original-named
     runners keep the dialect."""
-    ours = ["run_pipeline.sh", "compare_backbones.sh", "finetune_compare.sh", "train_heads.sh", "demo.sh"]
+    ours = ["run_pipeline.sh", "compare_backbones.sh", "finetune_compare.sh", "train_heads.sh", "demo.sh",
+            "classifiability_series.sh"]
     for runner in sorted(os.listdir(os.path.join(REPO, "scripts"))):
         if not runner.endswith(".sh") or runner.startswith("_") or runner == "test.sh":
             continue

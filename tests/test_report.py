@@ -102,3 +102,34 @@ def test_what_a_concept_responds_to_and_how_a_contribution_arises():
     assert evidence(0.5, -1.0).startswith("presence evidence against the class")
     assert evidence(-0.5, 1.0).startswith("absence evidence against the class")
     assert evidence(0.0, 1.0).startswith("masked out")
+
+
+def test_correlation_over_val_resamples_by_hand():
+    assert stats.ranks([3.0, 1.0, 2.0, 2.0]).tolist() == [3.0, 0.0, 1.5, 1.5]          # ties share their mean rank
+    x = np.array([[1.0, 2.0, 3.0, 4.0]] * 4)
+    y = np.array([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 5.0], [2.0, 1.0, 3.0, 4.0]])
+    r, rho = stats.correlations(x, y)
+    np.testing.assert_allclose(r, [1.0, -1.0, np.corrcoef(x[2], y[2])[0, 1], 0.8])   # row by row
+    np.testing.assert_allclose(rho, [1.0, -1.0, 1.0, 0.8])
+    b = stats.correlation_bootstrap(x, y)
+    assert b["resamples"] == 4 and b["pearson"][0] == pytest.approx(np.percentile(r, 2.5))
+    assert b["spearman"] == pytest.approx([np.percentile(rho, 2.5), np.percentile(rho, 97.5)])
+    flat = stats.correlation_bootstrap(np.ones((3, 4)), y[:3])                          # no spread: undefined
+    assert flat["resamples"] == 0 and all(math.isnan(v) for v in flat["pearson"])
+
+
+def test_summary_takes_the_val_resample_interval_over_the_rows_kept():
+    good = [row(f"b{i}", 60 + 5 * i, 0.80 + 0.02 * i) for i in range(4)]
+    noise = row("rand", 11.0, 0.985, flag="yes")
+    rng = np.random.default_rng(0)
+    samples = [{"standard": r["standard_top1"] + rng.normal(0, 1, 200), "iis": r["iis"] + rng.normal(0, 0.005, 200)}
+               for r in good]
+    c = correlation_summary(good + [noise], samples + [{"standard": np.zeros(200), "iis": np.ones(200)}])
+    expected = stats.correlation_bootstrap(np.stack([s["standard"] for s in samples], 1),
+                                           np.stack([s["iis"] for s in samples], 1))
+    assert c["bootstrap"] == expected and 0.5 < c["bootstrap"]["pearson"][0] < c["bootstrap"]["pearson"][1] <= 1.0
+    line = corr_line(c)
+    assert "Fisher-z intervals over runs" in line and "over val samples: Pearson [" in line and "200 paired" in line
+    assert correlation_summary(good)["bootstrap"] is None and "over val samples" not in corr_line(
+        correlation_summary(good))
+    assert correlation_summary(good, samples[:3] + [None])["bootstrap"] is None   # one run without resamples: none

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from .fileio import atomic_write_bytes
-from .stats import correlation_interval
+from .stats import correlation_bootstrap, correlation_interval, correlations
 
 
 def pyplot():
@@ -217,33 +217,20 @@ def write_table(rows, md_path, csv_path, comparisons=None, corr=None, notes=()):
     atomic_write_bytes(md_path, ("\n".join(md) + "\n").encode())
 
 
-def correlations(x, y):
-    """(Pearson r, Spearman rho) of two sequences; NaN when fewer than 3 points or no spread."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return float("nan"), float("nan")
-
-    def rank(v):   # average ranks, so ties count equally
-        order = v.argsort()
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v))
-        for val in np.unique(v):
-            r[v == val] = r[v == val].mean()
-        return r
-    return float(np.corrcoef(x, y)[0, 1]), float(np.corrcoef(rank(x), rank(y))[0, 1])
-
-
 MIN_DISTINCT = 3   # a correlation over fewer distinct accuracies is a line through two points
 
 
-def correlation_summary(rows):
+def correlation_summary(rows, samples=None):
     """Correlations of IIS with standard top-1 over the rows not flagged chance-level (a chance-level IIS is noise
-    near the grid's width and would dominate them), with Fisher-z 95 % intervals. None with a ``reason`` when the
-    rows were scored on different val sets (or sizes) or hold fewer than MIN_DISTINCT distinct accuracies. Returns a
-    dict; ``no_scatter`` says why a scatter would show nothing (every point at one accuracy), else None."""
-    kept = [r for r in rows if r.get("chance_level") != "yes"]
+    near the grid's width and would dominate them), with Fisher-z 95 % intervals over runs and, given ``samples``
+    (per row, the bootstrap arrays of utils.stats.run_samples, all drawn on the same resamples of the same val
+    samples), percentile intervals over val samples (utils/stats.py says what each answers). None with a ``reason``
+    when the rows were scored on different val sets (or sizes) or hold fewer than MIN_DISTINCT distinct accuracies.
+    Returns a dict; ``no_scatter`` says why a scatter would show nothing (every point at one accuracy), else None."""
+    keep = [i for i, r in enumerate(rows) if r.get("chance_level") != "yes"]
+    kept = [rows[i] for i in keep]
     out = {"n": len(kept), "left_out": len(rows) - len(kept), "pearson": None, "spearman": None,
-           "pearson_interval": None, "spearman_interval": None, "reason": None, "no_scatter": None}
+           "pearson_interval": None, "spearman_interval": None, "bootstrap": None, "reason": None, "no_scatter": None}
     distinct = len({r["standard_top1"] for r in kept})
     if len({r["standard_top1"] for r in rows}) < 2:
         out["no_scatter"] = "every run has the same standard top-1, so IIS has nothing to vary against"
@@ -259,19 +246,29 @@ def correlation_summary(rows):
         out["pearson"], out["spearman"] = correlations([r["standard_top1"] for r in kept], [r["iis"] for r in kept])
         out["pearson_interval"] = list(correlation_interval(out["pearson"], len(kept)))
         out["spearman_interval"] = list(correlation_interval(out["spearman"], len(kept), spearman=True))
+        picked = [samples[i] for i in keep] if samples is not None else []
+        if picked and all(p is not None for p in picked):
+            out["bootstrap"] = correlation_bootstrap(np.stack([p["standard"] for p in picked], 1),
+                                                     np.stack([p["iis"] for p in picked], 1))
     return out
 
 
 def corr_line(corr):
-    """The correlation in words: r and rho with their intervals, or why there is none."""
+    """The correlation in words: r and rho with their intervals (over runs; over val samples where there are
+    paired resamples), or why there is none."""
     left = f", {corr['left_out']} chance-level left out" if corr["left_out"] else ""
     if corr["reason"]:
         return f"no correlation: {corr['reason']}"
 
     def ci(v):
         return "" if v is None or v[0] != v[0] else f" [{v[0]:.3f}, {v[1]:.3f}]"   # v != v: NaN, below 4 runs
-    return (f"over {corr['n']} runs{left}: Pearson {corr['pearson']:.3f}{ci(corr['pearson_interval'])}, "
-            f"Spearman {corr['spearman']:.3f}{ci(corr['spearman_interval'])} (95 % Fisher-z intervals)")
+    out = (f"over {corr['n']} runs{left}: Pearson {corr['pearson']:.3f}{ci(corr['pearson_interval'])}, "
+           f"Spearman {corr['spearman']:.3f}{ci(corr['spearman_interval'])} (95 % Fisher-z intervals over runs)")
+    b = corr.get("bootstrap")
+    if b and b["resamples"]:
+        out += (f"; over val samples: Pearson{ci(b['pearson'])}, Spearman{ci(b['spearman'])} (95 % percentile "
+                f"intervals, {b['resamples']} paired bootstrap resamples)")
+    return out
 
 
 def plot_scatter(rows, path, corr=None):
@@ -311,7 +308,9 @@ def plot_scatter(rows, path, corr=None):
     bars = any(r.get("iis_lo") is not None for r in rows)
     title = "IIS vs classifiability" + (f": {common}" if common else "") + f" ({len(rows)} runs"
     title += (", bars: 95 % bootstrap intervals)" if bars else ")")
-    ax.set_title(f"{title}\n{corr_line(corr)}".replace(" (95 % Fisher-z intervals)", ""), fontsize=8, wrap=True)
+    line = corr_line(corr).replace(" (95 % Fisher-z intervals over runs)", " (Fisher z, over runs)")
+    line = line.replace("; over val samples", "\nover val samples").split(" (95 % percentile")[0]
+    ax.set_title(f"{title}\n{line}", fontsize=8, wrap=True)
     ax.set_xlabel("standard top-1 (%)")
     ax.set_ylabel("IIS")
     ax.grid(alpha=0.3)

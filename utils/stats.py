@@ -32,9 +32,14 @@ Statistics chosen, and why:
   width) while this one is about 0.
 * **Chance flag**: a run is *chance-level* when the lower end of the bootstrap interval of (standard accuracy -
   chance) is at or below 0, i.e. its standard probe is not above chance by its own interval.
-* **Correlation intervals** (over runs in a report): Fisher z, tanh(atanh(r) -/+ z_0.975 se), se = 1/sqrt(n - 3) for
-  Pearson and sqrt(1.06 / (n - 3)) for Spearman (Fieller, Hartley and Pearson, 1957). Closed form and deterministic;
-  it treats each run's point as exact (the per-run intervals are drawn as error bars instead) and needs n >= 4.
+* **Correlation intervals** (over runs in a report), two, answering different questions. *Over runs*: Fisher z,
+  tanh(atanh(r) -/+ z_0.975 se), se = 1/sqrt(n - 3) for Pearson and sqrt(1.06 / (n - 3)) for Spearman (Fieller,
+  Hartley and Pearson, 1957): closed form, treats each run's point as exact and the runs as a sample of possible
+  runs, needs n >= 4. *Over val samples* (:func:`correlation_bootstrap`): the correlation recomputed on each paired
+  resample of the shared val samples (every run's standard top-1 and IIS on the same draw) and its percentile
+  interval: these runs held fixed, how much the measured correlation moves with the val sample alone. Runs that
+  are not a random sample (a series built to differ in classifiability) are better read by the second; the first
+  says how little a handful of points can establish.
 """
 import math
 import statistics
@@ -292,6 +297,42 @@ def verdict_line(cmp, a="A", b="B", seeds=None):
 # ---------------------------------------------------------------------------------------------------------------------
 # Correlations over runs
 # ---------------------------------------------------------------------------------------------------------------------
+def ranks(v):
+    """Average ranks (0-based) along the last axis: tied values share the mean of the ranks they span."""
+    v = np.asarray(v, dtype=float)
+    below = (v[..., None, :] < v[..., :, None]).sum(-1)
+    tied = (v[..., None, :] == v[..., :, None]).sum(-1)
+    return below + (tied - 1) / 2.0
+
+
+def pearson(x, y):
+    """Pearson r along the last axis; NaN where either has no spread or there are fewer than 3 points."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    x, y = x - x.mean(-1, keepdims=True), y - y.mean(-1, keepdims=True)
+    den = np.sqrt((x * x).sum(-1) * (y * y).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(den > 0, (x * y).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
+    return np.where(x.shape[-1] >= 3, np.clip(r, -1.0, 1.0), np.nan)
+
+
+def correlations(x, y):
+    """(Pearson r, Spearman rho) along the last axis: floats for two sequences, arrays for rows of them."""
+    r, rho = pearson(x, y), pearson(ranks(x), ranks(y))
+    return (float(r), float(rho)) if np.ndim(r) == 0 else (r, rho)
+
+
+def correlation_bootstrap(x_samples, y_samples, level=LEVEL):
+    """Percentile intervals of Pearson and Spearman over paired bootstrap resamples: ``x_samples``, ``y_samples``
+    (n_boot, n) hold each of n runs' values on resample j in row j (the same draw of the val samples for every run).
+    Returns {"pearson": [lo, hi], "spearman": [lo, hi], "resamples": the resamples where both are defined}."""
+    r, rho = correlations(np.asarray(x_samples, dtype=float), np.asarray(y_samples, dtype=float))
+    ok = np.isfinite(r) & np.isfinite(rho)
+    if not ok.any():
+        return {"pearson": [float("nan")] * 2, "spearman": [float("nan")] * 2, "resamples": 0}
+    return {"pearson": [float(v) for v in interval(r[ok], level)],
+            "spearman": [float(v) for v in interval(rho[ok], level)], "resamples": int(ok.sum())}
+
+
 def correlation_interval(r, n, level=LEVEL, spearman=False):
     """Fisher-z interval of a Pearson (or, with the 1.06 variance factor, Spearman) correlation ``r`` over ``n``
     points; (nan, nan) when r is undefined or n < 4 (the standard error 1/sqrt(n - 3) needs n > 3)."""
