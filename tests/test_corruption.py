@@ -124,6 +124,17 @@ def write_split(path, x, y, split, info, clip=False):
     store.write(str(path), {"features": x, "labels": y, "indices": np.arange(len(y), dtype=np.int64)}, key, info)
 
 
+def three_class_entries(ent):
+    """Train (60), val (9) and concept (12, 4 per class) entries of planted 3-class features under ``ent``: the
+    small workload the kill-point and shared-fit tests train on."""
+    info = {"classes": ["blue", "green", "red"], "backbone": {"name": "synthetic", "arch": "-", "weights": "-",
+                                                               "layer": "-", "pooling": "-"}}
+    write_split(ent / "train", *planted(60, 0), "train", info)
+    write_split(ent / "val", *planted(9, 1), "val", info)
+    write_split(ent / "concepts", *planted(12, 2, labels=np.repeat(np.arange(3), 4)), "concepts", info)
+    return ent
+
+
 def snapshot(path):
     """Every file under ``path`` (relative name -> bytes)."""
     out = {}

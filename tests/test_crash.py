@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import make_image_folder
-from test_corruption import PROTO, io_args, planted, script, write_split   # noqa: F401  (script: a fixture)
+from test_corruption import PROTO, io_args, script, three_class_entries   # noqa: F401  (script: a fixture)
 from utils import fileio, store
 from utils.errors import UserError
 
@@ -46,12 +46,7 @@ def killed_at(script, n, count, *argv, only=None):
 @pytest.fixture(scope="module")
 def entries(tmp_path_factory):
     ent = tmp_path_factory.mktemp("crash") / "entries"
-    info = {"classes": ["blue", "green", "red"], "backbone": {"name": "synthetic", "arch": "-", "weights": "-",
-                                                               "layer": "-", "pooling": "-"}}
-    write_split(ent / "train", *planted(60, 0), "train", info)
-    write_split(ent / "val", *planted(9, 1), "val", info)
-    write_split(ent / "concepts", *planted(12, 2, labels=np.repeat(np.arange(3), 4)), "concepts", info)
-    return ent
+    return three_class_entries(ent)
 
 
 def test_training_killed_at_every_replacement_never_leaves_a_mixed_run(entries, script, tmp_path):

@@ -7,10 +7,9 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 
-from test_corruption import PROTO, io_args, planted, script, write_split   # noqa: F401  (script: a fixture)
+from test_corruption import PROTO, io_args, script, three_class_entries   # noqa: F401  (script: a fixture)
 
 RUN_FILES = ("heads.pt", "predictions.npz", "results.json")
 KILL = "tests/killpoint.py"
@@ -29,12 +28,7 @@ def digests(folder, names=None):
 @pytest.fixture
 def entries(tmp_path):
     ent = tmp_path / "entries"
-    info = {"classes": ["blue", "green", "red"], "backbone": {"name": "synthetic", "arch": "-", "weights": "-",
-                                                               "layer": "-", "pooling": "-"}}
-    write_split(ent / "train", *planted(60, 0), "train", info)
-    write_split(ent / "val", *planted(9, 1), "val", info)
-    write_split(ent / "concepts", *planted(12, 2, labels=np.repeat(np.arange(3), 4)), "concepts", info)
-    return ent
+    return three_class_entries(ent)
 
 
 def train(script, entries, out, concept_type="prototype", *extra):
