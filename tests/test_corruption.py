@@ -3,6 +3,7 @@ them: a good run first, then the input is damaged and the same command reruns in
 exit with code 2, print exactly one `error:` line naming the damaged entry (and what is wrong with it), and leave the
 previous output byte-identical. Without the checks most of these reruns would print "up to date" (the entries' keys
 do not change) or a traceback."""
+import hashlib
 import json
 import os
 import re
@@ -122,6 +123,19 @@ def planted(n, seed, dim=D, labels=None):
 def write_split(path, x, y, split, info, clip=False):
     key = {"split": split} if clip else {"backbone": BACKBONE, "data": split}
     store.write(str(path), {"features": x, "labels": y, "indices": np.arange(len(y), dtype=np.int64)}, key, info)
+
+
+def file_digest(path):
+    """sha256 of a file's bytes; of a JSON file, without the command it records (utils/cli.command: it names the
+    folder the run wrote to, and the clean runs compared with write to other folders). All the rest is compared."""
+    data = open(path, "rb").read()
+    if path.endswith(".json"):
+        obj = json.loads(data)
+        for d in (obj, obj.get("meta"), obj.get("info")) if isinstance(obj, dict) else ():
+            if isinstance(d, dict):
+                d.pop("command", None)
+        data = json.dumps(obj, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
 
 
 def three_class_entries(ent):

@@ -2,7 +2,6 @@
 or an output the next run rebuilds, never a mix (tests/killpoint.py kills it before its N-th os.replace/os.rename,
 for every N the stage has); a full disk is one error line and nothing half-written."""
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -12,25 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import make_image_folder
-from test_corruption import PROTO, io_args, script, three_class_entries   # noqa: F401  (script: a fixture)
+from test_corruption import PROTO, file_digest, io_args, script, three_class_entries   # noqa: F401  (script: a fixture)
 from utils import fileio, store
 from utils.errors import UserError
 
 KILL = "tests/killpoint.py"
 RUN_FILES = ("heads.pt", "predictions.npz", "results.json")
-
-
-def file_digest(path):
-    """sha256 of a file's bytes; of a JSON file, without the command it records (utils/cli.command: it names the
-    folder the run wrote to, and the clean runs compared with write to other folders). All the rest is compared."""
-    data = open(path, "rb").read()
-    if path.endswith(".json"):
-        obj = json.loads(data)
-        for d in (obj, obj.get("meta"), obj.get("info")) if isinstance(obj, dict) else ():
-            if isinstance(d, dict):
-                d.pop("command", None)
-        data = json.dumps(obj, sort_keys=True).encode()
-    return hashlib.sha256(data).hexdigest()
 
 
 def digests(folder, names=None):

@@ -2,14 +2,13 @@
 computed once per train entry and reused by another concept type's run, which then writes the very bytes an uncached
 run writes; a damaged, foreign or half-published cache entry is said and recomputed, never trusted; a cache that
 cannot be written changes nothing but the note."""
-import hashlib
 import json
 import os
 import shutil
 
 import pytest
 
-from test_corruption import PROTO, io_args, script, three_class_entries   # noqa: F401  (script: a fixture)
+from test_corruption import PROTO, file_digest, io_args, script, three_class_entries   # noqa: F401  (script: a fixture)
 
 RUN_FILES = ("heads.pt", "predictions.npz", "results.json")
 KILL = "tests/killpoint.py"
@@ -21,7 +20,7 @@ def digests(folder, names=None):
         for f in files:
             rel = os.path.relpath(os.path.join(d, f), folder)
             if names is None or rel in names:
-                out[rel] = hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+                out[rel] = file_digest(os.path.join(d, f))      # a JSON file without the command it records
     return out
 
 
