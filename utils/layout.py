@@ -4,6 +4,7 @@ experiments share a folder only when they are the same experiment (docs/files.md
     <library>/<data>/ipc<N>_seed<S>/<segments|patches>/              element library (utils/library.py)
     <out>/features/<data>/<model>/<subset>/{train,val}                dataset features (store entries)
     <out>/features/<data>/<model>/<subset>/elements_<lib>             element embeddings
+    <out>/features/<data>/<model>/<subset>/train.fits/                fits of those features the runs share
     <out>/features/<data>/clip_<model>_<pretrained>/<subset>          CLIP text and image features
     <out>/runs/<data>/<subset>/<model>/<type>_<lib>[_t<hash>]         one run (results.json, heads.pt)
     <run>/iis[_<hash>].json, <run>/iis_curve[_<hash>].png                 its scores (iis_computing.py)
