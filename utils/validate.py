@@ -21,6 +21,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from .errors import UserError
+from .fileio import read_json
 
 DIGEST = "sha256"            # hardware-accelerated on current x86 and ARM CPUs: faster here than blake2b (docs/benchmarks.md)
 BLOCK_BYTES = 16 << 20       # rows per streamed block: about this many bytes
@@ -117,13 +118,18 @@ def forced(recorded, force=True):
 def recorded_command(entry):
     """The command that built the store entry ``entry`` (its meta.json's ``info.command``), with --force, or None
     when meta.json is unreadable or records none (an entry written before commands were recorded)."""
-    try:
-        with open(os.path.join(entry, "meta.json"), "rb") as f:
-            meta = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError):
-        return None
+    meta = _json_or_none(os.path.join(entry, "meta.json"))
     info = meta.get("info") if isinstance(meta, dict) else None
     return forced(info.get("command")) if isinstance(info, dict) else None
+
+
+def _json_or_none(path):
+    """The parsed JSON file at ``path``, or None when it cannot be read or parsed: where a recorded command is looked
+    up for advice, a damaged file only means there is none to quote."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError):       # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return None
 
 
 def redo(entry):
@@ -358,11 +364,7 @@ def rebuild_library(index_path):
     """How to rebuild the element library of ``index_path``: the command recorded in its index.json (or, when that is
     unreadable, in the manifest.json its build wrote first), with --force."""
     for name in ("index.json", "manifest.json"):
-        try:
-            with open(os.path.join(os.path.dirname(index_path), name), "rb") as f:
-                d = json.loads(f.read().decode("utf-8"))
-        except (OSError, ValueError):
-            continue
+        d = _json_or_none(os.path.join(os.path.dirname(index_path), name))
         cmd = forced(d.get("command")) if isinstance(d, dict) else None
         if cmd:
             return f"rebuild the element library: {cmd}"
