@@ -14,7 +14,7 @@ from conftest import REPO, make_image_folder
 from utils import layout
 
 LAYERS = ["blocks.3", "pre_logits"]
-TRAINING = dict(n_concepts=8, epochs=5, lrs="0.1", floor_draws=1)
+TRAINING = dict(n_concepts=8, epochs=5, lrs="0.1", floor_draws=1)    # the runner's flags, and the run names they give
 
 
 def series(tmp, *extra):
@@ -31,7 +31,7 @@ def layers_series(tmp_path_factory):
     config.write_text("name: tiny\nsource: timm\narch: test_efficientnet\nweights: none\nlayer: pre_logits\n")
     r = series(tmp, "--series", "layers", "--model_config", str(config), "--values", " ".join(LAYERS),
                "--dataset", folder, "--images_per_class", "2", "--elements", "patches",
-               "--n_concepts", "8", "--epochs", "5", "--lrs", "0.1", "--floor_draws", "1", "--workers", "0",
+               *[a for k, v in TRAINING.items() for a in (f"--{k}", str(v))], "--workers", "0",
                "--batch_size", "16", "--library", str(tmp / "lib"), "--out", str(tmp / "out"),
                "--report", str(tmp / "report"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
