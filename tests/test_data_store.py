@@ -66,3 +66,18 @@ def test_store_roundtrip_key_and_atomicity(tmp_path):
     assert os.listdir(tmp_path) == ["entry"]               # and no temp directory is left
     with pytest.raises(UserError, match="not a finished store entry"):
         store.read(str(tmp_path / "missing"))
+
+
+def test_field_problem_names_the_first_wrong_field_in_json_words():
+    fields = {"iis": (float, int), "ratios": list, "meta.backbone": dict, "done": bool}
+    good = {"iis": 0.9, "ratios": [0.1], "meta": {"backbone": {}}, "done": False}
+    assert fileio.field_problem(good, fields) is None
+    assert fileio.field_problem(dict(good, iis=1), fields) is None            # an int is a number
+    assert fileio.field_problem(dict(good, iis=True), fields) == "'iis' is a boolean, expected a number"
+    assert fileio.field_problem(dict(good, ratios="0.1"), fields) == "'ratios' is a string, expected a list"
+    assert fileio.field_problem(dict(good, ratios=None), fields) == "'ratios' is null, expected a list"
+    assert fileio.field_problem(dict(good, meta={}), fields) == "'meta.backbone' is missing, expected an object"
+    assert fileio.field_problem(dict(good, meta=[]), fields) == "'meta.backbone' is missing, expected an object"
+    assert fileio.field_problem(dict(good, done=0), fields) == "'done' is a number, expected a boolean"
+    # the first wrong field in the order given, not every one
+    assert fileio.field_problem({}, fields) == "'iis' is missing, expected a number"

@@ -289,7 +289,7 @@ def test_save_epochs_writes_each_listed_epoch_and_the_last_is_the_final_checkpoi
     (lambda f, d: f.write_text(f.read_text()[:40]), ["is damaged (not valid JSON"]),
     (lambda f, d: f.write_text(json.dumps(dict(d, schema="iis.finetune/9"))), ["schema 'iis.finetune/9'"]),
     (lambda f, d: f.write_text(json.dumps(dict(d, finished=False))), ["unfinished fine-tuning run"]),
-    (lambda f, d: f.write_text(json.dumps(dict(d, epochs={}))), ["malformed: 'epochs' is not a JSON list"]),
+    (lambda f, d: f.write_text(json.dumps(dict(d, epochs={}))), ["malformed: 'epochs' is an object, expected a list"]),
     (lambda f, d: f.write_text(json.dumps(dict(d, files={}))), ["does not cover backbone.safetensors"]),
     (lambda f, d: f.write_text(json.dumps({k: v for k, v in d.items() if k != "files"})), ["records no digests"]),
     (lambda f, d: (f.parent / ft.CHECKPOINT).write_bytes(b"x" + (f.parent / ft.CHECKPOINT).read_bytes()[1:]),

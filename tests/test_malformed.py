@@ -28,7 +28,7 @@ def key_missing(e):
 
 def key_wrong_type(e):
     _meta(e, lambda m: m.update(key="resnet50"))
-    return ["meta.json: 'key' is a str, expected an object"]
+    return ["meta.json: 'key' is a string, expected an object"]
 
 
 def key_backbone_missing(e):
@@ -302,7 +302,7 @@ GOOD_SCORED = {"schema": "iis.scored/1", "iis": 0.8, "standard_accuracy": 85.0, 
                "accuracies": [85.0, 84.0, 75.0], "metric": "top1", "meta": {}, "results": "r/results.json"}
 SCORED_DAMAGE = {
     "field_missing": (lambda s: s.pop("iis"), "'iis' is missing, expected a number"),
-    "field_wrong_type": (lambda s: s.update(ratios="0.1 0.9"), "'ratios' is str, expected a list"),
+    "field_wrong_type": (lambda s: s.update(ratios="0.1 0.9"), "'ratios' is a string, expected a list"),
     "lengths_differ": (lambda s: s.update(accuracies=[85.0]), "'ratios' and 'accuracies' are not two number lists"),
     "schema_unknown": (lambda s: s.update(schema="iis.scored/99"), "has schema 'iis.scored/99' (written by another "
                                                                     "version); this version reads schema 'iis.scored/1'"),

@@ -153,6 +153,37 @@ def check_schema(path, obj, understood, field="schema"):
     return obj
 
 
+# how a field problem names a JSON value's type: the file's words, not Python's
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def json_type(value_or_type):
+    """"an object", "a list", "a string", "a number", "a boolean" or "null": how an error names a JSON value's type."""
+    kind = value_or_type if isinstance(value_or_type, type) else type(value_or_type)
+    return _JSON_NAMES.get(kind, kind.__name__)
+
+
+def field_problem(obj, fields):
+    """The first of ``fields`` ({dotted name: type or tuple of types}) that ``obj`` lacks or holds with another JSON
+    type, said as "'info' is a list, expected an object" ("a.b" looks inside "a"); None when every field is right.
+    A boolean is never a number. Every reader of a JSON file the project writes checks its fields through this, so a
+    damaged file is described the same way wherever it is read."""
+    for name, kinds in fields.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        value, present = obj, True
+        for part in name.split("."):
+            present = isinstance(value, dict) and part in value
+            value = value.get(part) if present else None
+            if not present:
+                break
+        if not present:
+            return f"{name!r} is missing, expected {json_type(kinds[0])}"
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            return f"{name!r} is {json_type(value)}, expected {json_type(kinds[0])}"
+    return None
+
+
 def manifest(folder, names):
     """{name: sha256 of the file's bytes} for the files ``names`` of ``folder``: what a folder's last-written file
     records so readers can tell a finished folder from one whose files come from different runs."""

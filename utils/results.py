@@ -11,7 +11,7 @@ import os
 import shlex
 
 from .errors import UserError
-from .fileio import check_manifest, check_schema, read_json
+from .fileio import check_manifest, check_schema, field_problem, json_type, read_json
 from .layout import SCORE_DEFAULTS, score_names, score_settings
 from .validate import forced
 
@@ -110,23 +110,16 @@ def read_score(path, **settings):
                         f"); this version reads schema {SCORED_SCHEMA!r}: {todo}")
     if not isinstance(s, dict):
         raise UserError(f"{f} is not a JSON object; {todo}")
-    for field, kind in SCORED_FIELDS.items():
-        v = s.get(field)
-        if field not in s or not isinstance(v, kind) or isinstance(v, bool):
-            what = "is missing" if field not in s else f"is {type(v).__name__}"
-            raise UserError(f"{f}: {field!r} {what}, expected {_kind(kind)}; {todo}")
+    why = field_problem(s, SCORED_FIELDS)
+    if why:
+        raise UserError(f"{f}: {why}; {todo}")
     if len(s["ratios"]) != len(s["accuracies"]) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in s["ratios"] + s["accuracies"]):
         raise UserError(f"{f}: 'ratios' and 'accuracies' are not two number lists of one length; {todo}")
     recorded = s.get("score_settings") or {}
     if not isinstance(recorded, dict):
-        raise UserError(f"{f}: 'score_settings' is {type(recorded).__name__}, expected an object; {todo}")
+        raise UserError(f"{f}: 'score_settings' is {json_type(recorded)}, expected an object; {todo}")
     if score_settings(**{k: v for k, v in recorded.items() if k in SCORE_DEFAULTS}) != score_settings(**settings):
         raise UserError(f"{f} holds a score with other settings ({recorded or 'the defaults'}); score the run again "
                         f"with python iis_computing.py {shlex.quote(run)}{flags}")
     return s
-
-
-def _kind(kind):
-    names = {float: "a number", int: "a number", list: "a list", dict: "an object", str: "a string"}
-    return names[kind[0] if isinstance(kind, tuple) else kind]

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from .errors import UserError
-from .fileio import read_json
+from .fileio import field_problem, read_json
 
 DIGEST = "sha256"            # hardware-accelerated on current x86 and ARM CPUs: faster here than blake2b (docs/benchmarks.md)
 BLOCK_BYTES = 16 << 20       # rows per streamed block: about this many bytes
@@ -155,11 +155,9 @@ def check_meta(entry, meta, schemas=(ENTRY_SCHEMA,)):
     if meta.get("schema") not in schemas:
         raise UserError(f"{where} has schema {meta.get('schema')!r}; this version reads schema "
                         f"{' or '.join(map(repr, schemas))}: {redo(entry)}")
-    for name, kind in (("key", dict), ("info", dict), ("key_hash", str)):
-        if not isinstance(meta.get(name), kind):
-            found = "missing" if name not in meta else f"a {type(meta[name]).__name__}"
-            raise UserError(f"{where}: '{name}' is {found}, expected {'an object' if kind is dict else 'a string'}; "
-                            f"{damaged(entry)}")
+    why = field_problem(meta, {"key": dict, "info": dict, "key_hash": str})
+    if why:
+        raise UserError(f"{where}: {why}; {damaged(entry)}")
     digests = meta.get("digests")
     if digests is not None and not (isinstance(digests, dict) and all(
             isinstance(v, str) and ":" in v for v in digests.values())):
@@ -169,13 +167,12 @@ def check_meta(entry, meta, schemas=(ENTRY_SCHEMA,)):
 
 def meta_field(entry, meta, dotted, kind=dict):
     """``meta[a][b]...`` for ``dotted`` = "a.b...", which must be a ``kind``; else one UserError naming the entry."""
+    why = field_problem(meta, {dotted: kind})
+    if why:
+        raise UserError(f"{os.path.join(entry, 'meta.json')}: {why}; {damaged(entry)}")
     value = meta
     for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    if not isinstance(value, kind):
-        raise UserError(f"{os.path.join(entry, 'meta.json')}: '{dotted}' is "
-                        f"{'missing' if value is None else 'a ' + type(value).__name__}, expected "
-                        f"{'an object' if kind is dict else 'a ' + kind.__name__}; {damaged(entry)}")
+        value = value[part]
     return value
 
 

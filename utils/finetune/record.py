@@ -10,7 +10,7 @@ import json
 import os
 
 from ..errors import UserError
-from ..fileio import check_manifest, check_schema, read_json
+from ..fileio import check_manifest, check_schema, field_problem, read_json
 
 NAME = "finetune.json"
 SCHEMAS = ("iis.finetune/1",)
@@ -38,9 +38,9 @@ def problem(f):
         return info, f"{os.path.dirname(f) or '.'} is an unfinished fine-tuning run (finished is not true)"
     if "files" not in info:
         return None, f"{f} records no digests of its checkpoints (written before they were)"
-    for field, types in TYPES.items():
-        if not isinstance(info.get(field), types) or isinstance(info.get(field), bool) != (bool in types):
-            return None, f"{f} is malformed: {field!r} is not a JSON {types[0].__name__.replace('dict', 'object')}"
+    why = field_problem(info, TYPES)
+    if why:
+        return None, f"{f} is malformed: {why}"
     if not all(isinstance(e, dict) and isinstance(e.get("epoch"), int) for e in info["epochs"]):
         return None, f"{f} is malformed: 'epochs' must hold one object with an integer 'epoch' per epoch"
     covered = [info["checkpoint"], *info["epoch_checkpoints"].values()]
