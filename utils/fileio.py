@@ -164,6 +164,18 @@ def json_type(value_or_type):
     return _JSON_NAMES.get(kind, kind.__name__)
 
 
+MISSING = object()   # what lookup returns for a field that is not there (null is a value: None)
+
+
+def lookup(obj, dotted):
+    """``obj[a][b]...`` for ``dotted`` = "a.b...", or :data:`MISSING` where a step is not an object holding the key."""
+    for part in dotted.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return MISSING
+        obj = obj[part]
+    return obj
+
+
 def field_problem(obj, fields):
     """The first of ``fields`` ({dotted name: type or tuple of types}) that ``obj`` lacks or holds with another JSON
     type, said as "'info' is a list, expected an object" ("a.b" looks inside "a"); None when every field is right.
@@ -171,13 +183,8 @@ def field_problem(obj, fields):
     damaged file is described the same way wherever it is read."""
     for name, kinds in fields.items():
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-        value, present = obj, True
-        for part in name.split("."):
-            present = isinstance(value, dict) and part in value
-            value = value.get(part) if present else None
-            if not present:
-                break
-        if not present:
+        value = lookup(obj, name)
+        if value is MISSING:
             return f"{name!r} is missing, expected {json_type(kinds[0])}"
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             return f"{name!r} is {json_type(value)}, expected {json_type(kinds[0])}"

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.lib.format as npy_format
 
 from .errors import UserError
-from .fileio import field_problem, read_json
+from .fileio import field_problem, lookup, read_json
 
 DIGEST = "sha256"            # hardware-accelerated on current x86 and ARM CPUs: faster here than blake2b (docs/benchmarks.md)
 BLOCK_BYTES = 16 << 20       # rows per streamed block: about this many bytes
@@ -170,10 +170,7 @@ def meta_field(entry, meta, dotted, kind=dict):
     why = field_problem(meta, {dotted: kind})
     if why:
         raise UserError(f"{os.path.join(entry, 'meta.json')}: {why}; {damaged(entry)}")
-    value = meta
-    for part in dotted.split("."):
-        value = value[part]
-    return value
+    return lookup(meta, dotted)
 
 
 def check_structure(entry, meta):
